@@ -1,0 +1,3 @@
+"""Registration training and inference (MambaMorph)."""
+
+from __future__ import annotations

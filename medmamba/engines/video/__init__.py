@@ -1,0 +1,3 @@
+"""Video segmentation training and inference (Vivim)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Dataset formats: nnU-Net raw, registration pairs, video; converters and the shipped demo datasets."""
+
+from __future__ import annotations
