@@ -52,9 +52,7 @@ def _load(name: str) -> ModuleType:
     try:
         return importlib.import_module(f"{__package__}.backends.{BACKENDS[name]}")
     except ImportError as err:
-        raise BackendUnavailableError(
-            f"scan backend {name!r} cannot be imported ({err}); use backend='torch'"
-        ) from err
+        raise BackendUnavailableError(f"scan backend {name!r} cannot be imported ({err}); use backend='torch'") from err
 
 
 def _unavailable_reason(name: str, device: torch.device) -> str | None:

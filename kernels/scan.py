@@ -188,7 +188,5 @@ def _canonical_bc(name, x, batch, K, channels, N, spatial):
     if not ok:
         S = ", ".join(map(str, spatial))
         forms = f"({batch}, {N}, {S}) or ({batch}, G, {N}, {S})" if K == 1 else f"({batch}, {K}, G, {N}, {S})"
-        raise ScanInputError(
-            f"{name} must be {forms} with G dividing C={channels}, or constant; got {_shape(x)}"
-        )
+        raise ScanInputError(f"{name} must be {forms} with G dividing C={channels}, or constant; got {_shape(x)}")
     return x5

@@ -17,7 +17,7 @@ _disabled = False
 
 def disable_progress(disabled: bool = True) -> None:
     """Turn every progress bar of this process off (``--no-progress``)."""
-    global _disabled  # noqa: PLW0603 - one process-wide switch set by the CLI
+    global _disabled
     _disabled = disabled
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..orders import ScanOrder, from_sequence, to_sequence
+from medmamba.kernels.orders import ScanOrder, from_sequence, to_sequence
 
 __all__ = ["scan"]
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..orders import ScanOrder, from_sequence, to_sequence
+from medmamba.kernels.orders import ScanOrder, from_sequence, to_sequence
 
 __all__ = ["MEMORY_BUDGET_BYTES", "scan"]
 
@@ -146,7 +146,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
         ends = torch.empty(*state_shape, lay.nc, N, dtype=u.dtype, device=u.device)
         for c0 in range(0, lay.nc, ng):
             sl = slice(c0, c0 + ng)
-            ends[..., sl, :] = _advance(torch.zeros_like(ends[..., sl, :]), DT[..., sl], DTU[..., sl], Ab, Bc[..., sl, :])
+            ends[..., sl, :] = _advance(
+                torch.zeros_like(ends[..., sl, :]), DT[..., sl], DTU[..., sl], Ab, Bc[..., sl, :]
+            )
 
         starts = torch.empty_like(ends)
         carry = torch.zeros_like(ends[..., 0, :])
@@ -157,7 +159,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
         Y = torch.empty_like(U)
         for c0 in range(0, lay.nc, ng):
             sl = slice(c0, c0 + ng)
-            _advance(starts[..., sl, :].clone(), DT[..., sl], DTU[..., sl], Ab, Bc[..., sl, :], Cc[..., sl, :], Y[..., sl])
+            _advance(
+                starts[..., sl, :].clone(), DT[..., sl], DTU[..., sl], Ab, Bc[..., sl, :], Cc[..., sl, :], Y[..., sl]
+            )
 
         ctx.save_for_backward(U, DT, A, Bc, Cc, starts, chunk_decay)
         ctx.layout, ctx.budget = lay, budget
@@ -169,7 +173,9 @@ class _ChunkedRecurrence(torch.autograd.Function):
         lay: _Layout = ctx.layout
         N = A.shape[-1]
         Ab = A.reshape(1, lay.orders, lay.groups, -1, 1, N)
-        GY = lay.channel_major(grad_y.to(U.dtype) if grad_y is not None else torch.zeros_like(lay.channel_major_back(U)))
+        GY = lay.channel_major(
+            grad_y.to(U.dtype) if grad_y is not None else torch.zeros_like(lay.channel_major_back(U))
+        )
         T = lay.T
 
         # Reverse pass 1: each chunk's adjoint from its own outputs only, carried to its start (times a_0).

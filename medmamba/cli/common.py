@@ -10,9 +10,7 @@ __all__ = ["common_parser", "scan_backend_context"]
 def common_parser() -> argparse.ArgumentParser:
     """Parent parser with --device, --num-workers, -v/-q, --no-progress and --scan-backend."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument(
-        "--device", default="auto", help="where to run: auto (CUDA when present), cpu, cuda or cuda:N"
-    )
+    parent.add_argument("--device", default="auto", help="where to run: auto (CUDA when present), cpu, cuda or cuda:N")
     parent.add_argument("--num-workers", type=int, default=None, help="worker processes (default: from cores and RAM)")
     parent.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
     parent.add_argument("-q", "--quiet", action="count", default=0, help="less log output (repeatable)")

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from medmamba.kernels import REVERSED, SLICE, RASTER, available_backends, use_backend
+    from medmamba.kernels import RASTER, REVERSED, SLICE, available_backends, use_backend
     from medmamba.layers import MambaLayer
 
     auto = "cuda" if torch.cuda.is_available() else "cpu"

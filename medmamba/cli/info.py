@@ -29,11 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from medmamba.kernels import available_backends
 
     print(f"medmamba {__version__}")
+    installed = {dist.metadata["Name"].lower(): dist.version for dist in md.distributions()}
     for package in ("torch", "triton", "monai", "nnunetv2", "nibabel", "SimpleITK", "pydicom"):
-        try:
-            print(f"{package} {md.version(package)}")
-        except md.PackageNotFoundError:
-            print(f"{package} not installed")
+        print(f"{package} {installed.get(package.lower(), 'not installed')}")
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for device in devices:
         name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"

@@ -127,7 +127,9 @@ class MambaLayer(nn.Module):
         xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2·d_inner, L)
         precision = torch.autocast(device_type=x.device.type, enabled=False) if self.ssm_fp32 else nullcontext()
         with precision:
-            u, z = (xz.float() if self.ssm_fp32 else xz).unflatten(-1, spatial).chunk(2, dim=1)  # (B, d_inner, *S)
+            if self.ssm_fp32:  # upcast half precision; float64 stays float64
+                xz = xz.to(torch.promote_types(xz.dtype, torch.float32))
+            u, z = xz.unflatten(-1, spatial).chunk(2, dim=1)  # (B, d_inner, *S)
             y = self._ssm(u, z)
         out = self.out_proj(y.flatten(2).transpose(1, 2).to(tokens.dtype))  # (B, L, C)
         out = out.transpose(1, 2).reshape(x.shape)
@@ -156,8 +158,9 @@ class MambaLayer(nn.Module):
 
         u, delta = natural(u_seq), natural(dt_seq)
         B, C = natural(B_seq).unsqueeze(2), natural(C_seq).unsqueeze(2)  # (B, K, 1, N, *S)
-        A = -torch.exp(self.A_log.float())  # (K, d_inner, N)
-        D, delta_bias = self.D.float(), self.dt_proj_bias.float()
+        state_dtype = torch.promote_types(x.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(state_dtype))  # (K, d_inner, N)
+        D, delta_bias = self.D.to(state_dtype), self.dt_proj_bias.to(state_dtype)
         if K == 1:  # mamba_ssm's layout for a single order
             u, delta, B, C, A, D, delta_bias = u[:, 0], delta[:, 0], B[:, 0], C[:, 0], A[0], D[0], delta_bias[0]
         y = selective_scan(u, delta, A, B, C, D, z, delta_bias, orders=self.orders, delta_softplus=True).out
