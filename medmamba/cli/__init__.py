@@ -17,7 +17,8 @@ from medmamba.errors import MedmambaError
 
 __all__ = ["build_parser", "main"]
 
-#: subcommand modules under medmamba.cli, in the order ``--help`` lists them
+#: subcommand modules under medmamba.cli, in the order ``--help`` lists them (a module may register a name of its
+#: own, e.g. ``plan`` registers ``plan-and-preprocess``)
 SUBCOMMANDS = ("demo", "info")
 
 _EPILOG = (
