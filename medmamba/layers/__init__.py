@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .gsc import GatedSpatialConv
 from .mamba import MambaLayer
 
-__all__ = ["MambaLayer"]
+__all__ = ["GatedSpatialConv", "MambaLayer"]

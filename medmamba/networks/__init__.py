@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+from . import segmamba  # noqa: F401 - importing it fills the registry
 from .registry import NetworkSpec, build_network, list_networks, register_network, spec
 
 build = build_network
-list = list_networks  # noqa: A001 - issue 3 fixes the public name; kept out of __all__ so `import *` never shadows it
+list = list_networks
 
 __all__ = ["NetworkSpec", "build", "build_network", "list_networks", "register_network", "spec"]
