@@ -149,9 +149,7 @@ def read_dicom_series(
     if len(headers) == 1 and int(headers[0][1].get("NumberOfFrames", 1) or 1) > 1:
         return _read_multiframe(headers[0][0])
     ordered, spacing = _check_slices(headers, where, series)
-    return _read_sorted(
-        ordered, spacing, where, series, photometric=str(headers[0][1].get("PhotometricInterpretation"))
-    )
+    return _read_sorted(ordered, spacing, where, series)
 
 
 def _choose(found: Sequence[DicomSeries], folder: Path, series_uid: str | None) -> DicomSeries:
@@ -220,7 +218,7 @@ def _check_slices(headers: list[tuple[Path, Any]], folder: Path, series: DicomSe
     return files, median
 
 
-def _read_sorted(files: list[Path], spacing: float, folder: Path, series: DicomSeries, photometric: str) -> Image:
+def _read_sorted(files: list[Path], spacing: float, folder: Path, series: DicomSeries) -> Image:
     import SimpleITK as sitk  # noqa: N813 - SimpleITK's own convention
 
     from medmamba.io.image import quiet_itk
@@ -243,11 +241,8 @@ def _read_sorted(files: list[Path], spacing: float, folder: Path, series: DicomS
         raise ImageReadError(
             f"{folder} (series {series.uid}): colour (RGB) images are not supported. Use a greyscale series"
         )
+    # MONOCHROME1 (bright = low values) comes back inverted by GDCM already: larger means brighter everywhere.
     array = array.transpose(2, 1, 0)
-    if photometric.upper() == "MONOCHROME1":
-        # MONOCHROME1 stores bright as low values; invert so that larger means brighter, like every other series.
-        logger.info("%s: MONOCHROME1 series inverted", series.uid)
-        array = array.max() + array.min() - array
     logger.info("read DICOM series %s: %s, spacing %s", series.uid, array.shape, geometry.spacing)
     return Image(np.ascontiguousarray(array), geometry)
 

@@ -250,7 +250,7 @@ def _nifti_header(path: Path, nifti: Any) -> ImageHeader:
     spatial, volumes = (shape[:3], int(np.prod(shape[3:]))) if len(shape) > 3 else (shape, 1)
     if len(spatial) < 3:
         spatial = (*spatial, *([1] * (3 - len(spatial))))
-    pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(len(shape), 3)]]
+    pixdim = [float(v) for v in _raw_pixdim(path, header)[1 : 1 + min(len(shape), 3)]]
     if any(not np.isfinite(v) or v <= 0 for v in pixdim):
         raise GeometryError(
             f"{path}: spacing (pixdim) {tuple(pixdim)} has a zero, negative or non-finite entry. "
@@ -276,6 +276,23 @@ def _nifti_header(path: Path, nifti: Any) -> ImageHeader:
     if len(shape) > 3 and volumes == 1:
         logger.info("%s: trailing singleton axes of %s squeezed", path, shape)
     return ImageHeader(path, spatial, volumes, np.dtype(nifti.get_data_dtype()), geometry)
+
+
+def _raw_pixdim(path: Path, header: Any) -> np.ndarray:
+    """Pixdim as stored: nibabel's loader silently "fixes" zero (to 1) and negative (to abs) entries."""
+    import gzip
+
+    import nibabel as nib
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            block = handle.read(540)
+        klass = nib.Nifti2Header if isinstance(header, nib.Nifti2Header) else nib.Nifti1Header
+        raw = klass(block[: klass.template_dtype.itemsize], endianness=header.endianness, check=False)
+        return np.asarray(raw["pixdim"], dtype=np.float64)
+    except (OSError, EOFError, ValueError):
+        return np.asarray(header["pixdim"], dtype=np.float64)
 
 
 def _same_affine(a: np.ndarray, b: np.ndarray) -> bool:
