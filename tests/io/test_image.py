@@ -229,10 +229,15 @@ def test_trailing_singleton_axis_is_squeezed(tmp_path):
     assert read_image(path).array.shape == (4, 5, 6)
 
 
-def test_failed_write_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError), atomic_write(tmp_path / "x.nii.gz") as tmp:
+def _interrupted_write(path: Path) -> None:
+    with atomic_write(path) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("interrupted")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _interrupted_write(tmp_path / "x.nii.gz")
     assert list(tmp_path.iterdir()) == []
 
 
