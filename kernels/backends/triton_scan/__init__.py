@@ -1,0 +1,75 @@
+"""Triton backend of the selective scan: all scan orders of a call in one launch, in the natural layout.
+
+Exposes ``scan(...)`` with the common backend signature (kernels/scan.py) and ``unavailable_reason(device)``.
+The algorithm, the numbers and how to reproduce them: ``kernels/README.md``. Modules: ``forward.py`` and
+``backward.py`` (kernels and launchers), ``autograd.py`` (the Function), ``layout.py`` (stride tables, blocking,
+segments), ``configs.py`` (block sizes), ``common.py`` (scan operators and addressing shared by the kernels).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from medmamba.kernels.orders import ScanOrder
+
+__all__ = ["scan", "unavailable_reason"]
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """``None`` when the Triton scan can run on ``device``, else why not and what to do instead."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton); use backend='torch'"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton needs a CUDA tensor, got {device.type}; use backend='torch', or TRITON_INTERPRET=1 in tests"
+
+
+def scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    *,
+    orders: Sequence[ScanOrder],
+    delta_softplus: bool,
+    merge: str,
+    return_last_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Selective scan over canonical shapes (kernels/scan.py) with the Triton kernels.
+
+    State and sums in fp32, output in the dtype of ``u``. float64 inputs run on the torch backend: the kernels
+    compute in fp32 and would silently lose the precision asked for.
+    """
+    if u.dtype == torch.float64:
+        from medmamba.kernels.backends import torch_scan
+
+        return torch_scan.scan(
+            u, delta, A, B, C, D, z, delta_bias,
+            orders=orders, delta_softplus=delta_softplus, merge=merge, return_last_state=return_last_state,
+        )  # fmt: skip
+    from . import forward as _forward
+    from . import layout
+    from .autograd import TritonScan
+
+    nd = u.ndim - 3
+    u, delta, B, C = (layout.natural_spatial(x, nd) for x in (u, delta, B, C))
+    z = layout.natural_spatial(z, nd) if z is not None else None
+    orders = tuple(orders)
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        out, last = TritonScan.apply(*tensors, orders, delta_softplus, merge)
+    else:
+        res = _forward.forward(*tensors, orders=orders, delta_softplus=delta_softplus, merge=merge, save=False)
+        out, last = res.out, res.last_state
+    return out, (last if return_last_state else None)

@@ -1,0 +1,39 @@
+"""The autograd Function of the Triton selective scan."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backward as _backward
+from . import forward as _forward
+
+__all__ = ["TritonScan"]
+
+
+class TritonScan(torch.autograd.Function):
+    """``(out, last_state) = scan(u, delta, A, B, C, D, z, delta_bias)`` over canonical shapes (kernels/scan.py).
+
+    Saved for backward: the inputs as given (no copies), the fp32 chunk-start states ``(B, K, C, nchunks, N)``
+    (``N/BLOCK_T`` of an fp32 copy of u: 1/8 at N = 16, BLOCK_T = 128) and, with a gate, the pre-gate output in
+    the input dtype (``(B, C, *S)`` for ``merge="sum"``, ``(B, K, C, *S)`` for ``"stack"``).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge):  # type: ignore[override]
+        """Run the forward kernels, saving the chunk-start states."""
+        res = _forward.forward(
+            u, delta, A, B, C, D, z, delta_bias, orders=orders, delta_softplus=delta_softplus, merge=merge, save=True
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, res.states, res.pre_gate)
+        ctx.plan, ctx.orders, ctx.delta_softplus, ctx.merge = res.plan, orders, delta_softplus, merge
+        return res.out, res.last_state
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_last):  # type: ignore[override]
+        """Gradients of all eight inputs by recomputation from the saved chunk states."""
+        u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
+        grads = _backward.backward(
+            grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, states, pre_gate,
+            p=ctx.plan, orders=ctx.orders, delta_softplus=ctx.delta_softplus, merge=ctx.merge,
+        )  # fmt: skip
+        return (*grads, None, None, None)

@@ -1,0 +1,122 @@
+"""Host-side layout arithmetic for the Triton scan: spatial padding to 3D, per-order stride tables, grids.
+
+Every scan order is a permutation of the spatial axes (slowest → fastest) plus a reverse flag
+(``kernels/orders.py``). The kernels never permute data: the t-th token of order k is found from its index by
+mixed-radix arithmetic. With the order's axes ``(p0, p1, p2)`` of sizes ``(S_p0, S_p1, S_p2)`` and the natural
+(raster, last axis fastest) strides ``nat``::
+
+    p = L - 1 - t if reverse else t
+    i_fast = p % S_p2;   r = p // S_p2;   i_mid = r % S_p1;   i_slow = r // S_p1
+    offset = i_slow·nat[p0] + i_mid·nat[p1] + i_fast·nat[p2]
+
+so a 1D or 2D map is the 3D case with leading axes of size one. One row of the table per order:
+``(S_p2, S_p1, nat[p2], nat[p1], nat[p0], reverse)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from medmamba.kernels.errors import BackendUnavailableError
+from medmamba.kernels.orders import ScanOrder
+
+__all__ = [
+    "ORDER_COLUMNS",
+    "channel_blocking",
+    "natural_spatial",
+    "order_table",
+    "segments",
+    "spatial3",
+]
+
+#: columns of one order-table row, in the order the kernels read them
+ORDER_COLUMNS = ("fast_size", "mid_size", "fast_stride", "mid_stride", "slow_stride", "reverse")
+
+_TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def spatial3(spatial: Sequence[int]) -> tuple[int, int, int]:
+    """The spatial shape padded with leading ones to three axes; more than three axes are not supported."""
+    spatial = tuple(int(s) for s in spatial)
+    if len(spatial) > 3:
+        raise BackendUnavailableError(
+            f"the triton scan handles 1 to 3 spatial axes, got {len(spatial)} {spatial}; use backend='torch'"
+        )
+    return (1,) * (3 - len(spatial)) + spatial
+
+
+def order_rows(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> list[tuple[int, ...]]:
+    """One table row per order (see the module docstring); plain ints, for the host and for tests."""
+    nd = len(spatial)
+    shape = spatial3(spatial)
+    natural = (shape[1] * shape[2], shape[2], 1)
+    lead = 3 - nd
+    rows = []
+    for order in orders:
+        perm = tuple(range(lead)) + tuple(lead + a for a in order.resolve(nd))
+        p0, p1, p2 = perm
+        rows.append((shape[p2], shape[p1], natural[p2], natural[p1], natural[p0], int(order.reverse)))
+    return rows
+
+
+def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(K, 6)`` int32 table of :func:`order_rows` on ``device``.
+
+    Cached: a host-to-device copy on every call would synchronise the stream.
+    """
+    key = (tuple(orders), tuple(spatial), str(device))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = torch.tensor(order_rows(orders, spatial), dtype=torch.int32, device=device)
+        _TABLE_CACHE[key] = table
+    return table
+
+
+def _spatial_contiguous(x: torch.Tensor, nd: int) -> bool:
+    expected = 1
+    for size, stride in zip(reversed(x.shape[-nd:]), reversed(x.stride()[-nd:]), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def natural_spatial(x: torch.Tensor, nd: int) -> torch.Tensor:
+    """``x`` with its trailing ``nd`` spatial axes contiguous (the kernels address voxels by their raster index).
+
+    The leading axes keep any strides (a stride-0 expand over orders stays one). Only an input whose spatial
+    block is itself strided or broadcast (constant B/C, a permuted view) is copied.
+    """
+    return x if _spatial_contiguous(x, nd) else x.contiguous()
+
+
+def channel_blocking(channels: int, groups: int, sub: int, per_program: int) -> tuple[int, int]:
+    """``(SUB, RC)``: channels per inner step and per program, both dividing the channels of one group.
+
+    A program's channels share one group so that it loads each B/C tile once for all of them.
+    """
+    cpg = channels // groups
+    sub = math.gcd(sub, cpg)
+    sub = 1 << (sub.bit_length() - 1)  # a power of two that divides cpg
+    rc = sub
+    for m in range(max(1, per_program // sub), 0, -1):
+        if (cpg // sub) % m == 0:
+            rc = sub * m
+            break
+    return sub, rc
+
+
+def segments(nchunks: int, rows: int, target_programs: int, min_fill: float = 0.6) -> tuple[int, int]:
+    """``(nsplit, chunks_per_segment)``: how many independent segments each row's sequence is cut into.
+
+    A row (batch, order, channel block) walks its chunks in order. When rows alone do not fill the GPU, the
+    sequence is cut into segments whose start states come from a cheaper state-only pass and a carry pass.
+    """
+    if rows >= min_fill * target_programs or nchunks == 1:
+        return 1, nchunks
+    want = min(nchunks, math.ceil(2 * target_programs / rows))
+    per = math.ceil(nchunks / want)
+    return math.ceil(nchunks / per), per

@@ -1,0 +1,311 @@
+"""The Triton scan backend against the float64 reference: under TRITON_INTERPRET=1 on the CPU (tiny shapes, small
+tiles that force several chunks, segments, channel blocks and sub-blocks) and, marked ``gpu``, on CUDA at real
+sizes, with random shape fuzzing and the torch backend as the second opinion."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from medmamba.kernels import (
+    RASTER,
+    REVERSED,
+    SLICE,
+    TEMPORAL,
+    BackendUnavailableError,
+    ScanOrder,
+    available_backends,
+    cross_scan,
+    order_indices,
+    selective_scan,
+)
+from medmamba.kernels.backends import triton_scan
+from medmamba.kernels.backends.triton_scan import configs, layout
+from tests.helpers import TOLERANCES, generator
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+P = configs.PassConfig
+#: tiny tiles so that a few dozen tokens already span several chunks, sub-blocks and channel blocks
+TINY = P(block_t=16, sub=1, per_program=2, num_warps=1)
+TINY_SEGMENTS = P(block_t=16, sub=2, per_program=2, num_warps=1, segments=3)
+CUDA = torch.cuda.is_available()
+
+
+def make_inputs(spatial, K, *, batch=1, channels=2, N=2, groups=1, dtype=torch.float32, seed=0, z=True, D=True,
+                bias=True, device="cpu"):  # fmt: skip
+    """Canonical-layout inputs (K > 1 layout even for K = 1 when ``K`` is given as a tuple length) in float64,
+    with the low-precision copies handed to the backend."""
+    g = generator(seed)
+    per_order = (batch, K, channels, *spatial) if K > 1 else (batch, channels, *spatial)
+    bc = (batch, K, groups, N, *spatial) if K > 1 else (batch, groups, N, *spatial)
+    kc = (K, channels) if K > 1 else (channels,)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    args = [
+        rand(*per_order),
+        rand(*per_order, scale=0.5),
+        -(torch.rand(*kc, N, generator=g, dtype=torch.float64) * 2 + 0.3),
+        rand(*bc),
+        rand(*bc),
+        rand(*kc) if D else None,
+        rand(batch, channels, *spatial) if z else None,
+        rand(*kc, scale=0.3) if bias else None,
+    ]
+    low = [a.to(dtype).to(device).requires_grad_() if a is not None else None for a in args]
+    # the reference sees the same rounded values, in float64
+    ref = [a.detach().double().cpu().requires_grad_() if a is not None else None for a in low]
+    return low, ref
+
+
+def weighted_grads(result, args, seed=1):
+    """Gradients of a random weighting of out and last_state (weights drawn in float64, then cast)."""
+    g = generator(seed)
+    out, last = result
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    loss = (out * w_out).sum()
+    if last is not None:
+        loss = loss + (last * torch.randn(last.shape, generator=g, dtype=torch.float64).to(last)).sum()
+    return torch.autograd.grad(loss, [a for a in args if a is not None])
+
+
+def assert_matches_reference(low, ref, orders, *, dtype, merge="sum", softplus=True, grads=True, other="reference"):
+    got = selective_scan(*low, orders=orders, merge=merge, delta_softplus=softplus, return_last_state=True,
+                         backend="triton")  # fmt: skip
+    want = selective_scan(*ref, orders=orders, merge=merge, delta_softplus=softplus, return_last_state=True,
+                          backend=other)  # fmt: skip
+    assert got.out.dtype == low[0].dtype and got.out.shape == want.out.shape
+    assert got.last_state.dtype == torch.float32
+    rtol, atol = TOLERANCES[dtype]
+    scale = want.out.abs().max().item()
+    torch.testing.assert_close(got.out.double().cpu(), want.out.detach().double(), rtol=rtol, atol=atol * scale)
+    torch.testing.assert_close(got.last_state.double().cpu(), want.last_state.detach().double(), rtol=rtol,
+                               atol=atol * want.last_state.abs().max().item())  # fmt: skip
+    if not grads:
+        return
+    g_got = weighted_grads(got, low)
+    g_want = weighted_grads(want, ref)
+    names = [n for n, a in zip(NAMES, low, strict=True) if a is not None]
+    for name, a, b, x in zip(names, g_got, g_want, [a for a in low if a is not None], strict=True):
+        assert a.dtype == x.dtype and a.shape == x.shape, name
+        torch.testing.assert_close(a.double().cpu(), b.double(), rtol=rtol, atol=atol * b.abs().max().item(),
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")  # fmt: skip
+
+
+# (spatial shape, orders): every order kind, odd sizes, lengths not a multiple of the 16-token chunk, L = 1
+CASES = {
+    "1d-L1": ((1,), (RASTER,)),
+    "1d-odd-K2": ((37,), (RASTER, REVERSED)),
+    "2d-cross-K4": ((5, 7), cross_scan(2)),
+    "3d-segmamba-K3": ((3, 4, 5), (RASTER, REVERSED, SLICE)),
+    "3d-cross-K6": ((3, 2, 5), cross_scan(3)),
+    "video-vivim-K3": ((3, 4, 4), (RASTER, REVERSED, TEMPORAL)),
+    "3d-slice-K1": ((2, 3, 7), (SLICE,)),
+    "2d-exact-chunks-K5": ((4, 8), (*cross_scan(2), ScanOrder((1, 0), False))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_and_gradients_match_the_float64_reference_for_every_order(case):
+    spatial, orders = CASES[case]
+    low, ref = make_inputs(spatial, len(orders), seed=len(case))
+    with configs.override(TINY, TINY):
+        assert_matches_reference(low, ref, orders, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("merge", ["sum", "stack"])
+@pytest.mark.parametrize(
+    ("z", "D", "bias", "softplus"),
+    [(True, True, True, True), (False, False, False, True), (True, False, True, False), (False, True, False, False)],
+    ids=["z-D-bias", "plain", "z-bias-nosoftplus", "D-nosoftplus"],
+)
+def test_optional_inputs_and_merges(merge, z, D, bias, softplus):
+    orders = (RASTER, SLICE)
+    low, ref = make_inputs((2, 3, 5), 2, z=z, D=D, bias=bias, seed=3)
+    if not softplus:  # keep Δ positive, as a real Δ would be
+        for args in (low, ref):
+            args[1] = args[1].detach().abs().requires_grad_()
+    with configs.override(TINY, TINY_SEGMENTS):
+        assert_matches_reference(low, ref, orders, dtype=torch.float32, merge=merge, softplus=softplus)
+
+
+def test_segments_groups_and_channel_blocks():
+    # 4 channels in 2 groups: blocks of 1 channel (SUB rounds down to a divisor), 3 segments of chunks,
+    # several dB/dC partial blocks per group summed on the host
+    orders = (REVERSED, SLICE)
+    low, ref = make_inputs((2, 2, 9), 2, batch=1, channels=4, groups=2, N=3, seed=5)
+    cfg = P(block_t=16, sub=2, per_program=1, num_warps=1, segments=3)
+    with configs.override(cfg, cfg):
+        assert_matches_reference(low, ref, orders, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_inputs(dtype):
+    orders = (RASTER, REVERSED, SLICE)
+    low, ref = make_inputs((2, 3, 6), 3, dtype=dtype, seed=7)
+    with configs.override(TINY_SEGMENTS, TINY):
+        assert_matches_reference(low, ref, orders, dtype=dtype)
+
+
+def test_shared_input_expanded_over_orders_and_constant_bc():
+    # u shared by the orders as a stride-0 expand (never copied); constant (K, C, N) B and C
+    g = generator(11)
+    K, ch, N, spatial = 2, 2, 3, (3, 5)
+    u = torch.randn(1, ch, *spatial, generator=g).requires_grad_()
+    delta = torch.randn(1, K, ch, *spatial, generator=g).requires_grad_()
+    A = (-torch.rand(K, ch, N, generator=g) - 0.5).requires_grad_()
+    B = torch.randn(K, ch, N, generator=g).requires_grad_()
+    C = torch.randn(K, ch, N, generator=g).requires_grad_()
+    orders = (RASTER, ScanOrder((1, 0), True))
+    args = (u.unsqueeze(1).expand(-1, K, -1, -1, -1), delta, A, B, C)
+    with configs.override(TINY, TINY):
+        got = selective_scan(*args, orders=orders, backend="triton")
+        g_got = torch.autograd.grad(got.out.square().sum(), (u, delta, A, B, C))
+    ref_args = [x.detach().double().requires_grad_() for x in (u, delta, A, B, C)]
+    want = selective_scan(ref_args[0].unsqueeze(1).expand(-1, K, -1, -1, -1), *ref_args[1:], orders=orders,
+                          backend="reference")  # fmt: skip
+    g_want = torch.autograd.grad(want.out.square().sum(), ref_args)
+    torch.testing.assert_close(got.out.double(), want.out, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_inference_path_saves_nothing_and_agrees_with_training_path():
+    orders = (RASTER, REVERSED, SLICE)
+    low, _ = make_inputs((3, 3, 5), 3, seed=13)
+    with configs.override(TINY_SEGMENTS, TINY):
+        train = selective_scan(*low, orders=orders, backend="triton", return_last_state=True)
+        with torch.no_grad():
+            infer = selective_scan(*low, orders=orders, backend="triton", return_last_state=True)
+    assert infer.out.grad_fn is None and train.out.grad_fn is not None
+    torch.testing.assert_close(infer.out, train.out.detach(), rtol=0, atol=0)  # same kernels, deterministic
+    torch.testing.assert_close(infer.last_state, train.last_state.detach(), rtol=0, atol=0)
+
+
+def test_backward_is_deterministic():
+    orders = (RASTER, SLICE)
+    low, _ = make_inputs((2, 3, 5), 2, batch=1, channels=4, seed=17)
+    with configs.override(TINY, TINY_SEGMENTS):
+        runs = [weighted_grads(selective_scan(*low, orders=orders, backend="triton", return_last_state=True), low)
+                for _ in range(2)]  # fmt: skip
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("orders", "spatial"),
+    [
+        ((RASTER, REVERSED, SLICE, TEMPORAL), (3, 4, 5)),
+        (cross_scan(3), (2, 3, 4)),
+        (cross_scan(2), (5, 3)),
+        ((RASTER, REVERSED), (7,)),
+        ((ScanOrder((0, 2, 1)), ScanOrder((2, 0, 1), True)), (4, 1, 3)),
+    ],
+)
+def test_stride_table_visits_tokens_in_the_order_of_order_indices(orders, spatial):
+    # the kernels' mixed-radix addressing (layout.py), evaluated on the host for every token
+    L = math.prod(spatial)
+    for order, (fast, mid, st_fast, st_mid, st_slow, rev) in zip(orders, layout.order_rows(orders, spatial),
+                                                                  strict=True):  # fmt: skip
+        offsets = []
+        for q in range(L):
+            p = L - 1 - q if rev else q
+            r = p // fast
+            offsets.append((r // mid) * st_slow + (r % mid) * st_mid + (p % fast) * st_fast)
+        assert offsets == order_indices(order, spatial).tolist()
+
+
+def test_channel_blocking_and_segments():
+    assert layout.channel_blocking(channels=96, groups=1, sub=2, per_program=16) == (2, 16)
+    assert layout.channel_blocking(channels=768, groups=1, sub=1, per_program=128) == (1, 128)
+    assert layout.channel_blocking(channels=6, groups=2, sub=2, per_program=2) == (1, 1)  # 3 per group
+    assert layout.channel_blocking(channels=4, groups=4, sub=2, per_program=8) == (1, 1)  # constant B/C
+    assert layout.segments(nchunks=100, rows=1000, target_programs=264) == (1, 100)
+    nsplit, per = layout.segments(nchunks=2048, rows=6, target_programs=264)
+    assert nsplit * per >= 2048 > (nsplit - 1) * per and nsplit >= 64
+
+
+def test_availability_and_spatial_limit():
+    assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
+    assert available_backends("cpu")["triton"] is None
+    os_value = os.environ.pop("TRITON_INTERPRET")
+    try:
+        reason = triton_scan.unavailable_reason(torch.device("cpu"))
+    finally:
+        os.environ["TRITON_INTERPRET"] = os_value
+    assert "needs a CUDA tensor" in reason and "backend='torch'" in reason
+    with pytest.raises(BackendUnavailableError, match="1 to 3 spatial axes"):
+        layout.spatial3((2, 2, 2, 2))
+
+
+def test_float64_runs_in_float64_on_the_torch_backend():
+    low, ref = make_inputs((9,), 1, dtype=torch.float64)
+    got = selective_scan(*low, backend="triton").out
+    want = selective_scan(*ref, backend="reference").out
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+def _random_case(rng: torch.Generator):
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (1,), generator=rng))]
+
+    nd = pick([1, 2, 3])
+    sizes = {1: [1, 5, 300, 4097], 2: [1, 3, 17, 64], 3: [1, 2, 7, 16, 24]}[nd]
+    spatial = tuple(pick(sizes) for _ in range(nd))
+    pool = (cross_scan(nd) + ((RASTER, REVERSED, SLICE) if nd == 3 else ())) if nd > 1 else (RASTER, REVERSED)
+    K = pick([1, 2, 3, 4, 6])
+    orders = tuple(pick(pool) for _ in range(K))
+    groups = pick([1, 1, 2])
+    channels = groups * pick([1, 3, 8, 48])
+    return {
+        "spatial": spatial, "orders": orders, "channels": channels, "groups": groups, "N": pick([1, 4, 16, 24]),
+        "batch": pick([1, 2]), "dtype": pick([torch.float32, torch.bfloat16, torch.float16]),
+        "z": pick([True, False]), "D": pick([True, False]), "bias": pick([True, False]),
+        "merge": pick(["sum", "stack"]),
+    }  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(24))
+def test_gpu_random_shapes_match_the_torch_backend(seed):
+    case = _random_case(generator(1000 + seed))
+    orders, merge, dtype = case.pop("orders"), case.pop("merge"), case.pop("dtype")
+    spatial = case.pop("spatial")
+    low, ref = make_inputs(spatial, len(orders), dtype=dtype, seed=seed, device="cuda", **case)
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    # the torch backend in fp32 on the GPU is the second opinion at sizes the sequential reference cannot do
+    assert_matches_reference(low, ref, orders, dtype=dtype if dtype != torch.float32 else torch.float32,
+                             merge=merge, other="torch")  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_segmamba_sized_layer_scan_matches_torch_backend(dtype):
+    orders = (RASTER, REVERSED, SLICE)
+    low, ref = make_inputs((16, 24, 20), 3, batch=2, channels=96, N=16, dtype=dtype, seed=2, device="cuda")
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    assert_matches_reference(low, ref, orders, dtype=dtype, other="torch")
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_uses_segments_and_matches_torch_backend():
+    low, ref = make_inputs((40_000,), 1, batch=1, channels=8, N=16, seed=4, device="cuda")
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    assert_matches_reference(low, ref, (RASTER,), dtype=torch.float32, other="torch")
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_is_triton_and_matches_reference_on_tiny_input():
+    low, ref = make_inputs((3, 4, 5), 3, channels=4, N=4, seed=9, device="cuda")
+    orders = (RASTER, REVERSED, SLICE)
+    auto = selective_scan(*low, orders=orders).out
+    tri = selective_scan(*low, orders=orders, backend="triton").out
+    assert torch.equal(auto, tri)
+    assert_matches_reference(low, ref, orders, dtype=torch.float32)
