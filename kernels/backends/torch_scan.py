@@ -185,9 +185,11 @@ class _ChunkedRecurrence(torch.autograd.Function):
         for c0 in range(0, lay.nc, ng):
             sl = slice(c0, c0 + ng)
             lam = torch.zeros_like(starts[..., sl, :])
+            decay = torch.empty_like(lam)
             for t in range(T - 1, -1, -1):
                 lam.addcmul_(GY[t, ..., sl].unsqueeze(-1), Cc[t, ..., sl, :])
-                lam.mul_(torch.exp(DT[t, ..., sl].unsqueeze(-1) * Ab))
+                torch.mul(DT[t, ..., sl].unsqueeze(-1), Ab, out=decay)
+                lam.mul_(decay.exp_())
             local[..., sl, :] = lam
 
         # Reverse carry: rho[c] = a·λ flowing into the last step of chunk c from everything after it.
@@ -239,27 +241,33 @@ def _backward_group(U, DT, Ab, Bc, Cc, GY, h0, rho, dU, dDT, dB, dC):
     """Gradients for one chunk group: recompute the states forward, then run the adjoint backward.
 
     Writes dU, dDT (T, B, K, G, C/G, ng) and dB, dC (T, B, K, G, 1, ng, N) in place; returns the group's
-    contribution to dA, summed over its chunks: (B, K, G, C/G, 1, N).
+    contribution to dA, summed over its chunks: (B, K, G, C/G, 1, N). Every state-sized temporary is allocated
+    once per group: fresh multi-megabyte tensors per step cost a page-faulting mmap each on the CPU.
     """
     T = DT.shape[0]
     states = torch.empty(T, *h0.shape, dtype=h0.dtype, device=h0.device)
-    h = h0.clone()
+    decay, scratch = torch.empty_like(h0), torch.empty_like(h0)
+    h = h0
     for t in range(T):
-        h = torch.exp(DT[t].unsqueeze(-1) * Ab) * h + DT[t].unsqueeze(-1) * U[t].unsqueeze(-1) * Bc[t]
-        states[t] = h
-        dC[t] = (GY[t].unsqueeze(-1) * h).sum(dim=3, keepdim=True)
+        torch.mul(DT[t].unsqueeze(-1), Ab, out=decay)
+        torch.mul(h, decay.exp_(), out=states[t])
+        h = states[t].addcmul_((DT[t] * U[t]).unsqueeze(-1), Bc[t])
+        torch.mul(GY[t].unsqueeze(-1), h, out=scratch)
+        torch.sum(scratch, dim=3, keepdim=True, out=dC[t])
 
     lam = rho.clone()
     dA = torch.zeros_like(h0)
     for t in range(T - 1, -1, -1):
         lam.addcmul_(GY[t].unsqueeze(-1), Cc[t])  # λ_t
-        decay = torch.exp(DT[t].unsqueeze(-1) * Ab)
-        h_prev = states[t - 1] if t > 0 else h0
+        torch.mul(DT[t].unsqueeze(-1), Ab, out=decay)
+        decay.exp_()
         lam_B = torch.linalg.vecdot(lam, Bc[t])  # Σ_n λ·B
         dU[t] = DT[t] * lam_B
-        dB[t] = (lam * (DT[t] * U[t]).unsqueeze(-1)).sum(dim=3, keepdim=True)
-        d_log_decay = lam * h_prev * decay  # ∂L/∂(Δ·A) through a_t = exp(Δ·A)
-        dDT[t] = U[t] * lam_B + torch.linalg.vecdot(d_log_decay, Ab)
-        dA.addcmul_(d_log_decay, DT[t].unsqueeze(-1))
+        torch.mul(lam, (DT[t] * U[t]).unsqueeze(-1), out=scratch)
+        torch.sum(scratch, dim=3, keepdim=True, out=dB[t])
+        torch.mul(lam, states[t - 1] if t > 0 else h0, out=scratch)
+        scratch.mul_(decay)  # ∂L/∂(Δ·A) through a_t = exp(Δ·A)
+        dDT[t] = U[t] * lam_B + torch.linalg.vecdot(scratch, Ab)
+        dA.addcmul_(scratch, DT[t].unsqueeze(-1))
         lam.mul_(decay)  # a_t·λ_t flows into step t-1
     return dA.sum(dim=4, keepdim=True)
