@@ -184,7 +184,7 @@ def test_segmamba_learns_one_batch():
     target = (x[:, 0] > 0).long() + (x[:, 0] > 1).long()  # a function of the image, 3 classes
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(15):
         opt.zero_grad()
         loss = F.cross_entropy(net(x), target)
         loss.backward()

@@ -169,7 +169,7 @@ def test_vivim_learns_one_batch():
     target = (frames[:, :1] > 0).float()  # a function of each frame
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(15):
         opt.zero_grad()
         loss = F.binary_cross_entropy_with_logits(net(x), target)
         loss.backward()
