@@ -24,7 +24,7 @@ from medmamba.errors import GeometryError, ImageReadError
 from medmamba.io.geometry import Geometry
 from medmamba.io.image import Image
 
-__all__ = ["DicomSeries", "find_dicom_series", "read_dicom_series"]
+__all__ = ["DicomSeries", "check_dicom_series", "find_dicom_series", "read_dicom_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,20 @@ def read_dicom_series(
         return _read_multiframe(headers[0][0])
     ordered, spacing = _check_slices(headers, where, series)
     return _read_sorted(ordered, spacing, where, series)
+
+
+def check_dicom_series(series: DicomSeries) -> None:
+    """Run the slice-geometry checks of ``read_dicom_series`` on the headers only (no pixel data read).
+
+    Raises:
+        GeometryError: mixed orientations or grids, duplicate positions, non-uniform slice spacing.
+    """
+    import pydicom
+
+    where = Path(os.path.commonpath([str(f.parent) for f in series.files]))
+    headers = [(path, pydicom.dcmread(path, stop_before_pixels=True)) for path in series.files]
+    if len(headers) > 1 or int(headers[0][1].get("NumberOfFrames", 1) or 1) == 1:
+        _check_slices(headers, where, series)
 
 
 def _choose(found: Sequence[DicomSeries], folder: Path, series_uid: str | None) -> DicomSeries:

@@ -32,7 +32,7 @@ import numpy as np
 from medmamba.errors import DatasetError, MedmambaError, Problem
 from medmamba.io.atomic import atomic_dir, write_json
 from medmamba.io.datasets.nnunet_raw import dataset_folder_name
-from medmamba.io.dicom import DicomSeries, find_dicom_series, read_dicom_series
+from medmamba.io.dicom import DicomSeries, check_dicom_series, find_dicom_series, read_dicom_series
 from medmamba.io.image import NIFTI_ENDINGS, SUPPORTED_ENDINGS, image_ending, read_image, write_image
 
 __all__ = ["convert_dicom_tree", "convert_msd"]
@@ -247,10 +247,15 @@ def convert_dicom_tree(
                     "Keep one label map per case",
                 )
             )
-        if series is not None:
-            plan.append((case_id, series, label_files[0] if len(label_files) == 1 else None))
-    if problems:
-        raise DatasetError(problems, header=f"{source}: cannot convert this DICOM tree")
+        if series is not None and len(label_files) <= 1:
+            plan.append((case_id, series, label_files[0] if label_files else None))
+    # problems of the whole tree go into one report: cases that passed the header checks are converted into
+    # the temporary folder and verified, and their findings join the header findings before anything is kept
+    if not plan:
+        raise DatasetError(
+            problems or [Problem(str(source), "no case to convert", "Check the folder")],
+            header=f"{source}: cannot convert this DICOM tree",
+        )
     names = (
         list(channel_names) if channel_names else [plan[0][1][c].modality or f"channel{c}" for c in range(num_channels)]
     )
@@ -271,8 +276,6 @@ def convert_dicom_tree(
             if label_file is not None:
                 num_training += 1
                 _write_label(label_file, tmp / "labelsTr" / f"{case_id}.nii.gz", declared, problems)
-        if problems:
-            raise DatasetError(problems, header=f"{source}: cannot convert this DICOM tree")
         write_json(
             tmp / "dataset.json",
             {
@@ -284,7 +287,7 @@ def convert_dicom_tree(
                 "converted_by": f"medmamba convert dicom ({source.name})",
             },
         )
-        _verify_or_raise(tmp, target)
+        _verify_or_raise(tmp, target, problems, header=f"{source}: cannot convert this DICOM tree (nothing written)")
     logger.info("DICOM tree %s converted to %s", source, target)
     return target
 
@@ -299,6 +302,8 @@ def _case_series(
         return None
     listing = "; ".join(s.summary() for s in found)
     if patterns is None:
+        if len(found) == 1 and not _slices_ok(found[0], problems):
+            return None
         if len(found) != 1:
             problems.append(
                 Problem(
@@ -321,8 +326,20 @@ def _case_series(
                 )
             )
             return None
+        if not _slices_ok(hits[0], problems):
+            return None
         chosen.append(hits[0])
     return chosen if len(chosen) == channels else None
+
+
+def _slices_ok(series: DicomSeries, problems: list[Problem]) -> bool:
+    try:
+        check_dicom_series(series)
+    except MedmambaError as err:
+        folder = series.files[0].parent
+        problems.append(Problem(str(folder), str(err).removeprefix(f"{folder}: ").removeprefix(f"{folder} ")))
+        return False
+    return True
 
 
 def _write_label(path: Path, target: Path, declared: Sequence[int], problems: list[Problem]) -> None:
@@ -362,11 +379,11 @@ def _check_free(target: Path, raw_root: str | os.PathLike[str], dataset_id: int,
         )
 
 
-def _verify_or_raise(tmp: Path, target: Path) -> None:
+def _verify_or_raise(tmp: Path, target: Path, earlier: Sequence[Problem] = (), header: str | None = None) -> None:
     from medmamba.io.verify import check_dataset
 
     report = check_dataset(tmp)
-    if report.problems:
-        # report paths as the user will know them, not the temporary folder's
-        problems = [Problem(p.path.replace(str(tmp), str(target)), p.what, p.fix) for p in report.problems]
-        raise DatasetError(problems, header=f"{target}: the converted dataset has problems (nothing written)")
+    # report paths as the user will know them, not the temporary folder's
+    problems = [*earlier, *(Problem(p.path.replace(str(tmp), str(target)), p.what, p.fix) for p in report.problems)]
+    if problems:
+        raise DatasetError(problems, header=header or f"{target}: the converted dataset has problems (nothing written)")
