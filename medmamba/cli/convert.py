@@ -114,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         from medmamba.io.datasets.demo import build_demo_registration, build_demo_segmentation
 
+        if args.kind != "segmentation" and args.subjects < 3:
+            raise UsageError(f"--subjects must be at least 3 (one pair is kept for validation), got {args.subjects}")
+        if args.kind != "registration" and args.cases < 1:
+            raise UsageError(f"--cases must be at least 1, got {args.cases}")
+
         written = []
         if args.kind in ("segmentation", "both"):
             written.append(

@@ -47,18 +47,21 @@ def toy_case(rng: np.random.Generator, shape=(8, 9, 7), geometry: Geometry = GEO
     return Image(image, geometry), Image(label, geometry)
 
 
+def build_toy_dataset(
+    raw_root: Path, num_cases: int = 3, channels: int = 2, dataset_id: int = 1, name: str = "Toy"
+) -> Path:
+    """A tiny valid nnU-Net raw dataset (2 channels, 3 training cases, 1 test case); returns its folder."""
+    rng = np.random.default_rng(0)
+    labels = {"background": 0, "organ": 1, "lesion": 2}
+    names = ["CT", "MR"][:channels]
+    with RawDatasetWriter(raw_root, dataset_id, name, channel_names=names, labels=labels) as writer:
+        for i in range(num_cases + 1):
+            image, label = toy_case(rng)
+            writer.add_case(f"case_{i:03d}", [image] * channels, label, test=i == num_cases)
+    return writer.path
+
+
 @pytest.fixture
 def make_dataset(tmp_path: Path) -> Callable[..., Path]:
-    """Build a tiny valid nnU-Net raw dataset (2 channels, 3 training cases, 1 test case); returns its folder."""
-
-    def build(num_cases: int = 3, channels: int = 2, dataset_id: int = 1, name: str = "Toy") -> Path:
-        rng = np.random.default_rng(0)
-        labels = {"background": 0, "organ": 1, "lesion": 2}
-        names = ["CT", "MR"][:channels]
-        with RawDatasetWriter(tmp_path / "raw", dataset_id, name, channel_names=names, labels=labels) as writer:
-            for i in range(num_cases + 1):
-                image, label = toy_case(rng)
-                writer.add_case(f"case_{i:03d}", [image] * channels, label, test=i == num_cases)
-        return writer.path
-
-    return build
+    """``build_toy_dataset`` under ``tmp_path/raw``."""
+    return lambda **kwargs: build_toy_dataset(tmp_path / "raw", **kwargs)

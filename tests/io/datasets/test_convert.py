@@ -19,8 +19,7 @@ CT5N = PYDICOM_DIRS / "98892001" / "CT5N"
 CT2_GAP = PYDICOM_DIRS / "77654033" / "CT2"
 
 
-@pytest.fixture
-def msd_task(tmp_path):
+def make_msd_task(tmp_path):
     """A tiny Decathlon task: 2-channel 4-D images, labels, a test image, MSD's dataset.json."""
     task = tmp_path / "src" / "Task09_Toy"
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
@@ -54,6 +53,11 @@ def msd_task(tmp_path):
         )
     )
     return task
+
+
+@pytest.fixture
+def msd_task(tmp_path):
+    return make_msd_task(tmp_path)
 
 
 def test_msd_task_becomes_a_verified_nnunet_dataset(msd_task, tmp_path):
@@ -100,13 +104,18 @@ def ct_label(image: Image) -> Image:
     return Image(label, image.geometry)
 
 
-@pytest.fixture
-def dicom_tree(tmp_path):
+def make_dicom_tree(tmp_path):
+    """Two cases of the real CT5N series: one with a label map on its grid, one without (a test case)."""
     source = tmp_path / "pacs"
     shutil.copytree(CT5N, source / "patient_a" / "series")
     shutil.copytree(CT5N, source / "patient_b" / "dicom")  # no label: a test case
     write_image(ct_label(read_dicom_series(CT5N)), source / "patient_a" / "label.nii.gz")
     return source
+
+
+@pytest.fixture
+def dicom_tree(tmp_path):
+    return make_dicom_tree(tmp_path)
 
 
 def test_dicom_tree_becomes_a_verified_nnunet_dataset(dicom_tree, tmp_path):
