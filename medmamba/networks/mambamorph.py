@@ -127,7 +127,8 @@ class MambaMorph(nn.Module):
         self.decoder = FlowDecoder(pair_channels, embed_dim, len(depths), reg_head_channels)
         self.head = nn.Conv3d(reg_head_channels, spatial_dims, 3, padding=1)
         nn.init.normal_(self.head.weight, 0.0, 1e-5)  # start near the identity transform
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
         with warnings.catch_warnings():  # MONAI announces its pure-PyTorch grid_sample path on every construction
             warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample", category=UserWarning)
             self.integrate = DVF2DDF(integration_steps, mode="bilinear") if integration_steps else nn.Identity()
@@ -159,8 +160,8 @@ class MambaMorph(nn.Module):
         _drop_stale_grid(self.warp, ddf)
         return self.warp(image, ddf)
 
-    @staticmethod
-    def _pair_channels(in_channels: int) -> int:
+    def _pair_channels(self, in_channels: int) -> int:
+        """Channels of what the backbone sees: the two images (MambaMorphFeat: their features)."""
         return 2 * in_channels
 
     def _pair(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -208,12 +209,31 @@ class MambaMorphFeat(MambaMorph):
         out_channels: int = 3,
         *,
         feature_channels: int = 16,
-        **kwargs: object,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (1, 1, 1),
+        reg_head_channels: int = 16,
+        integration_steps: int = 7,
+        warp_padding_mode: str = "zeros",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
     ) -> None:
         if feature_channels < 2:
             raise ValueError(f"feature_channels must be ≥ 2, got {feature_channels}")
-        self._features = feature_channels  # read by _pair_channels during MambaMorph.__init__
-        super().__init__(spatial_dims, in_channels, out_channels, **kwargs)  # type: ignore[arg-type]
+        self._features = feature_channels  # read by _pair_channels inside MambaMorph.__init__
+        super().__init__(
+            spatial_dims,
+            in_channels,
+            out_channels,
+            embed_dim=embed_dim,
+            depths=depths,
+            reg_head_channels=reg_head_channels,
+            integration_steps=integration_steps,
+            warp_padding_mode=warp_padding_mode,
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand,
+        )
         self.feature_extractor = FeatureUNet(in_channels, feature_channels)
         self.read_out = nn.Sequential(
             _conv_lrelu(feature_channels, feature_channels // 2, stride=2), _conv_lrelu(feature_channels // 2, 3)
@@ -226,6 +246,7 @@ class MambaMorphFeat(MambaMorph):
         return embedding[(..., *(slice(0, s) for s in size))]
 
     def _pair_channels(self, in_channels: int) -> int:
+        """Channels of what the backbone sees: the two images (MambaMorphFeat: their features)."""
         return 2 * self._features
 
     def _pair(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -377,7 +398,7 @@ def sinusoidal_position_3d(size: Sequence[int], channels: int, like: torch.Tenso
     return torch.cat(codes, dim=0)[:channels].to(like.dtype)
 
 
-def _channel_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def _channel_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the channels of a channel-first map."""
     return norm(x.movedim(1, -1)).movedim(-1, 1)
 
@@ -399,7 +420,8 @@ def _conv_lrelu(in_channels: int, out_channels: int, *, stride: int = 1) -> nn.S
     """VoxelMorph's ConvBlock: ``Conv 3³ (bias, He-normal, bias 0) → LeakyReLU(0.2)``."""
     conv = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1)
     nn.init.kaiming_normal_(conv.weight)
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
     return nn.Sequential(conv, nn.LeakyReLU(0.2))
 
 

@@ -105,8 +105,9 @@ class SegMamba(nn.Module):
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         #: per-stage strides in nnU-Net's sense (the decoder's resolutions): full resolution, then one halving per stage
         self.strides: tuple[tuple[int, ...], ...] = ((1, 1, 1),) + ((2, 2, 2),) * len(features)
-        mamba = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
-        self.encoder = SegMambaEncoder(in_channels, features, depths, mamba)  # Fig. 2 left
+        self.encoder = SegMambaEncoder(  # Fig. 2 left
+            in_channels, features, depths, d_state=d_state, d_conv=d_conv, expand=expand
+        )
         self.decoder = UnetrDecoder(  # Fig. 2 right
             in_channels, features, hidden_size, out_channels, norm=norm, deep_supervision=deep_supervision
         )
@@ -141,7 +142,14 @@ class SegMambaEncoder(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, features: tuple[int, ...], depths: tuple[int, ...], mamba: dict[str, int]
+        self,
+        in_channels: int,
+        features: tuple[int, ...],
+        depths: tuple[int, ...],
+        *,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
     ) -> None:
         super().__init__()
         stem = nn.Conv3d(in_channels, features[0], kernel_size=7, stride=2, padding=3)
@@ -156,7 +164,14 @@ class SegMambaEncoder(nn.Module):
         # SLICE is an axis permutation (depth fastest), so its slice count is each map's own depth at run time.
         orders = (RASTER, REVERSED, SLICE)
         self.stages = nn.ModuleList(
-            nn.Sequential(*(MambaLayer(c, orders=orders, merge="sum", residual=True, **mamba) for _ in range(d)))
+            nn.Sequential(
+                *(
+                    MambaLayer(
+                        c, orders=orders, merge="sum", residual=True, d_state=d_state, d_conv=d_conv, expand=expand
+                    )
+                    for _ in range(d)
+                )
+            )
             for c, d in zip(features, depths, strict=True)
         )
         self.skip_mlp = nn.ModuleList(

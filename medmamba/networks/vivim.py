@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -431,6 +431,7 @@ def load_mit_weights(model: Vivim, path: str | Path) -> list[str]:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file. Give the path of a downloaded SegFormer/MiT checkpoint.")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
