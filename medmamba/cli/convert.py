@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "result passes `medmamba verify`. Prints the new dataset folder.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    sources = parser.add_subparsers(dest="source", metavar="SOURCE", required=True, help="what to convert")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument(
         "-o", "--raw-root", default=None, help="where DatasetXXX_Name goes (default: $MEDMAMBA_RAW, else $nnUNet_raw)"
