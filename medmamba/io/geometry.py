@@ -48,9 +48,9 @@ class Geometry:
         True
     """
 
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
+    spacing: tuple[float, ...] | Sequence[float] | np.ndarray
+    origin: tuple[float, ...] | Sequence[float] | np.ndarray
+    direction: tuple[float, ...] | Sequence[float] | np.ndarray
 
     def __post_init__(self) -> None:
         n = len(self.spacing)
@@ -206,5 +206,5 @@ def _orthonormalise(direction: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Sequence[float] | np.ndarray) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"

@@ -345,7 +345,7 @@ def _sitk_header(path: Path, reader: Any) -> ImageHeader:
     return ImageHeader(path, spatial, volumes, dtype, geometry)
 
 
-_SITK_DTYPES = {
+_SITK_DTYPES: dict[str, np.dtype] = {
     "8-bit unsigned integer": np.dtype(np.uint8),
     "8-bit signed integer": np.dtype(np.int8),
     "16-bit unsigned integer": np.dtype(np.uint16),

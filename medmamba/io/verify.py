@@ -215,11 +215,12 @@ def _check_nnunet(dataset: Any, allow_empty: bool, check_test: bool, num_workers
                     Problem(str(root / sub), "missing", f'Create {sub}/ (or list the files under a "dataset" key)')
                 )
     if len(raw.training) != dj.num_training:
-        found = ", ".join(c.case_id for c in raw.training[:5]) or "none"
+        examples = ", ".join(c.case_id for c in raw.training[:5]) or "none"
         problems.append(
             Problem(
                 str(root / "dataset.json"),
-                f"numTraining is {dj.num_training} but {len(raw.training)} training case(s) were found (e.g. {found})",
+                f"numTraining is {dj.num_training} but {len(raw.training)} training case(s) were found "
+                f"(e.g. {examples})",
                 "Set numTraining to the number of cases in imagesTr, or add the missing cases",
             )
         )

@@ -131,7 +131,7 @@ def convert_msd(
             split_4d_nifti(str(path), str(tmp / "imagesTs"))
         for path in labels_tr:
             shutil.copyfile(path, tmp / "labelsTr" / path.name)
-        dataset_json = {
+        dataset_json: dict[str, Any] = {
             "channel_names": {str(k): v for k, v in meta["modality"].items()},
             "labels": {name: int(value) for value, name in meta["labels"].items()},
             "numTraining": len(images_tr),

@@ -153,10 +153,10 @@ def sample_case_params(
         inplane = float(rng.choice([3.0, 3.25, 3.5]))
         spacing = (inplane, inplane, float(rng.choice([3.5, 4.0, 4.5])))
     return DemoCaseParams(
-        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
-        rotation=tuple(rng.uniform(-0.08, 0.08, 3)),  # type: ignore[arg-type]
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        rotation=tuple(rng.uniform(-0.08, 0.08, 3)),
         scale=float(rng.uniform(0.95, 1.05)),
-        translation=tuple(rng.uniform(-4.0, 4.0, 3)),  # type: ignore[arg-type]
+        translation=tuple(rng.uniform(-4.0, 4.0, 3)),
         deformation=rng.normal(0.0, deformation_mm, (3, 5, 6, 5)),
         bias=rng.normal(0.0, bias_strength, (3, 3, 3)),
         noise=noise,
