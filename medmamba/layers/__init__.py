@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from .decoders import UNetDecoder, UpsampleConv
 from .gsc import GatedSpatialConv
 from .mamba import MambaLayer
+from .residual import BasicResBlock, residual_stage
+from .tokens import ChannelTokenMamba
 
-__all__ = ["GatedSpatialConv", "MambaLayer"]
+__all__ = [
+    "BasicResBlock",
+    "ChannelTokenMamba",
+    "GatedSpatialConv",
+    "MambaLayer",
+    "UNetDecoder",
+    "UpsampleConv",
+    "residual_stage",
+]

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from . import mambamorph, segmamba, vivim  # noqa: F401 - importing them fills the registry
+from . import mambamorph, segmamba, umamba, vivim  # noqa: F401 - importing them fills the registry
 from .registry import NetworkSpec, build_network, list_networks, register_network, spec
 
 build = build_network
