@@ -199,6 +199,7 @@ class MiTStage(nn.Module):
         rates = [float(drop_path)] * depth if isinstance(drop_path, (int, float)) else [float(r) for r in drop_path]
         if len(rates) != depth:
             raise ValueError(f"drop_path lists {len(rates)} rates for {depth} blocks")
+        self.patch_size, self.stride, self.sr_ratio = patch_size, stride, sr_ratio
         self.patch_embed = OverlapPatchEmbed(in_channels, dim, patch_size=patch_size, stride=stride)
         self.blocks = nn.ModuleList(
             MiTBlock(
@@ -214,6 +215,11 @@ class MiTStage(nn.Module):
         )
         self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
         self.apply(init_mit_weights)
+
+    def output_size(self, size: Sequence[int]) -> list[int]:
+        """The ``(h, w)`` this stage makes of an ``(H, W)`` map."""
+        pad = self.patch_size // 2
+        return [(n + 2 * pad - self.patch_size) // self.stride + 1 for n in size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` → ``(B, dim, h, w)``."""

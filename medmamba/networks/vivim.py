@@ -17,7 +17,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,8 @@ class Vivim(nn.Module):
         d_state: Mamba state size N. d_conv: Mamba causal convolution width. expand: Mamba inner expansion.
 
     Shapes:
-        input ``(B, T, in_channels, H, W)``, any T ≥ 1 and H, W (multiples of 32 keep every stage exact);
+        input ``(B, T, in_channels, H, W)``, any T ≥ 1 and H, W ≥ 32 with MiT-B3's reductions (multiples of 32
+        keep every stage exact);
         output ``(B·T, out_channels, H, W)`` raw logits for every frame (frame ``t`` of clip ``b`` at ``b·T + t``);
         with ``with_edge`` a tuple ``(logits, edge_logits)`` of that shape and ``(B·T, 1, H, W)``.
 
@@ -148,13 +149,24 @@ class Vivim(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Segment every frame of the clips ``x`` ``(B, T, C, H, W)`` → logits ``(B·T, out_channels, H, W)``."""
-        if x.ndim != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"Vivim expects clips (B, T, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._check_input_size(x)
         features = self.encoder(x.flatten(0, 1), num_frames=x.shape[1])  # (B·T, C_i, H/4 … H/32, W/4 … W/32)
         logits = self._resize(self.decoder(features), x)  # (B·T, out_channels, H, W)
         if self.edge_head is None:
             return logits
         return logits, self._resize(self.edge_head(features[0]), x)
+
+    def _check_input_size(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[2] != self.in_channels:
+            raise ValueError(f"Vivim expects clips (B, T, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        size = list(x.shape[-2:])
+        for i, stage in enumerate(cast("list[MiTStage]", list(self.encoder.mit))):
+            size = stage.output_size(size)
+            if min(size) < stage.sr_ratio:
+                raise ValueError(
+                    f"Vivim's frames {tuple(x.shape[-2:])} are too small: stage {i} would see a {size[0]}×{size[1]} "
+                    f"map, smaller than its key/value reduction {stage.sr_ratio}; use frames of at least 32×32"
+                )
 
     @staticmethod
     def _resize(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,8 @@ def test_vivim_rejects_bad_input_and_arguments():
     net = tiny()
     with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
         net(torch.randn(3, 3, 32, 32))
+    with pytest.raises(ValueError, match="too small: stage 0 would see a 4×4 map"):
+        Vivim(2, 3, 1, **{**TINY, "sr_ratios": (8, 4, 2, 1)})(torch.randn(1, 2, 3, 16, 16))
     with pytest.raises(ValueError, match="spatial_dims must be 2"):
         Vivim(3, 3, 1)
     with pytest.raises(ValueError, match="one length"):
