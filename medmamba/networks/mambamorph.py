@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,7 @@ class MambaMorph(nn.Module):
             warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample", category=UserWarning)
             self.integrate = DVF2DDF(integration_steps, mode="bilinear") if integration_steps else nn.Identity()
             self.warp = Warp(mode="bilinear", padding_mode=warp_padding_mode)
+            self.warp_nearest = Warp(mode="nearest", padding_mode=warp_padding_mode)  # label maps at evaluation
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         """Register ``moving`` onto ``fixed`` (both ``(B, C, D, H, W)``): warped moving image and displacement."""
@@ -155,10 +156,21 @@ class MambaMorph(nn.Module):
             _drop_stale_grid(self.integrate.warp_layer, velocity)
         return self.integrate(velocity)
 
-    def warp_image(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-        """Resample ``image`` ``(B, C, D, H, W)`` at ``x + ddf(x)`` (bilinear; ``Warp(mode="nearest")`` for labels)."""
-        _drop_stale_grid(self.warp, ddf)
-        return self.warp(image, ddf)
+    def warp_image(
+        self, image: torch.Tensor, ddf: torch.Tensor, mode: Literal["bilinear", "nearest"] = "bilinear"
+    ) -> torch.Tensor:
+        """Resample ``image`` ``(B, C, D, H, W)`` at ``x + ddf(x)``.
+
+        ``mode="bilinear"`` for images and for one-hot labels in training (differentiable); ``"nearest"`` for label
+        maps at evaluation (no gradient; an integer label map comes back in its own dtype).
+        """
+        if mode not in ("bilinear", "nearest"):
+            raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+        warp = self.warp if mode == "bilinear" else self.warp_nearest
+        _drop_stale_grid(warp, ddf)
+        if image.is_floating_point():
+            return warp(image, ddf)
+        return warp(image.to(ddf.dtype), ddf).round().to(image.dtype)
 
     def _pair_channels(self, in_channels: int) -> int:
         """Channels of what the backbone sees: the two images (MambaMorphFeat: their features)."""

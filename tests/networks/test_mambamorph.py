@@ -119,6 +119,19 @@ def test_mambamorph_displacement_channel_i_moves_along_array_axis_i(axis):
     torch.testing.assert_close(warped.narrow(2 + axis, 0, n - 1), image.narrow(2 + axis, 1, n - 1), rtol=0, atol=1e-5)
 
 
+def test_mambamorph_warps_integer_label_maps_with_nearest_neighbours():
+    net = MambaMorph(3, 1, 3, **TINY)
+    labels = torch.randint(0, 5, (1, 1, 8, 10, 12), generator=torch.Generator().manual_seed(0))
+    ddf = torch.zeros(1, 3, 8, 10, 12)
+    ddf[:, 0] = -2.0  # warped[d] = labels[d - 2]
+    ddf[:, 2] = 0.4  # rounds to no move along W
+    warped = net.warp_image(labels, ddf, mode="nearest")
+    assert warped.dtype == labels.dtype
+    assert torch.equal(warped[:, :, 2:], labels[:, :, :-2])
+    with pytest.raises(ValueError, match="mode"):
+        net.warp_image(labels, ddf, mode="bicubic")
+
+
 def test_mambamorph_integrates_a_constant_velocity_into_the_same_translation():
     net = MambaMorph(3, 1, 3, **TINY)
     velocity = torch.zeros(1, 3, 6, 20, 6)
