@@ -27,6 +27,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=16, help="edge of the cubic feature map (voxels)")
     parser.add_argument("--channels", type=int, default=32, help="channels of the feature map (d_model)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("torch", "triton"),
+        default=None,
+        help="scan backends to run (default: every one that can run on the device)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -50,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     layer.float()
     print(f"MambaLayer(d_model={args.channels}, orders=raster+reversed+slice) on {tuple(x.shape)}, {device}")
     for backend, reason in available_backends(device).items():
-        if reason is not None or backend == "reference":
+        if reason is not None or backend == "reference" or (args.backends and backend not in args.backends):
             continue
         with torch.no_grad(), use_backend(backend):
             error = (layer.double()(small) - reference).abs().max().item()
