@@ -34,9 +34,9 @@ from typing import Any
 from monai.networks.layers.factories import Act
 from torch import nn
 
-from . import umamba
+from . import segmamba, umamba
 
-__all__ = ["UMambaBot", "UMambaEnc", "from_nnunet_kwargs"]
+__all__ = ["SegMamba", "UMambaBot", "UMambaEnc", "from_nnunet_kwargs"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,34 @@ class UMambaEnc(umamba.UMambaEnc):
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs: Any):
         kwargs = from_nnunet_kwargs(arch_kwargs, target=umamba.UMambaEnc)
         super().__init__(kwargs.pop("spatial_dims"), input_channels, num_classes, deep_supervision=True, **kwargs)
+        self.decoder.deep_supervision = deep_supervision
+
+
+class SegMamba(segmamba.SegMamba):
+    """:class:`medmamba.networks.segmamba.SegMamba` with nnU-Net's constructor (for plans' ``architecture`` block).
+
+    SegMamba's stages are fixed (stem /2, then /2 per stage), so ``arch_kwargs["strides"]`` — which nnU-Net's
+    trainer reads for its deep-supervision scales — is checked against the network's own ``strides`` rather than
+    used; ``features_per_stage``, ``depths``, ``hidden_size`` and the Mamba settings pass through.
+
+    Args:
+        input_channels: image channels. num_classes: segmentation heads, background included.
+        deep_supervision: what ``forward`` returns; the auxiliary heads are always built.
+        **arch_kwargs: the plans' ``arch_kwargs``, translated by :func:`from_nnunet_kwargs`.
+
+    Raises:
+        ValueError: the plans' ``strides`` differ from the network's.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False, **arch_kwargs: Any):
+        strides = arch_kwargs.pop("strides", None)
+        kwargs = from_nnunet_kwargs(arch_kwargs, target=segmamba.SegMamba)
+        super().__init__(kwargs.pop("spatial_dims"), input_channels, num_classes, deep_supervision=True, **kwargs)
+        if strides is not None and [[int(i) for i in s] for s in strides] != [list(s) for s in self.strides]:
+            raise ValueError(
+                f"arch_kwargs: strides {strides} disagree with SegMamba's fixed {[list(s) for s in self.strides]} "
+                "(full resolution, then one halving per stage); write the network's strides into the plans"
+            )
         self.decoder.deep_supervision = deep_supervision
 
 
@@ -112,10 +140,13 @@ def from_nnunet_kwargs(arch_kwargs: Mapping[str, Any], *, target: type[nn.Module
     if "conv_op" not in arch_kwargs:
         raise ValueError(f"arch_kwargs for {target.__name__} need conv_op (e.g. 'torch.nn.modules.conv.Conv3d')")
     out: dict[str, Any] = {"spatial_dims": _spatial_dims(arch_kwargs["conv_op"])}
-    if arch_kwargs.get("norm_op") is not None:
-        out["norm"] = (_norm_name(arch_kwargs["norm_op"]), dict(arch_kwargs.get("norm_op_kwargs") or {}))
-    if arch_kwargs.get("nonlin") is not None:
-        out["act"] = (_act_name(arch_kwargs["nonlin"]), dict(arch_kwargs.get("nonlin_kwargs") or {}))
+    for op, name, translate in (("norm_op", "norm", _norm_name), ("nonlin", "act", _act_name)):
+        if arch_kwargs.get(op) is None:
+            continue
+        if name in params:
+            out[name] = (translate(arch_kwargs[op]), dict(arch_kwargs.get(f"{op}_kwargs") or {}))
+        else:
+            logger.warning("%s has a fixed %s; ignoring %s=%r", target.__name__, name, op, arch_kwargs[op])
     if arch_kwargs.get("dropout_op") is not None:
         logger.warning("%s has no dropout; ignoring dropout_op=%r", target.__name__, arch_kwargs["dropout_op"])
     unknown = []
