@@ -46,6 +46,8 @@ def _bwd_kernel(
     RC: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
+    # Tiles (T, N, SUB) as in the forward. dB/dC terms are accumulated per lane over the RC/SUB sub-blocks and
+    # summed across the lanes once per chunk.
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -59,9 +61,9 @@ def _bwd_kernel(
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
+    t = tl.arange(0, BLOCK_T)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    t = tl.arange(0, BLOCK_T)
     B_base = B_ptr + b * sB_b + k * sB_k + grp.to(tl.int64) * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp.to(tl.int64) * sC_g
     part_row = ((bk.to(tl.int64) * G + grp) * bpg + blk_in_grp) * N  # dB/dC partials (B, K, G, BPG, N, L)
@@ -70,82 +72,79 @@ def _bwd_kernel(
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        bc_mask = n_ok[:, None] & valid[None, :]
-        Bt = tl.load(B_base + n[:, None] * sB_n + lin[None, :], mask=bc_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + n[:, None] * sC_n + lin[None, :], mask=bc_mask, other=0.0).to(tl.float32)
-        dB_acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-        dC_acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        tok = valid[:, None]
+        bc_mask = tok & n_ok[None, :]
+        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)  # (T, N)
+        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)
+        dB_acc = tl.zeros([BLOCK_T, BLOCK_N, SUB], dtype=tl.float32)
+        dC_acc = tl.zeros([BLOCK_T, BLOCK_N, SUB], dtype=tl.float32)
         for sb in range(RC // SUB):
             ch = c0 + sb * SUB + tl.arange(0, SUB)
             ch64 = ch.to(tl.int64)
-            tok_mask = (ch < CH)[:, None] & valid[None, :]
-            u = tl.load(u_ptr + (b * su_b + k * su_k + ch64 * su_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            u = u.to(tl.float32)
-            pre = tl.load(
-                dl_ptr + (b * sd_b + k * sd_k + ch64 * sd_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0
-            )
+            u = tl.load((u_ptr + b * su_b + k * su_k + ch64 * su_c)[None, :] + lin[:, None], mask=tok, other=0.0)
+            u = u.to(tl.float32)  # (T, SUB)
+            pre = tl.load((dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c)[None, :] + lin[:, None], mask=tok, other=0.0)
             pre = pre.to(tl.float32)
             if HAS_BIAS:
-                pre += tl.load(bias_ptr + k * CH + ch)[:, None]
+                pre += tl.load(bias_ptr + k * CH + ch)[None, :]
             if SOFTPLUS:
                 dt = _softplus(pre)
             else:
                 dt = pre
-            dt = tl.where(tok_mask, dt, 0.0)
-            gy = tl.load(gy_ptr + (b * sg_b + k * sg_k + ch64 * sg_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
+            dt = tl.where(tok, dt, 0.0)
+            gy = tl.load((gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c)[None, :] + lin[:, None], mask=tok, other=0.0)
             gy = gy.to(tl.float32)
             if HAS_Z:
-                zz = tl.load(z_ptr + (b * sz_b + ch64 * sz_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
+                zz = tl.load((z_ptr + b * sz_b + ch64 * sz_c)[None, :] + lin[:, None], mask=tok, other=0.0)
                 zz = zz.to(tl.float32)
                 gy = gy * zz * tl.sigmoid(zz)
-            A = tl.load(A_ptr + (k * CH + ch)[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0)
+            A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
 
             # recompute the states of this chunk from its saved start state
-            a = tl.exp(dt[:, None, :] * A[:, :, None])
-            x = (dt * u)[:, None, :] * Bt[None, :, :]
-            decay, h_local = tl.associative_scan((a, x), 2, _linear_combine)
+            a = tl.exp(dt[:, None, :] * A[None, :, :])  # (T, N, SUB)
+            x = (dt * u)[:, None, :] * Bt[:, :, None]
+            decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
             chan_row = bk * CH + ch64  # (SUB,)
             h0 = tl.load(
-                state_ptr + (chan_row * nchunks + c)[:, None] * N + n[None, :], mask=n_ok[None, :] & (c > 0), other=0.0
+                state_ptr + (chan_row * nchunks + c)[None, :] * N + n[:, None], mask=n_ok[:, None] & (c > 0), other=0.0
             )
-            h = h_local + decay * h0[:, :, None]
+            h = h_local + decay * h0[None, :, :]
 
             # adjoint, with ρ flowing in from the next chunk
-            rho_rows = rho_ptr + (chan_row * nsplit + seg)[:, None] * N + n[None, :]
-            rho = tl.load(rho_rows, mask=n_ok[None, :], other=0.0)
-            gC = gy[:, None, :] * Ct[None, :, :]
-            ones = tl.full([SUB, BLOCK_N, BLOCK_T], 1.0, tl.float32)
-            after, _, lam_local = tl.associative_scan((ones, a, gC), 2, _adjoint_combine, reverse=True)
-            lam = lam_local + after * rho[:, :, None]
-            rho_out = tl.sum(tl.where(t[None, None, :] == 0, a * lam, 0.0), axis=2)
-            tl.store(rho_rows, rho_out, mask=n_ok[None, :])
+            rho_ptrs = rho_ptr + (chan_row * nsplit + seg)[None, :] * N + n[:, None]
+            rho = tl.load(rho_ptrs, mask=n_ok[:, None], other=0.0)  # (N, SUB)
+            gC = gy[:, None, :] * Ct[:, :, None]
+            ones = tl.full([BLOCK_T, BLOCK_N, SUB], 1.0, tl.float32)
+            after, _, lam_local = tl.associative_scan((ones, a, gC), 0, _adjoint_combine, reverse=True)
+            lam = lam_local + after * rho[None, :, :]
+            tl.store(rho_ptrs, tl.sum(tl.where(t[:, None, None] == 0, a * lam, 0.0), axis=0), mask=n_ok[:, None])
 
             dtu = dt * u
-            dC_acc += tl.sum(gy[:, None, :] * h, axis=0)
-            dB_acc += tl.sum(lam * dtu[:, None, :], axis=0)
-            lam_B = tl.sum(lam * Bt[None, :, :], axis=1)  # (SUB, T)
+            dC_acc += gy[:, None, :] * h
+            dB_acc += lam * dtu[:, None, :]
+            lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, SUB)
             du = dt * lam_B
             if HAS_D:
-                du += tl.load(D_ptr + k * CH + ch)[:, None] * gy
+                du += tl.load(D_ptr + k * CH + ch)[None, :] * gy
             through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
-            ddt = u * lam_B + tl.sum(through_decay * A[:, :, None], axis=1)
+            ddt = u * lam_B + tl.sum(through_decay * A[None, :, :], axis=1)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(pre)
-            ddt = tl.where(tok_mask, ddt, 0.0)
+            ddt = tl.where(tok, ddt, 0.0)
             tok_rows = (bk * CH + ch64) * L  # du/ddelta are (B, K, C, L) contiguous
-            tl.store(du_ptr + tok_rows[:, None] + lin[None, :], du, mask=tok_mask)
-            tl.store(ddl_ptr + tok_rows[:, None] + lin[None, :], ddt, mask=tok_mask)
+            tl.store(du_ptr + tok_rows[None, :] + lin[:, None], du, mask=tok)
+            tl.store(ddl_ptr + tok_rows[None, :] + lin[:, None], ddt, mask=tok)
             part = chan_row * nchunks + c  # (SUB,) rows of the per-chunk partials
-            dA_c = tl.sum(through_decay * dt[:, None, :], axis=2)
-            tl.store(dA_ptr + part[:, None] * N + n[None, :], dA_c, mask=n_ok[None, :])
+            dA_c = tl.sum(through_decay * dt[:, None, :], axis=0)  # (N, SUB)
+            tl.store(dA_ptr + part[None, :] * N + n[:, None], dA_c, mask=n_ok[:, None])
             if HAS_D:
-                tl.store(dD_ptr + part, tl.sum(gy * u, axis=1))
+                tl.store(dD_ptr + part, tl.sum(gy * u, axis=0))
             if HAS_BIAS:
-                tl.store(dbias_ptr + part, tl.sum(ddt, axis=1))
-        dB_rows = dB_ptr + (part_row + n[:, None]) * L + lin[None, :]
-        tl.store(dB_rows, dB_acc, mask=bc_mask)
-        dC_rows = dC_ptr + (part_row + n[:, None]) * L + lin[None, :]
-        tl.store(dC_rows, dC_acc, mask=bc_mask)
+                tl.store(dbias_ptr + part, tl.sum(ddt, axis=0))
+        dB = tl.sum(dB_acc, axis=2)  # (T, N)
+        tl.store(dB_ptr + (part_row + n[None, :]) * L + lin[:, None], dB, mask=bc_mask)
+        dC = tl.sum(dC_acc, axis=2)
+        tl.store(dC_ptr + (part_row + n[None, :]) * L + lin[:, None], dC, mask=bc_mask)
         # the previous chunk reads the ρ stored above, possibly from other threads
         tl.debug_barrier()
 
@@ -155,7 +154,7 @@ def _bwd_segment_kernel(
     dl_ptr, A_ptr, C_ptr, bias_ptr, z_ptr, gy_ptr, seg_rho_ptr, seg_dt_ptr, order_ptr,
     L, CH, N, K, CPG, nchunks, cps, nsplit,
     sd_b, sd_k, sd_c, sC_b, sC_k, sC_g, sC_n, sz_b, sz_c, sg_b, sg_k, sg_c,
-    RC: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     pid_blk = tl.program_id(0)
@@ -163,51 +162,51 @@ def _bwd_segment_kernel(
     bk = tl.program_id(2)
     b = (bk // K).to(tl.int64)
     k = bk % K
-    c0 = pid_blk * RC
+    c0 = pid_blk * SUB
     grp = (c0 // CPG).to(tl.int64)
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
+    t = tl.arange(0, BLOCK_T)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    t = tl.arange(0, BLOCK_T)
+    ch = c0 + tl.arange(0, SUB)
+    ch64 = ch.to(tl.int64)
+    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * CH + ch)
+    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
+    g_rows = gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c
+    z_rows = z_ptr + b * sz_b + ch64 * sz_c
     C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
+    r = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+    dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for i in range(last - first):
         c = last - 1 - i
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        Ct = tl.load(C_base + n[:, None] * sC_n + lin[None, :], mask=n_ok[:, None] & valid[None, :], other=0.0)
-        Ct = Ct.to(tl.float32)
-        for sb in range(RC // SUB):
-            ch = c0 + sb * SUB + tl.arange(0, SUB)
-            ch64 = ch.to(tl.int64)
-            tok_mask = (ch < CH)[:, None] & valid[None, :]
-            dt = tl.load(dl_ptr + (b * sd_b + k * sd_k + ch64 * sd_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            dt = dt.to(tl.float32)
-            if HAS_BIAS:
-                dt += tl.load(bias_ptr + k * CH + ch)[:, None]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(tok_mask, dt, 0.0)
-            gy = tl.load(gy_ptr + (b * sg_b + k * sg_k + ch64 * sg_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            gy = gy.to(tl.float32)
-            if HAS_Z:
-                zz = tl.load(z_ptr + (b * sz_b + ch64 * sz_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-                zz = zz.to(tl.float32)
-                gy = gy * zz * tl.sigmoid(zz)
-            A = tl.load(A_ptr + (k * CH + ch)[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0)
-            seg_row = (bk * CH + ch64) * nsplit + seg
-            r_prev = tl.load(seg_rho_ptr + seg_row[:, None] * N + n[None, :], mask=n_ok[None, :] & (i > 0), other=0.0)
-            dt_prev = tl.load(seg_dt_ptr + seg_row, mask=(ch < CH) & (i > 0), other=0.0)
-            total = tl.sum(dt, axis=1)
-            upto = tl.cumsum(dt, axis=1)  # Σ_{j≤t} Δ_j from the chunk start
-            w = tl.exp(A[:, :, None] * upto[:, None, :])
-            r = tl.exp(A * total[:, None]) * r_prev + tl.sum(w * gy[:, None, :] * Ct[None, :, :], axis=2)
-            tl.store(seg_rho_ptr + seg_row[:, None] * N + n[None, :], r, mask=n_ok[None, :])
-            tl.store(seg_dt_ptr + seg_row, dt_prev + total, mask=ch < CH)
-        tl.debug_barrier()
+        tok = valid[:, None]
+        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
+        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(tok, dt, 0.0)
+        gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+            gy = gy * zz * tl.sigmoid(zz)
+        total = tl.sum(dt, axis=0)
+        upto = tl.cumsum(dt, axis=0)  # Σ_{j≤t} Δ_j from the chunk start
+        w = tl.exp(A[None, :, :] * upto[:, None, :])
+        r = tl.exp(A * total[None, :]) * r + tl.sum(w * gy[:, None, :] * Ct[:, :, None], axis=0)
+        dt_sum += total
+    seg_row = (bk * CH + ch64) * nsplit + seg
+    tl.store(seg_rho_ptr + seg_row[None, :] * N + n[:, None], r, mask=n_ok[:, None])
+    tl.store(seg_dt_ptr + seg_row, dt_sum)
 
 
 @triton.jit
@@ -250,6 +249,7 @@ def backward(
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
     sub, rc, nsplit, cps = split(p, cfg, dev)
+    seg_sub = layout.channel_blocking(p.channels, p.groups, cfg.sub, cfg.sub)[0]
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A32
@@ -286,12 +286,12 @@ def backward(
     if nsplit > 1:
         seg_rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-        _bwd_segment_kernel[grid](
+        _bwd_segment_kernel[(p.channels // seg_sub, nsplit, p.batch * p.K)](
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit,
             delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
             z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-            RC=rc, SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
+            SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
             HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
         )  # fmt: skip
         _bwd_carry_kernel[(p.batch * p.K * p.channels,)](

@@ -38,8 +38,8 @@ class PassConfig:
     segments: int | None = None
 
 
-_FORWARD = PassConfig(block_t=128, sub=2, per_program=16, num_warps=8)
-_BACKWARD = PassConfig(block_t=128, sub=1, per_program=128, num_warps=8)
+_FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=8)
+_BACKWARD = PassConfig(block_t=16, sub=32, per_program=128, num_warps=8)
 _overrides: list[dict[str, PassConfig]] = []
 
 

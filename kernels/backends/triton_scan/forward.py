@@ -47,79 +47,80 @@ def _fwd_kernel(
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, so_b, so_k, so_c, sp_b, sp_k, sp_c,
-    RC: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):  # fmt: skip
+    # Tiles are (T, N, SUB): tokens in registers (the scan along T runs inside each thread), states across warps
+    # (the sum over N is one shared-memory step), channels across lanes (B/C loaded once for SUB channels).
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
     b = (bk // K).to(tl.int64)
     k = bk % K
-    c0 = pid_blk * RC
+    c0 = pid_blk * SUB
     grp = (c0 // CPG).to(tl.int64)
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
+    t = tl.arange(0, BLOCK_T)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    t = tl.arange(0, BLOCK_T)
+    ch = c0 + tl.arange(0, SUB)
+    ch64 = ch.to(tl.int64)
+    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * CH + ch)
+    if HAS_D:
+        Dv = tl.load(D_ptr + k * CH + ch)
+    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
+    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
+    o_rows = out_ptr + b * so_b + k * so_k + ch64 * so_c
+    z_rows = z_ptr + b * sz_b + ch64 * sz_c
+    p_rows = pre_ptr + b * sp_b + k * sp_k + ch64 * sp_c
     B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
+    state_rows = state_ptr + (bk * CH + ch64) * n_state * N  # (SUB,)
+    if SAVE_STATES:
+        start = first
+    else:
+        start = seg
+    # a segment after the first starts from the state the carry pass left at its start
+    h = tl.load(state_rows[None, :] + start * N + n[:, None], mask=n_ok[:, None] & (first > 0), other=0.0)
     for c in range(first, last):
+        if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
+            tl.store(state_rows[None, :] + c * N + n[:, None], h, mask=n_ok[:, None] & (c > first))
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        bc_mask = n_ok[:, None] & valid[None, :]
-        Bt = tl.load(B_base + n[:, None] * sB_n + lin[None, :], mask=bc_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_base + n[:, None] * sC_n + lin[None, :], mask=bc_mask, other=0.0).to(tl.float32)
-        for sb in range(RC // SUB):
-            ch = c0 + sb * SUB + tl.arange(0, SUB)
-            ch64 = ch.to(tl.int64)
-            tok_mask = (ch < CH)[:, None] & valid[None, :]
-            u = tl.load(u_ptr + (b * su_b + k * su_k + ch64 * su_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            u = u.to(tl.float32)
-            dt = tl.load(dl_ptr + (b * sd_b + k * sd_k + ch64 * sd_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            dt = dt.to(tl.float32)
-            if HAS_BIAS:
-                dt += tl.load(bias_ptr + k * CH + ch)[:, None]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(tok_mask, dt, 0.0)  # padding tokens: exp(0·A) = 1, Δ·u·B = 0, the scan's identity
-            A = tl.load(A_ptr + (k * CH + ch)[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])  # (SUB, N, T)
-            x = (dt * u)[:, None, :] * Bt[None, :, :]
-            decay, h_local = tl.associative_scan((a, x), 2, _linear_combine)
-
-            state_rows = state_ptr + ((bk * CH + ch64) * n_state) * N  # (SUB,)
-            if SAVE_STATES:
-                here = c
-                nxt = c + 1
-            else:
-                here = seg
-                nxt = seg
-            h0 = tl.load(state_rows[:, None] + here * N + n[None, :], mask=n_ok[None, :] & (c > 0), other=0.0)
-            h = h_local + decay * h0[:, :, None]
-            y = tl.sum(h * Ct[None, :, :], axis=1)  # (SUB, T)
-            if HAS_D:
-                y += tl.load(D_ptr + k * CH + ch)[:, None] * u
-            # the state after the chunk's last token (padding tokens carry it unchanged)
-            h_end = tl.sum(tl.where(t[None, None, :] == BLOCK_T - 1, h, 0.0), axis=2)
-            tl.store(state_rows[:, None] + nxt * N + n[None, :], h_end, mask=n_ok[None, :] & (c + 1 < last))
-            tl.store(
-                last_ptr + (bk * CH + ch64)[:, None] * N + n[None, :], h_end, mask=n_ok[None, :] & (c + 1 == nchunks)
-            )
-            if GATE:
-                zz = tl.load(z_ptr + (b * sz_b + ch64 * sz_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-                zz = zz.to(tl.float32)
-                if STORE_PRE:
-                    pre_rows = pre_ptr + b * sp_b + k * sp_k + ch64 * sp_c
-                    tl.store(pre_rows[:, None] + lin[None, :], y, mask=tok_mask)
-                y = y * zz * tl.sigmoid(zz)
-            tl.store(out_ptr + (b * so_b + k * so_k + ch64 * so_c)[:, None] + lin[None, :], y, mask=tok_mask)
-        # the next chunk reads the end states stored above, possibly from other threads
-        tl.debug_barrier()
+        tok = valid[:, None]
+        u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (T, SUB)
+        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(tok, dt, 0.0)  # padding tokens: exp(0·A) = 1, Δ·u·B = 0, the scan's identity
+        bc_mask = tok & n_ok[None, :]
+        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)  # (T, N)
+        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)
+        a = tl.exp(dt[:, None, :] * A[None, :, :])  # (T, N, SUB)
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
+        hh = h_local + decay * h[None, :, :]
+        y = tl.sum(hh * Ct[:, :, None], axis=1)  # (T, SUB)
+        if HAS_D:
+            y += Dv[None, :] * u
+        # the state after the chunk's last token (padding tokens carry it unchanged)
+        h = tl.sum(tl.where(t[:, None, None] == BLOCK_T - 1, hh, 0.0), axis=0)
+        if GATE:
+            zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+            if STORE_PRE:
+                tl.store(p_rows[None, :] + lin[:, None], y, mask=tok)
+            y = y * zz * tl.sigmoid(zz)
+        tl.store(o_rows[None, :] + lin[:, None], y, mask=tok)
+    tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + n[:, None], h, mask=n_ok[:, None] & (last == nchunks))
 
 
 @triton.jit
@@ -127,7 +128,7 @@ def _fwd_segment_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, seg_state_ptr, seg_dt_ptr, order_ptr,
     L, CH, N, K, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c, sB_b, sB_k, sB_g, sB_n,
-    RC: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
     pid_blk = tl.program_id(0)
@@ -135,50 +136,48 @@ def _fwd_segment_kernel(
     bk = tl.program_id(2)
     b = (bk // K).to(tl.int64)
     k = bk % K
-    c0 = pid_blk * RC
+    c0 = pid_blk * SUB
     grp = (c0 // CPG).to(tl.int64)
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
+    t = tl.arange(0, BLOCK_T)
     n = tl.arange(0, BLOCK_N)
     n_ok = n < N
-    t = tl.arange(0, BLOCK_T)
+    ch = c0 + tl.arange(0, SUB)
+    ch64 = ch.to(tl.int64)
+    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * CH + ch)
+    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
+    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
     B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
+    h = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+    dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for c in range(first, last):
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        Bt = tl.load(B_base + n[:, None] * sB_n + lin[None, :], mask=n_ok[:, None] & valid[None, :], other=0.0)
-        Bt = Bt.to(tl.float32)
-        for sb in range(RC // SUB):
-            ch = c0 + sb * SUB + tl.arange(0, SUB)
-            ch64 = ch.to(tl.int64)
-            tok_mask = (ch < CH)[:, None] & valid[None, :]
-            u = tl.load(u_ptr + (b * su_b + k * su_k + ch64 * su_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            u = u.to(tl.float32)
-            dt = tl.load(dl_ptr + (b * sd_b + k * sd_k + ch64 * sd_c)[:, None] + lin[None, :], mask=tok_mask, other=0.0)
-            dt = dt.to(tl.float32)
-            if HAS_BIAS:
-                dt += tl.load(bias_ptr + k * CH + ch)[:, None]
-            if SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(tok_mask, dt, 0.0)
-            A = tl.load(A_ptr + (k * CH + ch)[:, None] * N + n[None, :], mask=n_ok[None, :], other=0.0)
-            seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
-            h_prev = tl.load(
-                seg_state_ptr + seg_row[:, None] * N + n[None, :], mask=n_ok[None, :] & (c > first), other=0.0
-            )
-            dt_prev = tl.load(seg_dt_ptr + seg_row, mask=(ch < CH) & (c > first), other=0.0)
-            total = tl.sum(dt, axis=1)
-            # Σ_{j>t} Δ_j as a suffix sum: exact where it is small, so exp(A·s) keeps its relative accuracy
-            after = tl.cumsum(dt, axis=1, reverse=True) - dt
-            x = (dt * u)[:, None, :] * Bt[None, :, :]
-            w = tl.exp(A[:, :, None] * after[:, None, :])
-            h = tl.exp(A * total[:, None]) * h_prev + tl.sum(w * x, axis=2)
-            tl.store(seg_state_ptr + seg_row[:, None] * N + n[None, :], h, mask=n_ok[None, :])
-            tl.store(seg_dt_ptr + seg_row, dt_prev + total, mask=ch < CH)
-        tl.debug_barrier()
+        tok = valid[:, None]
+        u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(tok, dt, 0.0)
+        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
+        total = tl.sum(dt, axis=0)  # (SUB,)
+        # Σ_{j>t} Δ_j as a suffix sum: exact where it is small, so exp(A·s) keeps its relative accuracy
+        after = tl.cumsum(dt, axis=0, reverse=True) - dt
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        w = tl.exp(A[None, :, :] * after[:, None, :])
+        h = tl.exp(A * total[None, :]) * h + tl.sum(w * x, axis=0)
+        dt_sum += total
+    seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
+    tl.store(seg_state_ptr + seg_row[None, :] * N + n[:, None], h, mask=n_ok[:, None])
+    tl.store(seg_dt_ptr + seg_row, dt_sum)
 
 
 @triton.jit
@@ -268,9 +267,11 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
     )
 
 
-def split(p: Plan, cfg: configs.PassConfig, device: torch.device) -> tuple[int, int, int, int]:
+def split(
+    p: Plan, cfg: configs.PassConfig, device: torch.device, per_program: int | None = None
+) -> tuple[int, int, int, int]:
     """``(SUB, RC, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``."""
-    sub, rc = layout.channel_blocking(p.channels, p.groups, cfg.sub, cfg.per_program)
+    sub, rc = layout.channel_blocking(p.channels, p.groups, cfg.sub, per_program or cfg.per_program)
     rows = p.batch * p.K * (p.channels // rc)
     if cfg.segments is not None:
         per = triton.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
@@ -324,7 +325,7 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    sub, rc, nsplit, cps = split(p, cfg, dev)
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=cfg.sub)
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -352,7 +353,7 @@ def forward(
             u, delta, A, B, bias, seg_state, seg_dt, table, *common, nsplit,
             u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
             B.stride(0), B.stride(1), B.stride(2), B.stride(3),
-            RC=rc, SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n,
+            SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
         )  # fmt: skip
         _fwd_carry_kernel[(p.batch * p.K * p.channels,)](
@@ -366,7 +367,7 @@ def forward(
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2),
         pre_arg.stride(0), pre_arg.stride(1), pre_arg.stride(2),
-        RC=rc, SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
+        SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, GATE=(z is not None) and not fused_merge,
         STORE_PRE=pre is not None, SAVE_STATES=save, num_warps=cfg.num_warps,
     )  # fmt: skip

@@ -1,0 +1,448 @@
+"""GPU benchmark of the Triton selective scan: builds, checks and times in one call.
+
+    python benchmarks/scan_gpu.py [--out DIR] [--sweep] [--layer] [--quick]
+
+For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
+checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
+saved) and forward+backward with CUDA events (median after warm-up; random inputs as in the spec's method, never
+zeros) and reports them beside the upstream mamba_ssm numbers measured on the same card kind, with the achieved
+"floor bytes / time" (kernels.md §3), the distance to the physical floor (max of the DRAM and exp terms) and the
+peak extra device memory beyond inputs and outputs. ``--sweep`` times block-size variants, ``--layer`` times
+MambaLayer (SegMamba's stage-0 mixer pair) on both backends. Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from medmamba.kernels import RASTER, REVERSED, SLICE, selective_scan
+from medmamba.kernels.backends.triton_scan import configs
+
+# mamba_ssm selective_scan_cuda, kernels.md §4.2 and §4.4: (fwd ms, bwd ms) per card kind
+UPSTREAM = {
+    "H100": {
+        ("S1", "fp32", False): (1.837, 4.383),
+        ("S1", "fp32", True): (1.954, 4.327),
+        ("S1", "bf16", False): (1.023, 3.902),
+        ("S1", "bf16", True): (1.098, 3.910),
+        ("S2", "fp32", False): (7.283, 17.849),
+        ("S2", "fp32", True): (7.799, 17.437),
+        ("S2", "bf16", False): (5.456, 15.703),
+        ("S2", "bf16", True): (5.785, 16.196),
+        ("U-Mamba s0 128³", "fp32", True): (24.07, 50.23),
+        ("U-Mamba s1 64³", "fp32", True): (3.33, 6.98),
+        ("U-Mamba s2 32³", "fp32", True): (0.973, 2.193),
+        ("U-Mamba s3 16³", "fp32", True): (0.192, 0.472),
+        ("SegMamba s1 64³ (1 order)", "bf16", True): (2.587, 6.140),
+        ("SegMamba s2 32³", "bf16", True): (0.359, 1.107),
+        ("SegMamba s3 16³", "bf16", True): (0.088, 0.336),
+        # three scans (3 × 2.587 / 6.140) plus the reorder copies and merge of §4.5 (6.4 ms forward; the same
+        # assumed for their mirror in backward)
+        ("SegMamba 3-order layer 64³", "bf16", True): (14.16, 24.82),
+    },
+    "H200": {
+        ("S1", "fp32", False): (1.832, 4.431),
+        ("S1", "fp32", True): (1.939, 4.359),
+        ("S1", "bf16", False): (1.065, 3.778),
+        ("S1", "bf16", True): (1.117, 3.817),
+        ("S2", "fp32", False): (7.295, 17.641),
+        ("S2", "fp32", True): (7.624, 17.420),
+        ("S2", "bf16", False): (5.373, 14.956),
+        ("S2", "bf16", True): (5.731, 15.379),
+        ("U-Mamba s0 128³", "fp32", True): (24.03, 53.08),
+        ("U-Mamba s1 64³", "fp32", True): (3.24, 7.08),
+        ("U-Mamba s2 32³", "fp32", True): (0.965, 2.202),
+        ("U-Mamba s3 16³", "fp32", True): (0.189, 0.483),
+        ("SegMamba s1 64³ (1 order)", "bf16", True): (2.610, 6.300),
+        ("SegMamba s2 32³", "bf16", True): (0.364, 1.100),
+        ("SegMamba s3 16³", "bf16", True): (0.086, 0.323),
+        ("SegMamba 3-order layer 64³", "bf16", True): (14.23, 25.30),
+    },
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEGMAMBA = (RASTER, REVERSED, SLICE)
+
+
+def shapes(quick: bool) -> list[tuple]:
+    """(name, batch, d_inner, spatial, orders, dtype, z)."""
+    rows = [
+        (name, 2, d, (L,), (RASTER,), dt, z)
+        for name, d, L in (("S1", 768, 32768), ("S2", 384, 262144))
+        for dt in ("fp32", "bf16")
+        for z in (False, True)
+    ]
+    rows += [
+        ("U-Mamba s0 128³", 2, 64, (128, 128, 128), (RASTER,), "fp32", True),
+        ("U-Mamba s1 64³", 2, 128, (64, 64, 64), (RASTER,), "fp32", True),
+        ("U-Mamba s2 32³", 2, 256, (32, 32, 32), (RASTER,), "fp32", True),
+        ("U-Mamba s3 16³", 2, 512, (16, 16, 16), (RASTER,), "fp32", True),
+        ("SegMamba s1 64³ (1 order)", 2, 96, (64, 64, 64), (RASTER,), "bf16", True),
+        ("SegMamba s2 32³", 2, 192, (32, 32, 32), (RASTER,), "bf16", True),
+        ("SegMamba s3 16³", 2, 384, (16, 16, 16), (RASTER,), "bf16", True),
+        ("SegMamba 3-order layer 64³", 2, 96, (64, 64, 64), SEGMAMBA, "bf16", True),
+    ]
+    if quick:
+        rows = [r for r in rows if r[0] in ("S1", "SegMamba 3-order layer 64³", "U-Mamba s0 128³")]
+    return rows
+
+
+DEVICE = "cuda"
+
+
+def make_inputs(batch, d, spatial, orders, dtype, z, N=16, seed=0):
+    """kernels.md §4.1 inputs: normal u, B, C, z; Δ_raw·0.5; delta_bias = softplus⁻¹(U[1e-3, 0.1]);
+    A = −(1…N)·(1 + 0.1·U); D normal."""
+    dev = DEVICE
+    g = torch.Generator(device=dev).manual_seed(seed)
+    K = len(orders)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=dev)
+
+    lead = (batch, K, d) if K > 1 else (batch, d)
+    u = randn(*lead, *spatial).to(dtype)
+    delta = (randn(*lead, *spatial) * 0.5).to(dtype)
+    kc = (K, d) if K > 1 else (d,)
+    A = -(
+        torch.arange(1, N + 1, device=dev, dtype=torch.float32)
+        * (1 + 0.1 * torch.rand(*kc, N, generator=g, device=dev))
+    )
+    bc = (batch, K, 1, N) if K > 1 else (batch, 1, N)
+    Bm = randn(*bc, *spatial).to(dtype)
+    Cm = randn(*bc, *spatial).to(dtype)
+    D = randn(*kc)
+    dt = torch.exp(torch.rand(*kc, generator=g, device=dev) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    bias = dt + torch.log(-torch.expm1(-dt))
+    zz = randn(batch, d, *spatial).to(dtype) if z else None
+    return [u, delta, A, Bm, Cm, D, zz, bias]
+
+
+def cuda_time(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
+    """(median, min) in ms of ``fn`` timed with CUDA events."""
+    if DEVICE == "cpu":  # --dry-run
+        t = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t) * 1e3
+        return ms, ms
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting read + write (kernels.md §4.1)."""
+    x = torch.empty(2**30, dtype=torch.float32, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms, _ = cuda_time(lambda: y.copy_(x), 10)
+    return 2 * 4 * 2**30 / (ms * 1e-3)
+
+
+def floor_bytes(batch, d, L, N, e, z, K=1):
+    """kernels.md §3 bytes (G = 1): forward (minimal gate), backward; per order, K orders add their own u, Δ, B, C."""
+    fwd = batch * L * K * ((3 * d + 2 * N) * e) + (batch * L * d * e if z else 0)
+    bwd = batch * L * K * ((5 * d + 4 * N) * e) + (batch * L * 3 * d * e if z else 0)
+    return fwd, bwd
+
+
+def scan_call(args, orders, backend, grad=False):
+    kw = {"orders": orders, "backend": backend}
+    if not grad:
+        with torch.no_grad():
+            return selective_scan(*args, **kw).out
+    leaves = [a.detach().requires_grad_() if a is not None else None for a in args]
+    out = selective_scan(*leaves, **kw).out
+    return out, leaves
+
+
+def bench_shape(row, bw, card, reps_fwd, reps_bwd, check=True):
+    name, batch, d, spatial, orders, dtname, z = row
+    dtype = DTYPES[dtname]
+    args = make_inputs(batch, d, spatial, orders, dtype, z)
+    L, N, K = math.prod(spatial), 16, len(orders)
+    res: dict = {"shape": name, "batch": batch, "d_inner": d, "L": L, "K": K, "dtype": dtname, "z": z}
+
+    if check:  # forward against the torch backend on the same inputs
+        got = scan_call(args, orders, "triton").float()
+        want = scan_call(args, orders, "torch").float()
+        res["rel_err_vs_torch"] = ((got - want).norm() / want.norm()).item()
+        res["finite"] = bool(torch.isfinite(got).all())
+        del got, want
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = scan_call(args, orders, "triton")
+    torch.cuda.synchronize()
+    res["fwd_extra_MiB"] = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / 2**20
+    del out
+    res["fwd_ms"], res["fwd_min_ms"] = cuda_time(lambda: scan_call(args, orders, "triton"), reps_fwd)
+
+    grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
+
+    def fwd_bwd():
+        out, leaves = scan_call(args, orders, "triton", grad=True)
+        out.backward(grad_out)
+        return leaves
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    leaves = fwd_bwd()
+    torch.cuda.synchronize()
+    grads = sum(a.grad.numel() * a.grad.element_size() for a in leaves if a is not None and a.grad is not None)
+    res["fwd_bwd_extra_MiB"] = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
+    del leaves
+    res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = cuda_time(fwd_bwd, reps_bwd)
+
+    e = 4 if dtname == "fp32" else 2
+    fb, bb = floor_bytes(batch, d, L, N, e, z, K)
+    res["fwd_GBps"] = fb / (res["fwd_ms"] * 1e-3) / 1e9
+    bwd_ms = max(res["fwd_bwd_ms"] - res["fwd_ms"], 1e-6)
+    res["bwd_GBps_approx"] = bb / (bwd_ms * 1e-3) / 1e9
+    exp_floor_ms = batch * K * d * L * N / 4.2e12 * 1e3
+    res["fwd_floor_ms"] = max(fb / bw * 1e3, exp_floor_ms)
+    res["fwd_x_floor"] = res["fwd_ms"] / res["fwd_floor_ms"]
+    up = UPSTREAM.get(card, {}).get((name, dtname, z))
+    if up is not None:
+        res["upstream_fwd_ms"], res["upstream_bwd_ms"] = up
+        res["speedup_fwd"] = up[0] / res["fwd_ms"]
+        res["speedup_fwd_bwd"] = (up[0] + up[1]) / res["fwd_bwd_ms"]
+    torch.cuda.empty_cache()
+    return res
+
+
+def bench_torch_backend(card):
+    """The torch backend in the same run, at S1 fp32 without z and at the three-order layer."""
+    out = []
+    for row in (("S1", 2, 768, (32768,), (RASTER,), "fp32", False),
+                ("SegMamba 3-order layer 64³", 2, 96, (64, 64, 64), SEGMAMBA, "bf16", True)):  # fmt: skip
+        name, batch, d, spatial, orders, dtname, z = row
+        args = make_inputs(batch, d, spatial, orders, DTYPES[dtname], z)
+        fwd, _ = cuda_time(lambda args=args, orders=orders: scan_call(args, orders, "torch"), 3, warmup=1)
+        grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=DTYPES[dtname])
+
+        def fb(args=args, orders=orders, grad_out=grad_out):
+            o, _ = scan_call(args, orders, "torch", grad=True)
+            o.backward(grad_out)
+
+        fwd_bwd, _ = cuda_time(fb, 2, warmup=1)
+        out.append({"shape": name, "dtype": dtname, "z": z, "torch_fwd_ms": fwd, "torch_fwd_bwd_ms": fwd_bwd})
+        del args
+        torch.cuda.empty_cache()
+    return out
+
+
+def sweep():
+    """(forward, backward) block-size variants at S1 and the three-order layer, bf16 with z."""
+    P = configs.PassConfig
+    variants = [
+        (P(block_t=16, sub=32, num_warps=8), P(block_t=16, sub=32, per_program=128, num_warps=8)),
+        (P(block_t=8, sub=32, num_warps=8), P(block_t=8, sub=32, per_program=128, num_warps=8)),
+        (P(block_t=16, sub=32, num_warps=4), P(block_t=16, sub=32, per_program=64, num_warps=4)),
+        (P(block_t=32, sub=32, num_warps=8), None),
+        (P(block_t=16, sub=32, num_warps=16), P(block_t=16, sub=32, per_program=128, num_warps=16)),
+        (P(block_t=8, sub=32, num_warps=4), P(block_t=8, sub=32, per_program=64, num_warps=4)),
+    ]
+    rows = [
+        ("S1", 2, 768, (32768,), (RASTER,), "bf16", True),
+        ("SegMamba 3-order layer 64³", 2, 96, (64, 64, 64), SEGMAMBA, "bf16", True),
+    ]
+    results = []
+    for row in rows:
+        name, batch, d, spatial, orders, dtname, z = row
+        args = make_inputs(batch, d, spatial, orders, DTYPES[dtname], z)
+        grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=DTYPES[dtname])
+        for fwd_cfg, bwd_cfg in variants:
+            with configs.override(fwd_cfg, bwd_cfg):
+                ms, _ = cuda_time(lambda args=args, orders=orders: scan_call(args, orders, "triton"), 10)
+                fb = float("nan")
+                if bwd_cfg is not None:
+
+                    def step(args=args, orders=orders, grad_out=grad_out):
+                        o, _ = scan_call(args, orders, "triton", grad=True)
+                        o.backward(grad_out)
+
+                    fb, _ = cuda_time(step, 5)
+            results.append({"shape": name, "dtype": dtname, "config": f"{fwd_cfg} / {bwd_cfg}", "fwd_ms": ms,
+                            "fwd_bwd_ms": fb})  # fmt: skip
+            print(f"sweep {name} {dtname} {fwd_cfg} / {bwd_cfg}: fwd {ms:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_layer(card):
+    """MambaLayer, SegMamba's stage-0 mixer pair: d_model 48, 64³ tokens (128³ input), batch 2, bf16 autocast;
+    triton vs torch backend; networks.md §10 gives the official pair at 34 ms forward / 90 ms forward+backward."""
+    from medmamba.kernels import use_backend
+    from medmamba.layers import MambaLayer
+
+    results = []
+    x = torch.randn(2, 48, 64, 64, 64, device="cuda")
+    for ssm_fp32 in (True, False):
+        torch.manual_seed(0)
+        pair = torch.nn.Sequential(*(MambaLayer(48, orders=SEGMAMBA, residual=True, ssm_fp32=ssm_fp32)
+                                     for _ in range(2))).cuda()  # fmt: skip
+        for backend in ("triton", "torch"):
+            with use_backend(backend):
+
+                def fwd(pair=pair):
+                    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                        return pair(x)
+
+                def fwd_bwd(pair=pair):
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = pair(x)
+                    out.float().square().mean().backward()
+
+                reps = 10 if backend == "triton" else 2
+                f_ms, _ = cuda_time(fwd, reps, warmup=1)
+                torch.cuda.reset_peak_memory_stats()
+                fb_ms, _ = cuda_time(fwd_bwd, reps, warmup=1)
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            results.append({"ssm_fp32": ssm_fp32, "backend": backend, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
+                            "peak_MiB": peak})  # fmt: skip
+            print(f"layer pair ssm_fp32={ssm_fp32} {backend}: fwd {f_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms", flush=True)
+        # same results on both backends (forward, bf16 autocast)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with use_backend("triton"):
+                a = pair(x).float()
+            with use_backend("torch"):
+                b = pair(x).float()
+        results.append({"ssm_fp32": ssm_fp32, "rel_err_triton_vs_torch": ((a - b).norm() / b.norm()).item()})
+        del pair
+        torch.cuda.empty_cache()
+    return results
+
+
+def markdown(info, rows, torch_rows, sweep_rows, layer_rows) -> str:
+    head = (f"Card: {info['card_name']} ({info['card']}), torch {info['torch']}, triton {info['triton']}; "
+            f"copy bandwidth {info['copy_TBps']:.2f} TB/s. Command: `{info['command']}`.")  # fmt: skip
+    lines = [head, ""]
+    lines.append(
+        "| shape | dtype | z | K | fwd ms | upstream fwd | × | fwd+bwd ms | upstream fwd+bwd | × | fwd GB/s | "
+        "fwd × floor | extra MiB fwd / fwd+bwd | err vs torch |"
+    )
+    lines.append("|" + "---|" * 14)
+    for r in rows:
+        up_f = r.get("upstream_fwd_ms")
+        up_fb = (r["upstream_fwd_ms"] + r["upstream_bwd_ms"]) if up_f is not None else None
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['K']} | {r['fwd_ms']:.3f} | "
+            f"{up_f if up_f is not None else '-'} | {r.get('speedup_fwd', float('nan')):.2f} | {r['fwd_bwd_ms']:.3f} | "
+            f"{f'{up_fb:.3f}' if up_fb is not None else '-'} | {r.get('speedup_fwd_bwd', float('nan')):.2f} | "
+            f"{r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f} | {r['fwd_extra_MiB']:.0f} / {r['fwd_bwd_extra_MiB']:.0f} | "
+            f"{r.get('rel_err_vs_torch', float('nan')):.1e} |"
+        )
+    if torch_rows:
+        lines += ["", "| torch backend, same run | dtype | fwd ms | fwd+bwd ms |", "|---|---|---|---|"]
+        for r in torch_rows:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['torch_fwd_ms']:.1f} | {r['torch_fwd_bwd_ms']:.1f} |")
+    if layer_rows:
+        lines += ["", "| MambaLayer pair (SegMamba stage 0) | backend | fwd ms | fwd+bwd ms | peak MiB |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in layer_rows:
+            if "backend" in r:
+                lines.append(f"| ssm_fp32={r['ssm_fp32']} | {r['backend']} | {r['fwd_ms']:.2f} | "
+                             f"{r['fwd_bwd_ms']:.2f} | {r['peak_MiB']:.0f} |")  # fmt: skip
+    if sweep_rows:
+        lines += ["", "| sweep | dtype | forward / backward config | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+        for r in sweep_rows:
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def dry_run(args) -> int:
+    """Exercise every code path of this script on tiny shapes on the CPU (TRITON_INTERPRET=1)."""
+    global DEVICE
+    DEVICE = "cpu"
+    torch.cuda.synchronize = lambda: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.memory_allocated = lambda: 0
+    torch.cuda.max_memory_allocated = lambda: 0
+    torch.cuda.reset_peak_memory_stats = lambda: None
+    tiny = configs.PassConfig(block_t=16, sub=1, per_program=2, num_warps=1)
+    info = {"card_name": "cpu", "card": "H100", "torch": torch.__version__, "triton": "-", "command": "dry",
+            "copy_TBps": 1.0}  # fmt: skip
+    with configs.override(tiny, tiny):
+        rows = [bench_shape(("S1", 1, 4, (40,), (RASTER,), "fp32", True), 1e12, "H100", 1, 1),
+                bench_shape(("SegMamba 3-order layer 64³", 1, 2, (3, 4, 5), SEGMAMBA, "bf16", True), 1e12, "H100",
+                            1, 1)]  # fmt: skip
+    print(markdown(info, rows, [], [], []))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-shapes", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
+    args = ap.parse_args()
+    if args.dry_run:
+        return dry_run(args)
+    if not torch.cuda.is_available():
+        print("scan_gpu.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    name = torch.cuda.get_device_name()
+    card = "H200" if "H200" in name else ("H100" if "H100" in name else name)
+    info = {"card_name": name, "card": card, "torch": torch.__version__, "triton": triton.__version__,
+            "command": " ".join(["python", *sys.argv])}  # fmt: skip
+    bw = copy_bandwidth()
+    info["copy_TBps"] = bw / 1e12
+    print(json.dumps(info), flush=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, torch_rows, sweep_rows, layer_rows = [], [], [], []
+
+    def save():
+        payload = {"info": info, "rows": rows, "torch": torch_rows, "sweep": sweep_rows, "layer": layer_rows}
+        (out_dir / "scan_gpu.json").write_text(json.dumps(payload, indent=1))
+        (out_dir / "scan_gpu.md").write_text(markdown(info, rows, torch_rows, sweep_rows, layer_rows))
+
+    t0 = time.time()
+    if args.sweep:
+        sweep_rows.extend(sweep())
+        save()
+    if not args.no_shapes:
+        for row in shapes(args.quick):
+            r = bench_shape(row, bw, card, reps_fwd=20, reps_bwd=10)
+            rows.append(r)
+            print(f"{r['shape']} {r['dtype']} z={r['z']}: fwd {r['fwd_ms']:.3f} ms (x{r.get('speedup_fwd', 0):.2f}), "
+                  f"fwd+bwd {r['fwd_bwd_ms']:.3f} ms (x{r.get('speedup_fwd_bwd', 0):.2f}), "
+                  f"err {r.get('rel_err_vs_torch', 0):.1e}, {time.time() - t0:.0f}s", flush=True)  # fmt: skip
+            save()
+        torch_rows.extend(bench_torch_backend(card))
+        save()
+    if args.layer:
+        layer_rows.extend(bench_layer(card))
+        save()
+    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
