@@ -86,6 +86,13 @@ class UMambaBot(nn.Module):
         torch.Size([1, 2, 8, 8, 8])
     """
 
+    topology: _Topology
+    encoder: UMambaEncoder
+    decoder: UNetDecoder
+    input_size: tuple[int, ...] | None
+    in_channels: int
+    out_channels: int
+
     def __init__(
         self,
         spatial_dims: int,
@@ -111,9 +118,13 @@ class UMambaBot(nn.Module):
         topo = _Topology.build(
             spatial_dims, features_per_stage, strides, kernel_sizes, blocks_per_stage, blocks_per_stage_decoder, version
         )
-        mixers: tuple[Mixer, ...] = ("none",) * (topo.n_stages - 1) + ("spatial",)
-        _build(self, topo, in_channels, out_channels, mixers, (), None, conv_bias, norm, act, deep_supervision, version,
-               concat_first_skip, d_state, d_conv, expand)  # fmt: skip
+        none: tuple[Mixer, ...] = ("none",)
+        mixers = none * (topo.n_stages - 1) + ("spatial",)
+        _build(
+            self, topo=topo, in_channels=in_channels, out_channels=out_channels, mixers=mixers, feature_sizes=(),
+            fixed_input_size=None, conv_bias=conv_bias, norm=norm, act=act, deep_supervision=deep_supervision,
+            version=version, concat_first_skip=concat_first_skip, d_state=d_state, d_conv=d_conv, expand=expand,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x`` ``(B, in_channels, *S)``; returns logits (a list, full resolution first, under DS)."""
@@ -155,6 +166,13 @@ class UMambaEnc(nn.Module):
         torch.Size([1, 2, 16, 16])
     """
 
+    topology: _Topology
+    encoder: UMambaEncoder
+    decoder: UNetDecoder
+    input_size: tuple[int, ...] | None
+    in_channels: int
+    out_channels: int
+
     def __init__(
         self,
         spatial_dims: int,
@@ -191,8 +209,11 @@ class UMambaEnc(nn.Module):
         logger.debug("UMambaEnc stage mixers %s at feature sizes %s", mixers, sizes)
         # only channel-token stages tie the network to one input size
         fixed = tuple(int(i) for i in input_size) if input_size is not None and "channel" in mixers else None
-        _build(self, topo, in_channels, out_channels, mixers, sizes, fixed, conv_bias, norm, act, deep_supervision,
-               version, concat_first_skip, d_state, d_conv, expand)  # fmt: skip
+        _build(
+            self, topo=topo, in_channels=in_channels, out_channels=out_channels, mixers=mixers, feature_sizes=sizes,
+            fixed_input_size=fixed, conv_bias=conv_bias, norm=norm, act=act, deep_supervision=deep_supervision,
+            version=version, concat_first_skip=concat_first_skip, d_state=d_state, d_conv=d_conv, expand=expand,
+        )  # fmt: skip
         if version == "2024.01":
             zero_init_last_norm_(self)
 
@@ -205,6 +226,7 @@ class UMambaEnc(nn.Module):
 
 def _build(
     net: UMambaBot | UMambaEnc,
+    *,
     topo: _Topology,
     in_channels: int,
     out_channels: int,
@@ -270,37 +292,28 @@ class UMambaEncoder(nn.Module):
     ) -> None:
         super().__init__()
         dims, c0 = topo.spatial_dims, topo.features[0]
-        block = {"conv_bias": conv_bias, "norm": norm, "act": act, "version": version}
+
+        def stage(s: int, cin: int, cout: int, stride: Sequence[int]) -> nn.Module:
+            return residual_stage(dims, cin, cout, n_blocks=topo.blocks[s], kernel_size=topo.kernel_sizes[s],
+                                  stride=stride, conv_bias=conv_bias, norm=norm, act=act, version=version)  # fmt: skip
+
+        def mamba(s: int, kind: Mixer) -> nn.Module:
+            if kind == "spatial":
+                return MambaLayer(topo.features[s], norm=True, residual=False, d_state=d_state, d_conv=d_conv,
+                                  expand=expand)  # fmt: skip
+            if kind == "channel":
+                return ChannelTokenMamba(feature_sizes[s], d_state=d_state, d_conv=d_conv, expand=expand)
+            return nn.Identity()
+
         if version == "2024.01":  # nnU-Net's ResidualEncoder stem: one conv-norm-act
             self.stem = conv_norm_act(
                 dims, in_channels, c0, kernel_size=topo.kernel_sizes[0], conv_bias=conv_bias, norm=norm, act=act
             )
         else:  # a stride-1 stage of its own
-            self.stem = residual_stage(
-                dims, in_channels, c0, n_blocks=topo.blocks[0], kernel_size=topo.kernel_sizes[0], stride=1, **block
-            )
-        self.stages, self.mixers = nn.ModuleList(), nn.ModuleList()
-        mamba = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
-        channels = c0
-        for s, (c, mixer) in enumerate(zip(topo.features, mixers, strict=True)):
-            self.stages.append(
-                residual_stage(
-                    dims,
-                    channels,
-                    c,
-                    n_blocks=topo.blocks[s],
-                    kernel_size=topo.kernel_sizes[s],
-                    stride=topo.strides[s],
-                    **block,
-                )
-            )
-            if mixer == "spatial":
-                self.mixers.append(MambaLayer(c, norm=True, residual=False, **mamba))
-            elif mixer == "channel":
-                self.mixers.append(ChannelTokenMamba(feature_sizes[s], **mamba))
-            else:
-                self.mixers.append(nn.Identity())
-            channels = c
+            self.stem = stage(0, in_channels, c0, (1,) * dims)
+        channels = (c0, *topo.features[:-1])
+        self.stages = nn.ModuleList(stage(s, channels[s], c, topo.strides[s]) for s, c in enumerate(topo.features))
+        self.mixers = nn.ModuleList(mamba(s, kind) for s, kind in enumerate(mixers))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Stage outputs of ``x`` ``(B, in_channels, *S)``, stage 0 first."""
@@ -404,14 +417,15 @@ class _Topology:
 def _enc_mixers(topo: _Topology, sizes: Sequence[tuple[int, ...]], version: Version) -> tuple[Mixer, ...]:
     """Which Mamba follows each Enc stage (see :class:`UMambaEnc`)."""
     n = topo.n_stages
+    spatial: tuple[Mixer, ...] = ("spatial",)
     if version == "2024.01":
-        return ("spatial",) * n
+        return spatial * n
     mixers: list[Mixer] = []
     for s in range(n):
+        kind: Mixer = "channel" if math.prod(sizes[s]) <= topo.features[s] else "spatial"
         if topo.spatial_dims == 2 and not (bool(s % 2) ^ bool(n % 2)):
-            mixers.append("none")  # 2D: alternate stages, the bottleneck always has one
-        else:
-            mixers.append("channel" if math.prod(sizes[s]) <= topo.features[s] else "spatial")
+            kind = "none"  # 2D: alternate stages, the bottleneck always has one
+        mixers.append(kind)
     return tuple(mixers)
 
 
