@@ -139,8 +139,8 @@ class UMambaEnc(nn.Module):
 
     Same encoder/decoder and arguments as :class:`UMambaBot`; the Mamba layers differ (no residual around them):
 
-    - ``version="2024.03"`` (current): 3D — after every stage; 2D — after alternate stages, chosen so the
-      bottleneck has one (stage ``s`` when ``s % 2 != S % 2`` … i.e. ``bool(s % 2) ^ bool(S % 2)``). A stage whose
+    - ``version="2024.03"`` (current): 3D — after every stage; 2D — after alternate stages, counted back from the
+      bottleneck, which always has one (stages ``S-1, S-3, …``; the others are identities). A stage whose
       feature map (``input_size / prod(strides[:s+1])``) has no more voxels than channels scans over channels
       (:class:`~medmamba.layers.tokens.ChannelTokenMamba`, width ``∏F_s``), so the network is tied to
       ``input_size`` — sliding-window inference must use exactly that patch.
