@@ -286,6 +286,8 @@ class _SavedCounter:
         self.exclude = exclude
         self.weight_shapes = weight_shapes
         self.seen: set[int] = set()
+        # counted tensors stay referenced for the pass: a freed storage's address may be reused by a new one
+        self.kept: list[torch.Tensor] = []
         self.total = 0
         self.fixed = 0
         self.largest = 0
@@ -296,6 +298,7 @@ class _SavedCounter:
         if key in self.exclude or key in self.seen:
             return
         self.seen.add(key)
+        self.kept.append(t)
         nbytes = t.untyped_storage().nbytes()
         self.total += nbytes
         self.count += 1
