@@ -222,10 +222,12 @@ def test_mambamorph_learns_to_register_a_shifted_pair(cls):
 
 
 def test_mambamorph_under_bf16_autocast_is_finite():
+    # 24³ is padded to 32³, so no convolution sees a side of 2 (PyTorch 2.14's oneDNN bf16 Conv3d weight gradient
+    # reads uninitialised memory there on the CPU; see test_segmamba_under_bf16_autocast_is_finite)
     torch.manual_seed(0)
     net = MambaMorph(3, 1, 3, **TINY)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        warped, ddf = net(*pair((16, 16, 16)))
+        warped, ddf = net(*pair((24, 24, 24)))
     (warped.float().square().mean() + ddf.float().square().mean()).backward()
     assert torch.isfinite(warped.float()).all() and torch.isfinite(ddf.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

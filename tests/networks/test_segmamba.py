@@ -195,10 +195,12 @@ def test_segmamba_learns_one_batch():
 
 
 def test_segmamba_under_bf16_autocast_is_finite():
+    # No map side of 2: PyTorch 2.14's oneDNN bf16 Conv3d weight gradient reads uninitialised memory when a side is
+    # 2 (2×2×2, 2×2×4; CPU only, NaN at random) — not this network's doing, so the sizes stay clear of it.
     torch.manual_seed(0)
-    net = SegMamba(3, 1, 2, **TINY)
+    net = SegMamba(3, 1, 2, features_per_stage=(4, 8, 12), depths=(1, 1, 1), hidden_size=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = net(torch.randn(1, 1, 16, 16, 32))
+        out = net(torch.randn(1, 1, 24, 24, 24))  # maps 12³, 6³, 3³
     out.float().square().mean().backward()
     assert torch.isfinite(out.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
