@@ -3,7 +3,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,42 +211,3 @@ def test_segmamba_is_registered():
     assert "segmamba" in networks.list(task="segmentation")
     net = networks.build("segmamba", in_channels=1, out_channels=2, **TINY)
     assert isinstance(net, SegMamba) and net.out_channels == 2
-
-
-# ---- nnU-Net's network contract (plans-and-pipeline.md §2.9-2.10) -------------------------------------------------
-
-
-class NnUNetSegMamba(SegMamba):
-    """SegMamba with nnU-Net's constructor, as a plans ``architecture`` block would name it (heads always built)."""
-
-    def __init__(self, input_channels, num_classes, deep_supervision=False, strides=None, **arch_kwargs):
-        super().__init__(3, input_channels, num_classes, deep_supervision=True, **arch_kwargs)
-        if strides is not None and [list(s) for s in strides] != [list(s) for s in self.strides]:
-            raise ValueError(f"SegMamba's strides are {self.strides}, the plans say {strides}")
-        self.decoder.deep_supervision = deep_supervision
-
-
-ARCH = {"features_per_stage": [4, 8, 12, 16], "depths": [1, 1, 1, 1], "hidden_size": 16,
-        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]}  # fmt: skip
-
-
-def test_segmamba_is_built_by_nnunet_get_network_from_plans_and_honours_its_contract():
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    torch.manual_seed(0)
-    name = f"{__name__}.NnUNetSegMamba"
-    net = get_network_from_plans(name, ARCH, [], 2, 3, allow_init=True, deep_supervision=True)
-    assert isinstance(net, SegMamba)
-    patch = (16, 32, 48)
-    outs = net(torch.randn(1, 2, *patch))
-    # the trainer's deep-supervision scales: 1 / cumprod(strides), last row dropped
-    scales = 1 / np.cumprod(np.vstack(ARCH["strides"]), axis=0)[:-1]
-    assert len(outs) == len(scales) == len(ARCH["strides"]) - 1
-    for out, scale in zip(outs, scales, strict=True):
-        assert out.shape == (1, 3, *(round(s * f) for s, f in zip(patch, scale, strict=True)))
-    net.decoder.deep_supervision = False  # what the trainer does for the final validation
-    assert net(torch.randn(1, 2, *patch)).shape == (1, 3, *patch)
-    # inference rebuilds with deep supervision off and loads the training state_dict strictly
-    plain = get_network_from_plans(name, ARCH, [], 2, 3, deep_supervision=False)
-    plain.load_state_dict(net.state_dict(), strict=True)
-    assert isinstance(plain(torch.randn(1, 2, *patch)), torch.Tensor)
