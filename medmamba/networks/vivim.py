@@ -6,7 +6,10 @@ Deliberate differences from the official code:
   ImageNet/ADE20K weights load from a local file with :func:`load_mit_weights`;
 * the clip length T is read from the input (upstream's temporal scan hard-codes 5 frames);
 * ``in_channels`` is honoured (upstream always builds a 3-channel patch embedding); the unused ADE20K classifier
-  and stage-final LayerNorms are not built (59.50 M instead of 59.62 M parameters);
+  is not built (59.51 M instead of 59.62 M parameters);
+* SegFormer's stage-final LayerNorms, which upstream builds but never applies, are applied as in SegFormer's
+  MiT-B3 (whose pretrained weights include them); ``stage_norms=False`` reproduces upstream's forward and then
+  does not build them (a parameter no gradient reaches breaks DDP);
 * the Mamba projections keep mamba_ssm's initialisation; ``mamba_init="vivim"`` reproduces upstream's
   truncated-normal re-initialisation of every Linear in the ST-Mamba layers (Δ bias zeroed).
 """
@@ -47,10 +50,8 @@ class Vivim(nn.Module):
     ``x + DSF(LN(x))`` (detail-specific feed-forward: Linear → depth-wise Conv 3×3×3 → GELU → Linear).
     SegFormer's all-MLP head fuses the four stages at 1/4 resolution; logits are resized to the input size.
 
-    Parameters for ``in_channels=3, out_channels=1`` and the defaults: 59,503,041. Upstream builds 59,620,439
-    (spec: 59.62 M); less its unused ADE20K classifier (115,350) that is the spec's 59.51 M, which still counts
-    SegFormer's four stage-final LayerNorms (2,048) that upstream builds but never applies — not built here, since
-    parameters no gradient reaches only get in the way (DDP).
+    Parameters for ``in_channels=3, out_channels=1`` and the defaults: 59,505,089 (spec: 59.51 M) — upstream's
+    59,620,439 (spec: 59.62 M) less its unused ADE20K classifier (115,350); 59,503,041 with ``stage_norms=False``.
 
     Args:
         spatial_dims: must be 2 (frames are 2D; time is the third axis of the Mamba scan).
@@ -65,6 +66,8 @@ class Vivim(nn.Module):
         dropout: dropout before the classifier (0.1).
         drop_path_rate: stochastic depth of the MiT blocks, linearly up to this value (0.1).
         with_edge: also return an edge map from a 1×1 head on the stage-1 features (upstream's edge variant).
+        stage_norms: apply SegFormer's LayerNorm at the end of each MiT stage (SegFormer and its pretrained
+            weights do; upstream Vivim skips it — ``False`` reproduces that and does not build the norms).
         mamba_init: ``"mamba"`` (mamba_ssm's Δ/A/D initialisation) or ``"vivim"`` (upstream: every Linear in an
             ST-Mamba layer truncated-normal std 0.02, biases zero, so the initial Δ is softplus(0)).
         d_state: Mamba state size N. d_conv: Mamba causal convolution width. expand: Mamba inner expansion.
@@ -104,6 +107,7 @@ class Vivim(nn.Module):
         dropout: float = 0.1,
         drop_path_rate: float = 0.1,
         with_edge: bool = False,
+        stage_norms: bool = True,
         mamba_init: Literal["mamba", "vivim"] = "mamba",
         d_state: int = 16,
         d_conv: int = 4,
@@ -141,6 +145,7 @@ class Vivim(nn.Module):
             depths=tuple(depths),
             mlp_ratio=mlp_ratio,
             drop_path_rate=drop_path_rate,
+            stage_norms=stage_norms,
             mamba_init=mamba_init,
             mamba={"d_state": d_state, "d_conv": d_conv, "expand": expand},
         )
@@ -177,7 +182,7 @@ class VivimEncoder(nn.Module):
     """MiT stages (``mit``), each followed by its spatio-temporal Mamba layers (``st_mamba``).
 
     Returns every stage's map ``(B·T, C_i, h_i, w_i)`` (after its Mamba layers), highest resolution first; each is
-    also the next stage's input. SegFormer's stage-final LayerNorm is not applied (as upstream).
+    also the next stage's input. ``stage_norms``: apply SegFormer's stage-final LayerNorm (upstream skips it).
     """
 
     def __init__(
@@ -193,6 +198,7 @@ class VivimEncoder(nn.Module):
         depths: tuple[int, ...],
         mlp_ratio: float,
         drop_path_rate: float,
+        stage_norms: bool,
         mamba_init: str,
         mamba: dict[str, int],
     ) -> None:
@@ -211,6 +217,7 @@ class VivimEncoder(nn.Module):
                 stride=s,
                 mlp_ratio=mlp_ratio,
                 drop_path=rates[start : start + n],
+                final_norm=stage_norms,
             )
             for c_in, c, n, heads, sr, k, s, start in zip(
                 (in_channels, *features[:-1]),
@@ -338,7 +345,7 @@ _KEY_RULES: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
         (r"encoder\.block\.(\d+)\.(\d+)\.attention\.output\.dense\.(\w+)", r"encoder.mit.\1.blocks.\2.attn.proj.\3"),
         (r"encoder\.block\.(\d+)\.(\d+)\.mlp\.dense([12])\.(\w+)", r"encoder.mit.\1.blocks.\2.mlp.fc\3.\4"),
         (r"encoder\.block\.(\d+)\.(\d+)\.mlp\.dwconv\.dwconv\.(\w+)", r"encoder.mit.\1.blocks.\2.mlp.dwconv.\3"),
-        (r"encoder\.layer_norm\.\d+\.\w+", None),  # stage-final norms: Vivim skips them
+        (r"encoder\.layer_norm\.(\d+)\.(\w+)", r"encoder.mit.\1.norm.\2"),  # stage-final norms
         (r"decode_head\.linear_c\.(\d+)\.proj\.(\w+)", r"decoder.linear_c.\1.\2"),
         (r"decode_head\.linear_fuse\.weight", "decoder.fuse.weight"),
         (r"decode_head\.batch_norm\.(\w+)", r"decoder.norm.\1"),
@@ -353,7 +360,8 @@ _KEY_RULES: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
         (r"block(\d)\.(\d+)\.attn\.norm\.(\w+)", r"encoder.mit.<\1>.blocks.\2.attn.sr_norm.\3"),
         (r"block(\d)\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"encoder.mit.<\1>.blocks.\2.mlp.\3.\4"),
         (r"block(\d)\.(\d+)\.mlp\.dwconv\.dwconv\.(\w+)", r"encoder.mit.<\1>.blocks.\2.mlp.dwconv.\3"),
-        (r"norm\d\.\w+|head\.\w+", None),
+        (r"norm(\d)\.(\w+)", r"encoder.mit.<\1>.norm.\2"),  # stage-final norms
+        (r"head\.\w+", None),
         (r"decode_head\.linear_c(\d)\.proj\.(\w+)", r"decoder.linear_c.<\1>.\2"),
         (r"decode_head\.linear_fuse\.conv\.weight", "decoder.fuse.weight"),
         (r"decode_head\.linear_fuse\.bn\.(\w+)", r"decoder.norm.\1"),
@@ -405,6 +413,10 @@ def load_mit_weights(model: Vivim, path: str | Path) -> list[str]:
         )
     if unknown:
         logger.info("%s: %d keys not used by Vivim, e.g. %s", path, len(unknown), unknown[:3])
+    # a model built with stage_norms=False has no stage-final norms: the file's are then unused, not an error
+    mapped = {
+        k: v for k, v in mapped.items() if k in target or re.fullmatch(r"encoder\.mit\.\d+\.norm\.\w+", k) is None
+    }
     needed = [k for k in target if k.startswith("encoder.mit.")]
     missing = [k for k in needed if k not in mapped]
     if missing:
