@@ -255,16 +255,11 @@ def bench_torch_backend(card):
 def sweep():
     """(forward, backward) block-size variants at S1 and the three-order layer, bf16 with z."""
     P = configs.PassConfig
-    B16 = P(block_t=16, sub=32, per_program=128, num_warps=4)
     variants = [
-        (P(block_t=1, sub=128, num_warps=4), B16),
-        (P(block_t=2, sub=128, num_warps=4), B16),
-        (P(block_t=1, sub=64, num_warps=2), None),
-        (P(block_t=2, sub=64, num_warps=2), None),
-        (P(block_t=1, sub=32, num_warps=1), None),
-        (P(block_t=2, sub=128, num_warps=4), P(block_t=8, sub=32, per_program=128, num_warps=4)),
-        (P(block_t=2, sub=128, num_warps=4), P(block_t=16, sub=32, per_program=64, num_warps=4)),
-        (P(block_t=2, sub=128, num_warps=4), P(block_t=32, sub=32, per_program=128, num_warps=4)),
+        (P(block_t=16, sub=32, num_warps=4), P(block_t=16, sub=32, per_program=64, num_warps=4)),
+        (P(block_t=8, sub=32, num_warps=4), P(block_t=8, sub=32, per_program=64, num_warps=4)),
+        (P(block_t=16, sub=32, num_warps=8), P(block_t=16, sub=32, per_program=128, num_warps=8)),
+        (P(block_t=16, sub=32, num_warps=4), P(block_t=16, sub=32, per_program=128, num_warps=4)),
     ]
     rows = [
         ("S1", 2, 768, (32768,), (RASTER,), "bf16", True),

@@ -248,7 +248,7 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, rc, nsplit, cps = split(p.channels, p.groups, p.bwd_nchunks, p.batch * p.K, cfg, dev)
+    sub, rc, nsplit, cps = split(p, cfg, dev)
     seg_sub = layout.channel_blocking(p.channels, p.groups, cfg.sub, cfg.sub)[0]
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
@@ -273,8 +273,8 @@ def backward(
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(p.batch, p.K, p.channels, p.bwd_nchunks, p.N, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(p.batch, p.K, p.channels, p.bwd_nchunks, device=dev, dtype=torch.float32)
+    dA_part = torch.empty(p.batch, p.K, p.channels, p.nchunks, p.N, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(p.batch, p.K, p.channels, p.nchunks, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dD_part)
     rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
     if grad_last is not None:
@@ -288,10 +288,10 @@ def backward(
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
         _bwd_segment_kernel[(p.channels // seg_sub, nsplit, p.batch * p.K)](
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, table,
-            p.L, p.channels, p.N, p.K, p.cpg, p.bwd_nchunks, cps, nsplit,
+            p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit,
             delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
             z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-            SUB=seg_sub, BLOCK_T=p.bwd_block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
+            SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
             HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
         )  # fmt: skip
         _bwd_carry_kernel[(p.batch * p.K * p.channels,)](
@@ -301,11 +301,11 @@ def backward(
     _bwd_kernel[grid](
         u, delta, A32, B, C, Dv, bias, z_arg, gy, states, rho, table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
-        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.bwd_nchunks, cps, nsplit,
+        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit,
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-        RC=rc, SUB=sub, BLOCK_T=p.bwd_block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
+        RC=rc, SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
     )  # fmt: skip
 

@@ -24,8 +24,7 @@ class PassConfig:
 
     Attributes:
         block_t: tokens per chunk, a power of two; lowered to the next power of two ≥ L for short sequences,
-            never below 2. The backward's chunk is a multiple of the forward's: the forward saves the state at
-            the start of every backward chunk.
+            never below 16. The backward uses the forward's value (it restarts from the forward's chunk states).
         sub: channels per inner step, a power of two.
         per_program: channels per program (rounded down to a divisor of the channels per group).
         num_warps: warps per program.
@@ -39,8 +38,8 @@ class PassConfig:
     segments: int | None = None
 
 
-_FORWARD = PassConfig(block_t=2, sub=128, per_program=128, num_warps=4)
-_BACKWARD = PassConfig(block_t=16, sub=32, per_program=128, num_warps=4)
+_FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=4)
+_BACKWARD = PassConfig(block_t=16, sub=32, per_program=64, num_warps=4)
 _overrides: list[dict[str, PassConfig]] = []
 
 
@@ -50,7 +49,7 @@ def _pick(kind: str, default: PassConfig, L: int) -> PassConfig:
         if kind in o:
             cfg = o[kind]
             break
-    block_t = max(2, min(cfg.block_t, 1 << max(0, (L - 1).bit_length())))
+    block_t = max(16, min(cfg.block_t, 1 << max(0, (L - 1).bit_length())))
     return dataclasses.replace(cfg, block_t=block_t)
 
 
@@ -75,8 +74,8 @@ def override(forward: PassConfig | None = None, backward: PassConfig | None = No
         _overrides.remove(entry)
 
 
-def target_programs(device: torch.device, num_warps: int) -> int:
-    """Programs of ``num_warps`` warps that fill the device about once (16 resident warps per SM)."""
+def target_programs(device: torch.device) -> int:
+    """Programs that fill the device about once: two resident 8-warp programs per SM."""
     if device.type != "cuda":
         return 8
-    return max(1, 16 // num_warps) * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count

@@ -47,13 +47,12 @@ def _fwd_kernel(
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, so_b, so_k, so_c, sp_b, sp_k, sp_c,
-    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):  # fmt: skip
-    # Tiles are (N, T, SUB): one channel per thread (SUB = 32·num_warps channels across lanes and warps), its N
-    # states and the chunk's few tokens in registers. The scan along T and the sum over N never leave the thread
-    # and the loop has no barrier; each thread reads the chunk's B/C values itself (L1 broadcasts).
+    # Tiles are (T, N, SUB): tokens in registers (the scan along T runs inside each thread), states across warps
+    # (the sum over N is one shared-memory step), channels across lanes (B/C loaded once for SUB channels).
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -80,23 +79,18 @@ def _fwd_kernel(
     o_rows = out_ptr + b * so_b + k * so_k + ch64 * so_c
     z_rows = z_ptr + b * sz_b + ch64 * sz_c
     p_rows = pre_ptr + b * sp_b + k * sp_k + ch64 * sp_c
-    no_ch = (ch * 0)[None, None, :]  # B and C are shared by the channels: every thread reads the same address
-    B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g  # scalar bases, 32-bit offsets: fewer registers
+    B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
-    n_B = (n * sB_n)[:, None, None] + no_ch
-    n_C = (n * sC_n)[:, None, None] + no_ch
     state_rows = state_ptr + (bk * CH + ch64) * n_state * N  # (SUB,)
     if SAVE_STATES:
-        start = first // SAVE_EVERY
+        start = first
     else:
         start = seg
     # a segment after the first starts from the state the carry pass left at its start
     h = tl.load(state_rows[None, :] + start * N + n[:, None], mask=n_ok[:, None] & (first > 0), other=0.0)
     for c in range(first, last):
-        if SAVE_STATES:  # noqa: SIM102 (a constexpr test, then a run-time one)
-            # start states of the backward's chunks (the carry pass wrote the segment's first)
-            if (c % SAVE_EVERY == 0) & (c > first):
-                tl.store(state_rows[None, :] + (c // SAVE_EVERY) * N + n[:, None], h, mask=n_ok[:, None])
+        if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
+            tl.store(state_rows[None, :] + c * N + n[:, None], h, mask=n_ok[:, None] & (c > first))
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
@@ -108,18 +102,18 @@ def _fwd_kernel(
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(tok, dt, 0.0)  # padding tokens: exp(0·A) = 1, Δ·u·B = 0, the scan's identity
-        bc_mask = n_ok[:, None, None] & valid[None, :, None]
-        Bt = tl.load(B_base + (n_B + lin[None, :, None]), mask=bc_mask, other=0.0).to(tl.float32)  # (N, T, SUB)
-        Ct = tl.load(C_base + (n_C + lin[None, :, None]), mask=bc_mask, other=0.0).to(tl.float32)
-        a = tl.exp(dt[None, :, :] * A[:, None, :])
-        x = (dt * u)[None, :, :] * Bt
-        decay, h_local = tl.associative_scan((a, x), 1, _linear_combine)
-        hh = h_local + decay * h[:, None, :]
-        y = tl.sum(hh * Ct, axis=0)  # (T, SUB)
+        bc_mask = tok & n_ok[None, :]
+        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)  # (T, N)
+        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)
+        a = tl.exp(dt[:, None, :] * A[None, :, :])  # (T, N, SUB)
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
+        hh = h_local + decay * h[None, :, :]
+        y = tl.sum(hh * Ct[:, :, None], axis=1)  # (T, SUB)
         if HAS_D:
             y += Dv[None, :] * u
         # the state after the chunk's last token (padding tokens carry it unchanged)
-        h = tl.sum(tl.where(t[None, :, None] == BLOCK_T - 1, hh, 0.0), axis=1)
+        h = tl.sum(tl.where(t[:, None, None] == BLOCK_T - 1, hh, 0.0), axis=0)
         if GATE:
             zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
             if STORE_PRE:
@@ -137,7 +131,6 @@ def _fwd_segment_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    # same tiles as _fwd_kernel; no scan: h_end = Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, chunk by chunk
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -160,7 +153,6 @@ def _fwd_segment_kernel(
     u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
     d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
     B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
-    n_B = (n * sB_n)[:, None, None] + (ch * 0)[None, None, :]
     h = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
     dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for c in range(first, last):
@@ -175,13 +167,13 @@ def _fwd_segment_kernel(
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(tok, dt, 0.0)
-        Bt = tl.load(B_base + (n_B + lin[None, :, None]), mask=n_ok[:, None, None] & valid[None, :, None], other=0.0)
+        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
         total = tl.sum(dt, axis=0)  # (SUB,)
         # Σ_{j>t} Δ_j as a suffix sum: exact where it is small, so exp(A·s) keeps its relative accuracy
         after = tl.cumsum(dt, axis=0, reverse=True) - dt
-        x = (dt * u)[None, :, :] * Bt.to(tl.float32)
-        w = tl.exp(A[:, None, :] * after[None, :, :])
-        h = tl.exp(A * total[None, :]) * h + tl.sum(w * x, axis=1)
+        x = (dt * u)[:, None, :] * Bt[:, :, None]
+        w = tl.exp(A[None, :, :] * after[:, None, :])
+        h = tl.exp(A * total[None, :]) * h + tl.sum(w * x, axis=0)
         dt_sum += total
     seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
     tl.store(seg_state_ptr + seg_row[None, :] * N + n[:, None], h, mask=n_ok[:, None])
@@ -192,7 +184,7 @@ def _fwd_segment_kernel(
 def _fwd_carry_kernel(
     A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr,
     CH, N, K, nsplit, cps, n_state,
-    SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr, BLOCK_N: tl.constexpr,
+    SAVE_STATES: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # (b·K + k)·CH + c
     k = (row // CH) % K
@@ -205,7 +197,7 @@ def _fwd_carry_kernel(
         dt_sum = tl.load(seg_dt_ptr + row * nsplit + s)
         h = tl.exp(A * dt_sum) * h + tl.load(seg_state_ptr + (row * nsplit + s) * N + n, mask=n_ok, other=0.0)
         if SAVE_STATES:
-            idx = (s + 1) * cps // SAVE_EVERY
+            idx = (s + 1) * cps
         else:
             idx = s + 1
         tl.store(state_ptr + (row * n_state + idx) * N + n, h, mask=n_ok)
@@ -243,16 +235,9 @@ class Plan:
     N: int
     L: int
     spatial: tuple[int, ...]
-    block_t: int  # forward chunk
+    block_t: int
     block_n: int
     nchunks: int
-    bwd_block_t: int  # backward chunk: the forward saves the state at each of its starts
-    bwd_nchunks: int
-
-    @property
-    def save_every(self) -> int:
-        """Forward chunks per backward chunk."""
-        return self.bwd_block_t // self.block_t
 
     @property
     def cpg(self) -> int:
@@ -267,37 +252,32 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
     layout.spatial3(spatial)
     L = math.prod(spatial)
     cfg = configs.forward_config(L)
-    bwd_t = max(cfg.block_t, configs.backward_config(L).block_t)
     N = A.shape[2]
     return Plan(
-        batch, K, channels, B.shape[2], N, L, spatial, cfg.block_t, triton.next_power_of_2(N),
-        triton.cdiv(L, cfg.block_t), bwd_t, triton.cdiv(L, bwd_t),
-    )  # fmt: skip
+        batch,
+        K,
+        channels,
+        B.shape[2],
+        N,
+        L,
+        spatial,
+        cfg.block_t,
+        triton.next_power_of_2(N),
+        triton.cdiv(L, cfg.block_t),
+    )
 
 
 def split(
-    channels: int,
-    groups: int,
-    nchunks: int,
-    rows_per_block: int,
-    cfg: configs.PassConfig,
-    device: torch.device,
-    per_program: int | None = None,
-    align: int = 1,
+    p: Plan, cfg: configs.PassConfig, device: torch.device, per_program: int | None = None
 ) -> tuple[int, int, int, int]:
-    """``(SUB, RC, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``.
-
-    Segments hold a multiple of ``align`` chunks (the forward's segments start at saved backward chunks).
-    """
-    sub, rc = layout.channel_blocking(channels, groups, cfg.sub, per_program or cfg.per_program)
-    rows = rows_per_block * (channels // rc)
-    warps = max(1, min(cfg.num_warps, sub // 32))
+    """``(SUB, RC, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``."""
+    sub, rc = layout.channel_blocking(p.channels, p.groups, cfg.sub, per_program or cfg.per_program)
+    rows = p.batch * p.K * (p.channels // rc)
     if cfg.segments is not None:
-        want = max(1, min(cfg.segments, nchunks))
-    else:
-        want = layout.segments(nchunks, rows, configs.target_programs(device, warps))[0]
-    per = triton.cdiv(triton.cdiv(nchunks, want), align) * align
-    return sub, rc, triton.cdiv(nchunks, per), per
+        per = triton.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
+        return sub, rc, triton.cdiv(p.nchunks, per), per
+    nsplit, per = layout.segments(p.nchunks, rows, configs.target_programs(device))
+    return sub, rc, nsplit, per
 
 
 @dataclass
@@ -345,10 +325,7 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    sub, rc, nsplit, cps = split(
-        p.channels, p.groups, p.nchunks, p.batch * p.K, cfg, dev, per_program=cfg.sub, align=p.save_every
-    )
-    warps = max(1, min(cfg.num_warps, sub // 32))  # one channel per thread
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=cfg.sub)
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -363,7 +340,7 @@ def forward(
         y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
         pre = torch.empty_like(y) if (save and z is not None) else None
     pre_arg = pre if pre is not None else y
-    n_state = p.bwd_nchunks if save else nsplit
+    n_state = p.nchunks if save else nsplit
     states = torch.empty(p.batch, p.K, p.channels, n_state, p.N, device=dev, dtype=torch.float32)
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
     grid = (p.channels // rc, nsplit, p.batch * p.K)
@@ -377,11 +354,11 @@ def forward(
             u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
             B.stride(0), B.stride(1), B.stride(2), B.stride(3),
             SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=warps,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
         )  # fmt: skip
         _fwd_carry_kernel[(p.batch * p.K * p.channels,)](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, cps, n_state,
-            SAVE_STATES=save, SAVE_EVERY=p.save_every, BLOCK_N=p.block_n, num_warps=1,
+            SAVE_STATES=save, BLOCK_N=p.block_n, num_warps=1,
         )  # fmt: skip
 
     _fwd_kernel[grid](
@@ -390,9 +367,9 @@ def forward(
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2),
         pre_arg.stride(0), pre_arg.stride(1), pre_arg.stride(2),
-        SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, SAVE_EVERY=p.save_every, HAS_D=D is not None,
+        SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, GATE=(z is not None) and not fused_merge,
-        STORE_PRE=pre is not None, SAVE_STATES=save, num_warps=warps,
+        STORE_PRE=pre is not None, SAVE_STATES=save, num_warps=cfg.num_warps,
     )  # fmt: skip
 
     if fused_merge:
