@@ -158,10 +158,10 @@ def to_plain(value: Any) -> Any:
     """
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
+    if isinstance(value, np.generic):  # before float: np.float64 subclasses float but pickles as numpy
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Mapping):

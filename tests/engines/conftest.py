@@ -200,3 +200,32 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     raw = write_raw(root / "raw")
     preprocessed = preprocess(raw, root / "preprocessed")
     return {"raw": raw, "preprocessed": preprocessed, "preprocessed_root": preprocessed.parent}
+
+
+def train_tiny(
+    tiny: dict[str, Path], results: Path, *, network: str = "umamba_bot", configuration: str = "3d_fullres", **kw
+) -> Path:
+    """Train on the tiny dataset for a few iterations on the CPU (no final validation); returns the fold folder."""
+    from medmamba.engines.segmentation.trainer import train
+
+    overrides = {"num_epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, **kw.pop("overrides", {})}
+    return train(
+        DATASET,
+        configuration,
+        kw.pop("fold", 0),
+        network=network,
+        preprocessed=tiny["preprocessed_root"],
+        results=results,
+        overrides=overrides,
+        device="cpu",
+        validate=kw.pop("validate", False),
+        num_workers=0,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_dataset: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Mamba_Bot 3D model folder (``MedmambaTrainer__medmambaPlans__3d_fullres_umamba_bot``), fold 0, trained
+    for two iterations: enough for inference tests, which check plumbing and geometry, not accuracy."""
+    return train_tiny(tiny_dataset, tmp_path_factory.mktemp("results")).parent

@@ -22,6 +22,7 @@ import logging
 import os
 import pydoc
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,7 @@ class MedmambaTrainer(nnUNetTrainer):
         """nnU-Net's epoch loop (same hooks, same order) with a progress bar per epoch and one log line per epoch."""
         with stdout_to_log(nnunet_logger, logging.INFO):
             self.on_train_start()
-        logger.info(
+        (logger.info if self.local_rank == 0 else logger.debug)(
             "training %s (%s, fold %s) on %s: %d epochs × %d iterations, batch %d, patch %s, %s AMP, recipe %s",
             self.network_name,
             self.configuration_name,
@@ -431,10 +432,15 @@ def resolve_configuration(plans: Mapping[str, Any], configuration: str, network:
     for candidate in (f"{configuration}_{network}", configuration):
         if candidate in configurations:
             arch = _resolved(configurations, candidate).get("architecture", {})
-            found = network_name_of(arch.get("network_class_name", "<missing>"), candidate)
+            try:
+                found = network_name_of(arch.get("network_class_name", "<missing>"), candidate)
+            except PlanError:
+                if candidate != configuration:
+                    raise
+                break  # e.g. nnU-Net's own 3d_fullres (PlainConvUNet): say which configuration is missing
             if found == network:
                 return candidate
-            if candidate == configuration and f"{configuration}_{network}" not in configurations:
+            if candidate == configuration:
                 raise PlanError(
                     f"{plans_path}: configuration {candidate!r} trains {found!r}, not {network!r}. Use --network "
                     f"{found}, or plan {network} with `medmamba plan-and-preprocess --networks {network}`"
@@ -545,7 +551,9 @@ def train(
     fold = fold if str(fold) == "all" else int(fold)
     plans["continue_training"] = resume
     with nnunet_environment(preprocessed=dataset_folder.parent, results=results, num_workers=num_workers):
-        with stdout_to_log(nnunet_logger, logging.INFO):
+        with stdout_to_log(nnunet_logger, logging.INFO), warnings.catch_warnings():
+            # nnU-Net builds a CUDA GradScaler whenever it assumes CUDA (under DDP); set_recipe replaces it
+            warnings.filterwarnings("ignore", message=".*GradScaler is enabled, but CUDA is not available")
             trainer = MedmambaTrainer(plans, config_name, fold, dataset_json, device)
         folder = Path(trainer.output_folder)
         with run_log(folder) if dist_env.rank == 0 else contextlib.nullcontext():
