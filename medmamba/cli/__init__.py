@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 #: subcommand modules under medmamba.cli, in the order ``--help`` lists them (a module may register a name of its
 #: own, e.g. ``plan`` registers ``plan-and-preprocess``)
-SUBCOMMANDS = ("convert", "demo", "info", "plan", "verify")
+SUBCOMMANDS = ("convert", "demo", "evaluate", "info", "plan", "predict", "register", "train", "verify")
 
 _EPILOG = (
     "Cite: U-Mamba (Ma et al., arXiv:2401.04722), SegMamba (Xing et al., MICCAI 2024, arXiv:2401.13560), "
