@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 from unittest import mock
@@ -51,8 +51,9 @@ Optimizer = Literal["sgd", "adam", "none"]
 ALLOCATOR_SLACK = 0.15
 #: CUDA context + cuBLAS/cuDNN handles, outside the allocator's statistics
 CONTEXT_BYTES = 768 * 2**20
-#: tokens per chunk whose fp32 boundary state the GPU scan keeps (kernels.md: "(B, K, C, n_chunks, N)" pairs)
-SCAN_CHUNK = 128
+#: tokens per chunk whose fp32 start state the GPU scan keeps for its backward, ``(B, K, C, L / chunk, N)``: the
+#: forward ``block_t`` of ``kernels/backends/triton_scan/configs.py`` (16; plans may not import a backend)
+SCAN_CHUNK = 16
 #: optimizer state per parameter, in parameter copies (nnU-Net: SGD with momentum; Adam(W): two moments)
 _OPTIMIZER_COPIES = {"sgd": 1, "adam": 2, "none": 0}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,7 +187,11 @@ def estimate(
     factory = _factory(network, network_kwargs)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), _quiet(), torch.device("cuda"):
+    from medmamba.kernels import use_backend
+
+    # fake tensors carry no data for a Triton kernel to read: whatever the patched stand-ins do not cover runs on
+    # the torch backend, whose saved tensors are then counted as they are
+    with FakeTensorMode(), _quiet(), torch.device("cuda"), use_backend("torch"):
         model = factory()
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -358,10 +363,12 @@ def _autocast(device: torch.device, precision: Precision) -> Iterator[None]:
 
 @contextmanager
 def _scan_accounting(counter: _SavedCounter, *, enabled: bool) -> Iterator[None]:
-    """Replace the selective scan by a shape-only stand-in that records what the GPU kernel saves.
+    """Replace the selective scan and the causal convolution by stand-ins that record what the GPU kernels save.
 
-    ``medmamba.layers.mamba`` is the one caller of ``selective_scan`` (style.md §0 rule 2), so patching its name
-    there reaches every Mamba layer of every network.
+    ``medmamba.layers.mamba`` is the one caller of ``selective_scan`` (style.md §0 rule 2) and of ``causal_conv``,
+    so patching the names there reaches every Mamba layer of every network. Saved sets, from the triton backend's
+    autograd functions: the scan keeps its inputs, the chunk-start states and (with a gate) the pre-gate output;
+    the convolution keeps its input map and weights (the per-order views are not copies).
     """
     if not enabled:
         yield
@@ -377,8 +384,8 @@ def _scan_accounting(counter: _SavedCounter, *, enabled: bool) -> Iterator[None]
         K = max(len(orders), 1)
         batch, channels, spatial = u.shape[0], (u.shape[2] if K > 1 else u.shape[1]), u.shape[(3 if K > 1 else 2) :]
         length, n_state = math.prod(spatial), A.shape[-1]
-        # fp32 (cumulative decay, state) pairs at each chunk boundary, per order
-        counter.add(torch.empty(batch, K, channels, math.ceil(length / SCAN_CHUNK), n_state, 2, device=u.device))
+        # fp32 state at the start of each chunk, per order
+        counter.add(torch.empty(batch, K, channels, math.ceil(length / SCAN_CHUNK), n_state, device=u.device))
         pre_gate = torch.empty((batch, channels, *spatial), dtype=u.dtype, device=u.device)
         if z is not None:
             counter.add(pre_gate)  # the backward of the gate needs the pre-gate output
@@ -386,7 +393,17 @@ def _scan_accounting(counter: _SavedCounter, *, enabled: bool) -> Iterator[None]
         # connect the output to the inputs without saving anything (a product with a scalar saves no tensor)
         return ScanResult(out + 0.0 * u.sum() * delta.sum(), None)
 
-    with mock.patch.object(mamba_module, "selective_scan", kernel_scan):
+    def kernel_conv(x, weight, bias=None, *, orders, **_: Any):
+        for t in (x, weight, bias):
+            if t is not None:
+                counter.add(t)
+        y = torch.empty((x.shape[0], len(orders), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        return y + 0.0 * x.sum()
+
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(mamba_module, "selective_scan", kernel_scan))
+        if hasattr(mamba_module, "causal_conv"):
+            stack.enter_context(mock.patch.object(mamba_module, "causal_conv", kernel_conv))
         yield
 
 
