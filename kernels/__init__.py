@@ -1,7 +1,8 @@
 """medmamba.kernels — the selective scan behind every Mamba layer.
 
 One entry point, :func:`selective_scan`, with backends behind it: ``reference`` (sequential, the golden model for
-tests), ``torch`` (chunked pure-PyTorch scan, CPU and fallback) and ``triton`` (GPU). Scan orders
+tests), ``torch`` (chunked pure-PyTorch scan, CPU and fallback) and ``triton`` (GPU); :func:`causal_conv` is the
+order-aware convolution that precedes it, on the same backends. Scan orders
 (:class:`ScanOrder`, ``RASTER``, ``REVERSED``, ``SLICE``, ``TEMPORAL``, :func:`cross_scan`) say in which order a
 feature map's voxels are visited; inputs stay in their natural layout.
 
@@ -10,6 +11,7 @@ This package imports nothing else of medmamba (and only torch; triton lazily, on
 
 from __future__ import annotations
 
+from .conv import causal_conv
 from .dispatch import available_backends, use_backend
 from .errors import BackendUnavailableError, ScanInputError
 from .orders import RASTER, REVERSED, SLICE, TEMPORAL, ScanOrder, cross_scan, from_sequence, order_indices, to_sequence
@@ -25,6 +27,7 @@ __all__ = [
     "ScanOrder",
     "ScanResult",
     "available_backends",
+    "causal_conv",
     "cross_scan",
     "from_sequence",
     "order_indices",

@@ -11,10 +11,9 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medmamba.kernels import RASTER, ScanOrder, from_sequence, selective_scan, to_sequence
+from medmamba.kernels import RASTER, ScanOrder, causal_conv, selective_scan
 
 __all__ = ["MambaLayer"]
 
@@ -123,41 +122,42 @@ class MambaLayer(nn.Module):
         if x.ndim < 3 or x.shape[1] != self.d_model:
             raise ValueError(f"MambaLayer expects (B, {self.d_model}, *spatial), got {tuple(x.shape)}")
         spatial = x.shape[2:]
-        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (B, L, C)
-        xz = self.in_proj(tokens).transpose(1, 2)  # (B, 2·d_inner, L)
+        # Channels stay first all the way through (per-voxel matmuls, order-aware conv and scan): no transposed or
+        # permuted copy of the feature map is ever made.
+        tokens = self._layer_norm(x.flatten(2))  # (B, C, L)
+        xz = _channel_linear(self.in_proj, tokens)  # (B, 2·d_inner, L)
         precision = torch.autocast(device_type=x.device.type, enabled=False) if self.ssm_fp32 else nullcontext()
         with precision:
             if self.ssm_fp32:  # upcast half precision; float64 stays float64
                 xz = xz.to(torch.promote_types(xz.dtype, torch.float32))
             u, z = xz.unflatten(-1, spatial).chunk(2, dim=1)  # (B, d_inner, *S)
             y = self._ssm(u, z)
-        out = self.out_proj(y.flatten(2).transpose(1, 2).to(tokens.dtype))  # (B, L, C)
-        out = out.transpose(1, 2).reshape(x.shape)
+        out = _channel_linear(self.out_proj, y.flatten(2).to(tokens.dtype))  # (B, C, L)
+        out = out.view(x.shape)
         return x + out if self.residual else out
+
+    def _layer_norm(self, flat: torch.Tensor) -> torch.Tensor:
+        """``self.norm`` over the channel axis of ``(B, C, L)``: nn.LayerNorm's math (and its fp32 under autocast)."""
+        if not isinstance(self.norm, nn.LayerNorm):
+            return flat
+        xf = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        mean = xf.mean(dim=1, keepdim=True)
+        var = (xf - mean).square().mean(dim=1, keepdim=True)
+        out = (xf - mean) * torch.rsqrt(var + self.norm.eps)
+        if self.norm.weight is not None:
+            out = out * self.norm.weight.to(out.dtype)[:, None] + self.norm.bias.to(out.dtype)[:, None]
+        return out
 
     def _ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per order: causal conv along the order, x_proj, dt_proj; then one multi-order selective scan."""
-        batch, spatial, nd = x.shape[0], x.shape[2:], x.ndim - 2
+        spatial = x.shape[2:]
         K, N, R = len(self.orders), self.d_state, self.dt_rank
-        seq = torch.stack([to_sequence(x, order, nd) for order in self.orders], dim=1)  # (B, K, d_inner, L)
-        L = seq.shape[-1]
-        conv = F.conv1d(
-            seq.reshape(batch, K * self.d_inner, L),
-            self.conv_weight.reshape(K * self.d_inner, 1, self.d_conv).to(seq.dtype),
-            None if self.conv_bias is None else self.conv_bias.reshape(-1).to(seq.dtype),
-            padding=self.d_conv - 1,
-            groups=K * self.d_inner,
-        )[..., :L]  # causal: output t sees inputs t-d_conv+1..t of the order's sequence
-        u_seq = F.silu(conv).reshape(batch, K, self.d_inner, L)
-        x_dbl = torch.einsum("kod,bkdl->bkol", self.x_proj_weight.to(seq.dtype), u_seq)  # (B, K, R+2N, L)
-        dt_low, B_seq, C_seq = x_dbl.split((R, N, N), dim=2)
-        dt_seq = torch.einsum("kdr,bkrl->bkdl", self.dt_proj_weight.to(seq.dtype), dt_low)
-
-        def natural(s: torch.Tensor) -> torch.Tensor:  # (B, K, ..., L) -> (B, K, ..., *S)
-            return torch.stack([from_sequence(s[:, k], o, spatial) for k, o in enumerate(self.orders)], dim=1)
-
-        u, delta = natural(u_seq), natural(dt_seq)
-        B, C = natural(B_seq).unsqueeze(2), natural(C_seq).unsqueeze(2)  # (B, K, 1, N, *S)
+        conv_bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
+        u = causal_conv(x, self.conv_weight.to(x.dtype), conv_bias, orders=self.orders)  # (B, K, d_inner, *S)
+        x_dbl = torch.matmul(self.x_proj_weight.to(x.dtype), u.flatten(3))  # (B, K, R+2N, L)
+        dt_low, B, C = x_dbl.split((R, N, N), dim=2)
+        delta = torch.matmul(self.dt_proj_weight.to(x.dtype), dt_low).unflatten(-1, spatial)  # (B, K, d_inner, *S)
+        B, C = B.unflatten(-1, spatial).unsqueeze(2), C.unflatten(-1, spatial).unsqueeze(2)  # (B, K, 1, N, *S) views
         state_dtype = torch.promote_types(x.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(state_dtype))  # (K, d_inner, N)
         D, delta_bias = self.D.to(state_dtype), self.dt_proj_bias.to(state_dtype)
@@ -165,3 +165,9 @@ class MambaLayer(nn.Module):
             u, delta, B, C, A, D, delta_bias = u[:, 0], delta[:, 0], B[:, 0], C[:, 0], A[0], D[0], delta_bias[0]
         y = selective_scan(u, delta, A, B, C, D, z, delta_bias, orders=self.orders, delta_softplus=True).out
         return y / K if self.merge == "mean" else y
+
+
+def _channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` applied to every voxel of a channels-first ``(B, C_in, L)`` map → ``(B, C_out, L)``."""
+    out = torch.matmul(linear.weight, x)
+    return out + linear.bias[:, None] if linear.bias is not None else out

@@ -16,8 +16,10 @@ from medmamba.kernels import (
     SLICE,
     TEMPORAL,
     BackendUnavailableError,
+    ScanInputError,
     ScanOrder,
     available_backends,
+    causal_conv,
     cross_scan,
     order_indices,
     selective_scan,
@@ -312,3 +314,41 @@ def test_gpu_auto_backend_is_triton_and_matches_reference_on_tiny_input():
     tri = selective_scan(*low, orders=orders, backend="triton").out
     assert torch.equal(auto, tri)
     assert_matches_reference(low, ref, orders, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------- causal conv
+
+
+@pytest.mark.parametrize(
+    ("spatial", "orders"),
+    [((9,), (RASTER, REVERSED)), ((3, 4, 5), (RASTER, REVERSED, SLICE)), ((3, 5), cross_scan(2)), ((1,), (RASTER,))],
+    ids=["1d", "3d-segmamba", "2d-cross", "L1"],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_causal_conv_matches_conv1d_on_each_orders_sequence(spatial, orders, bias):
+    g = generator(21)
+    K = len(orders)
+    x = torch.randn(2, 3, *spatial, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(K, 3, 4, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(K, 3, generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    want = causal_conv(x, w, b, orders=orders, backend="torch")  # to_sequence + F.conv1d + from_sequence
+    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * weight).sum(), leaves)
+    low = [t.detach().float().requires_grad_() for t in leaves]
+    got = causal_conv(low[0], low[1], low[2] if bias else None, orders=orders, backend="triton")
+    assert got.shape == (2, K, 3, *spatial) and got.dtype == torch.float32
+    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+
+
+def test_causal_conv_rejects_bad_shapes():
+    x = torch.randn(1, 3, 5)
+    with pytest.raises(ScanInputError, match="weight must be"):
+        causal_conv(x, torch.randn(3, 4), orders=(RASTER,))
+    with pytest.raises(ScanInputError, match="x must be"):
+        causal_conv(torch.randn(1, 2, 5), torch.randn(1, 3, 4), orders=(RASTER,))
+    with pytest.raises(ScanInputError, match="bias must be"):
+        causal_conv(x, torch.randn(1, 3, 4), torch.randn(3), orders=(RASTER,))

@@ -15,7 +15,7 @@ import torch
 
 from medmamba.kernels.orders import ScanOrder
 
-__all__ = ["scan", "unavailable_reason"]
+__all__ = ["causal_conv", "scan", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -73,3 +73,9 @@ def scan(
         res = _forward.forward(*tensors, orders=orders, delta_softplus=delta_softplus, merge=merge, save=False)
         out, last = res.out, res.last_state
     return out, (last if return_last_state else None)
+
+
+def causal_conv(x4, weight, bias, *, orders, silu):  # noqa: D103 (documented in conv.py)
+    from .conv import causal_conv as run
+
+    return run(x4, weight, bias, orders=orders, silu=silu)
