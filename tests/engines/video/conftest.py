@@ -55,3 +55,18 @@ def mri_videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "train": write_mri_video_dataset(root / "train", num_cases=6, frames=10, seed=0),
         "test": write_mri_video_dataset(root / "test", num_cases=2, frames=10, seed=1),
     }
+
+
+@pytest.fixture(scope="session")
+def video_model(mri_videos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Vivim trained by the engine for one epoch on 64×64 frames (its run folder)."""
+    from medmamba.engines.video.train import train
+
+    return train(
+        mri_videos["train"],
+        tmp_path_factory.mktemp("video-results"),
+        network_kwargs=TINY,
+        frame_size=(64, 64),
+        overrides={"num_epochs": 1, "batch_size": 4, "initial_lr": 1e-3},
+        device="cpu",
+    )
