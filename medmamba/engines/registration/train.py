@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -61,6 +61,9 @@ from medmamba.io.atomic import write_json
 from medmamba.io.datasets.registration import RegistrationDataset, RegistrationPair, open_registration_dataset
 from medmamba.io.image import read_header, read_image
 from medmamba.metrics.registration import jacobian_determinant
+
+if TYPE_CHECKING:
+    from medmamba.networks.mambamorph import MambaMorph, MambaMorphFeat
 
 __all__ = [
     "LOSS_TERMS",
@@ -142,7 +145,7 @@ def train(
         pairs, val_pairs = data.pairs_of("train"), data.pairs_of("val")
         grid = _check_pairs(data, pairs, val_pairs, needs_labels=_needs_labels(recipe))
         values = _label_values(data, pairs)
-        model = {
+        model: dict[str, Any] = {
             "task": "registration",
             "network": network,
             "network_kwargs": kwargs,
@@ -158,7 +161,9 @@ def train(
         if recipe.seed is not None:
             seed_everything(recipe.seed + dist_env.rank)
         net = build(network, spatial_dims=3, in_channels=1, out_channels=3, **kwargs).to(device)
-        objective = RegistrationObjective(net, recipe.loss_weights, num_classes=len(values)).to(device)
+        objective = RegistrationObjective(cast("MambaMorph", net), recipe.loss_weights, num_classes=len(values)).to(
+            device
+        )
         source = PairSource(values, device)
         batch_size = recipe.batch_size or 1
         iterations = recipe.iterations_per_epoch or max(1, math.ceil(len(pairs) / (batch_size * dist_env.world_size)))
@@ -245,7 +250,7 @@ class RegistrationObjective(nn.Module):
         labels ``(B, 1, D, H, W)`` class indices (or None); returns ``(loss, {term: unweighted value})``.
     """
 
-    def __init__(self, network: nn.Module, weights: Mapping[str, float], *, num_classes: int) -> None:
+    def __init__(self, network: MambaMorph, weights: Mapping[str, float], *, num_classes: int) -> None:
         super().__init__()
         from monai.losses import (
             BendingEnergyLoss,
@@ -285,7 +290,7 @@ class RegistrationObjective(nn.Module):
         if "bending" in w:
             terms["bending"] = self.bending(ddf.float())
         if "contrastive" in w:
-            embed = self.network.embed  # MambaMorphFeat's read-out
+            embed = cast("MambaMorphFeat", self.network).embed  # the feature variant's read-out
             terms["contrastive"] = contrastive_loss(
                 embed(moving).float(), embed(fixed).float(), moving_labels, fixed_labels
             )
@@ -456,16 +461,17 @@ def _validator(objective: RegistrationObjective, source: PairSource, pairs: Sequ
     """Validation: mean loss, mean Dice of the nearest-warped labels (when labelled) and mean folding fraction."""
 
     def validate(network: nn.Module) -> dict[str, float]:
+        net = objective.network  # the bare network (validation runs outside DDP)
         losses, dices, folding = [], [], []
         for pair in pairs:
             batch = source.pair([pair])
             losses.append(float(objective(batch)[0]))
             moving, fixed, moving_labels, fixed_labels = batch
-            _, ddf = network(moving, fixed)
+            _, ddf = net(moving, fixed)
             det = jacobian_determinant(ddf[0].float().cpu().numpy())
             folding.append(float(np.mean(det <= 0)))
             if moving_labels is not None and fixed_labels is not None:
-                warped = network.warp_image(moving_labels, ddf, mode="nearest")
+                warped = net.warp_image(moving_labels, ddf, mode="nearest")
                 dices.append(_mean_dice(warped, fixed_labels, objective.num_classes))
         values = {"val_loss": float(np.mean(losses)), "val_folding": float(np.mean(folding))}
         if dices:

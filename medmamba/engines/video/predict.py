@@ -118,7 +118,7 @@ def predict_videos(
     for case in progress(cases, desc="predict", total=len(cases)):
         frames, geometry = _read_case(case, model["in_channels"])
         labels = segment_video(network, model, frames, device=device, batch_size=batch_size)
-        if case.kind == "nifti":
+        if geometry is not None:  # a 2D+t NIfTI: one volume in the input's geometry
             target = output / f"{case.case_id}.nii.gz"
             write_image(Image(np.moveaxis(labels, 0, -1), geometry), target, dtype=np.uint8)
         else:
@@ -279,7 +279,7 @@ def _read_video_file(path: Path) -> list[np.ndarray]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reader = imageio.get_reader(path, "ffmpeg")
-            frames = [np.swapaxes(np.asarray(frame), 0, 1) for frame in reader]
+            frames = [np.swapaxes(np.asarray(frame), 0, 1) for frame in reader.iter_data()]
             reader.close()
     except ImportError:
         raise ImageReadError(

@@ -152,7 +152,7 @@ def train(
         train_ids = [i for i in ids if i not in set(val_cases)]
         values = data.label_values
         channels = len(data.channel_names)
-        model = {
+        model: dict[str, Any] = {
             "task": "video",
             "network": network,
             "network_kwargs": kwargs,
