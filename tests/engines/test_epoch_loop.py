@@ -169,3 +169,31 @@ def test_non_finite_loss_skips_the_step_and_selection_falls_back_to_train_loss(t
     assert all(torch.isfinite(p).all() for p in loop.network.parameters())
     assert state.best == min(state.history["train_loss"])
     assert LoopState.from_dict(state.to_dict()) == state
+
+
+def _ddp_worker(rank, folder):
+    import torch.distributed as dist
+
+    from medmamba.engines.training import DistributedEnv, init_distributed
+
+    env = DistributedEnv.from_env()
+    init_distributed(env, torch.device("cpu"))
+    loop = make_loop(folder, epochs=2, batches=regression_batches(seed=rank), dist_env=env)  # each rank its own data
+    loop.run()
+    torch.save(loop.network.state_dict(), folder / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_epoch_loop_under_ddp_on_cpu_keeps_the_ranks_in_step(tmp_path):
+    """Two processes over Gloo: gradients are averaged, so both ranks end with the same weights; rank 0 writes."""
+    from medmamba.engines.training import spawn
+
+    spawn(_ddp_worker, 2, (tmp_path,))
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))  # noqa: TID251 - a plain test file
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    state = load_checkpoint(tmp_path / "checkpoint_final.pth")["loop_state"]
+    assert state["epoch"] == 2 and "val_loss" in state["history"]
+    single = make_loop(tmp_path / "single", epochs=2).run()
+    assert state["history"]["train_loss"] != pytest.approx(single.history["train_loss"])  # rank 1's data counted
