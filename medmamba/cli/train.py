@@ -14,8 +14,10 @@ Several GPUs: ``--num-gpus N`` starts N processes (DDP over NCCL), or run under 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; print the fold folder."""
-    _console(args)
+    with _console(args):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from medmamba.cli._train_tasks import run_task
 
     if run_task(args):  # registration and video networks: their own engines, no plans
@@ -193,13 +199,27 @@ def _root(given: Path | None, option: str, variables: tuple[str, ...], *, create
     return given
 
 
-def _console(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _console(args: argparse.Namespace) -> Iterator[None]:
     """Training reports one line per epoch on stderr (INFO); nnU-Net's own chatter only with -v, -q hides both."""
     level = logging.WARNING if args.quiet else logging.INFO
-    for handler in logging.getLogger().handlers:
-        if type(handler) is not logging.StreamHandler:  # only the console handler main() installed
-            continue
+    handlers = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]  # main()'s console
+    before = [h.level for h in handlers]
+    package = logging.getLogger("medmamba")
+    package_level = package.level
+
+    def hide_nnunet(record: logging.LogRecord) -> bool:
+        return not record.name.endswith(".nnunet") or record.levelno >= logging.WARNING
+
+    for handler in handlers:
         handler.setLevel(logging.DEBUG if args.verbose > 1 else level)
         if not args.verbose:
-            handler.addFilter(lambda record: not record.name.endswith(".nnunet") or record.levelno >= logging.WARNING)
-    logging.getLogger("medmamba").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+            handler.addFilter(hide_nnunet)
+    package.setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
+    try:
+        yield
+    finally:
+        package.setLevel(package_level)
+        for handler, old in zip(handlers, before, strict=True):
+            handler.setLevel(old)
+            handler.removeFilter(hide_nnunet)

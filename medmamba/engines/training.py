@@ -79,6 +79,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise UsageError(f"--device {name}: unknown device. Use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is visible here. Use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: only cpu and cuda are supported. Use auto, cpu, cuda or cuda:N")
     return device
@@ -614,6 +616,8 @@ class EpochLoop:
     def run(self, state: LoopState | None = None) -> LoopState:
         """Train from ``state`` (a fresh run when None) to ``num_epochs``; returns the final state."""
         state = state or LoopState()
+        if self.dist_env.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
         model: torch.nn.Module = self.step_module if self.step_module is not None else self.network
         if self.dist_env.active:
             from torch.nn.parallel import DistributedDataParallel

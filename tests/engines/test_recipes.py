@@ -34,7 +34,7 @@ def test_overrides_replace_only_given_fields():
         ({"num_epoch": 3}, "did you mean 'num_epochs'"),
         ({"optimizer": "sdg"}, "did you mean 'sgd'"),
         ({"amp_dtype": "bf15"}, "amp_dtype must be one of"),
-        ({"num_epochs": 0}, "num_epochs must be at least 1"),
+        ({"num_epochs": 0}, "num_epochs >= 1"),
         ({"batch_size": 0}, "batch_size must be at least 1"),
         ({"initial_lr": -1.0}, "initial_lr > 0"),
         ({"val_iterations_per_epoch": 0}, "val_iterations_per_epoch must be at least 1"),

@@ -107,6 +107,11 @@ class MedmambaTrainer(nnUNetTrainer):
         """Train with ``recipe`` (call before :meth:`initialize`; it sizes the optimiser, loss and batch)."""
         if self.was_initialized:
             raise RuntimeError("set_recipe() must be called before the trainer is initialised")
+        if not recipe.iterations_per_epoch:
+            raise UsageError(
+                "segmentation training samples patches, it has no 'one pass over the data': give "
+                "--iterations-per-epoch >= 1 (nnU-Net: 250)"
+            )
         self.recipe = recipe
         self.num_epochs = recipe.num_epochs
         self.num_iterations_per_epoch = recipe.iterations_per_epoch
