@@ -148,6 +148,14 @@ def test_segments_groups_and_channel_blocks():
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
 
 
+def test_channels_per_group_not_a_power_of_two_with_default_blocking():
+    # 3 channels per group: one channel per step; found by the GPU shape fuzzing (channels 3 and 6 were left
+    # unwritten when the forward grid counted channel blocks of the backward's size)
+    orders = (RASTER, ScanOrder((1, 0), True))
+    low, ref = make_inputs((4, 5), 2, channels=6, groups=2, N=3, seed=19)
+    assert_matches_reference(low, ref, orders, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_inputs(dtype):
     orders = (RASTER, REVERSED, SLICE)

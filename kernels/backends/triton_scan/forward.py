@@ -325,7 +325,8 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=cfg.sub)
+    # one program per SUB channels (no channel loop in the forward): RC = SUB
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1)
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
