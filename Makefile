@@ -6,7 +6,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench-cpu clean
+.PHONY: venv demo test lint format bench-cpu clean container-tools
+
+# tests/docker/test_container.py builds docker/Dockerfile's CPU variant and runs it; it needs root and Debian's
+# buildah, podman, runc and debootstrap. Run as root (CI), `make test` installs them when missing and makes that
+# test mandatory; otherwise it skips and says why.
+CONTAINER_TOOLS := buildah podman runc debootstrap
 
 # The venv is rebuilt when pyproject.toml changes (the stamp is older than it).
 $(STAMP): pyproject.toml
@@ -24,8 +29,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-test: lint
-	$(BIN)/python -m pytest
+container-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  for tool in $(CONTAINER_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing $(CONTAINER_TOOLS) for tests/docker (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CONTAINER_TOOLS) >/dev/null; \
+	  fi; \
+	fi
+
+test: lint container-tools
+	MEDMAMBA_REQUIRE_CONTAINER=$$([ "$$(id -u)" = 0 ] && echo 1) $(BIN)/python -m pytest
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -49,6 +49,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=_ending(path.name), dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users and container UIDs
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -76,6 +77,7 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         raise FileExistsError(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700, as above
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -100,6 +102,13 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back (process-wide, momentarily).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
