@@ -180,7 +180,7 @@ def train(
             exponent=recipe.poly_exponent,
             min_lr=recipe.min_lr,
         )
-        seed = (recipe.seed or 0) + dist_env.rank
+        seed = recipe.seed or 0  # one permutation on every rank: the ranks take disjoint shares of it
         loop = EpochLoop(
             network=net,
             step_module=objective,

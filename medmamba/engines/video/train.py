@@ -188,7 +188,7 @@ def train(
             min_lr=recipe.min_lr,
         )
         samples = [(case, t) for case in train_ids for t in range(len(clips[case][0]))]
-        seed = (recipe.seed or 0) + dist_env.rank
+        seed = recipe.seed or 0  # one permutation on every rank: the ranks take disjoint shares of it
         val_samples = _spread(
             [(c, t) for c in val_cases for t in range(len(clips[c][0]))], recipe.val_iterations_per_epoch * batch_size
         )
