@@ -37,7 +37,7 @@ from medmamba.io.atomic import write_json
 
 from ._nnunet import stdout_to_log
 from .architectures import Architecture, architecture, configuration_name
-from .memory import MemoryEstimate, Precision, estimate
+from .memory import CONTEXT_BYTES, MemoryEstimate, Precision, estimate
 
 __all__ = ["DEFAULT_NETWORKS", "PLANS_NAME", "MedmambaPlanner"]
 
@@ -92,6 +92,11 @@ class MedmambaPlanner(ExperimentPlanner):
             suppress_transpose,
         )
         self.networks = chosen
+        if self.budget_bytes <= CONTEXT_BYTES:
+            raise PlanError(
+                f"{self.dataset_name}: {gpu_memory_target_in_gb:g} GB is less than a CUDA context alone "
+                f"({CONTEXT_BYTES / 2**30:.2f} GB); no network fits it. Raise --gpu-memory-gb"
+            )
         self.precision = precision
         self.estimates: dict[str, MemoryEstimate] = {}
         self._network: Architecture | None = None
@@ -141,7 +146,7 @@ class MedmambaPlanner(ExperimentPlanner):
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / f"{self.plans_identifier}.json", plans)
 
-    def static_estimate_VRAM_usage(  # type: ignore[override]  # noqa: N802 - nnU-Net's name; an instance method here
+    def static_estimate_VRAM_usage(  # noqa: N802 - nnU-Net's name; an instance method here (it needs the budget)
         self,
         patch_size: Sequence[int],
         input_channels: int,

@@ -107,10 +107,28 @@ def test_a_smaller_budget_gives_a_smaller_patch_that_fits_it(planned, raw_datase
     assert written["configurations"]["3d_fullres_umamba_bot"] == small
 
 
-def test_a_budget_no_patch_fits_is_a_plan_error_naming_the_network(planned, raw_dataset, tmp_path):
+def test_a_budget_below_the_cuda_context_is_a_plan_error(planned, raw_dataset, tmp_path):
     shutil.copytree(planned.plans_file.parent, tmp_path / raw_dataset.name)
-    with pytest.raises(PlanError, match=r"umamba_bot does not fit 0\.5 GB.*--gpu-memory-gb"):
+    with pytest.raises(PlanError, match=r"0\.5 GB is less than a CUDA context alone.*--gpu-memory-gb"):
         plan(raw_dataset, tmp_path, 0.5)
+
+
+def test_the_shrinking_loop_stops_with_a_plan_error_when_even_a_small_patch_does_not_fit(planned, raw_dataset):
+    from medmamba.plans.architectures import architecture
+    from medmamba.plans.memory import device_bytes
+
+    block = planned.plans["configurations"]["3d_fullres_umamba_bot"]["architecture"]
+    # room for the weights, gradients and optimizer state of this network, and not one sample more
+    budget = device_bytes(planned.estimates["3d_fullres_umamba_bot"].fixed_bytes) / 2**30
+    with nnunet_folders(raw_dataset.parent, planned.plans_file.parent.parent):
+        planner = MedmambaPlanner(raw_dataset.name, budget, networks=("umamba_bot",))
+        with planner._planning(architecture("umamba_bot")):
+            args = (1, 3, block["network_class_name"], block["arch_kwargs"], block["_kw_requires_import"])
+            assert planner.static_estimate_VRAM_usage((16, 32, 32), *args) == float("inf")  # keep shrinking
+            with pytest.raises(
+                PlanError, match=r"umamba_bot does not fit 0\.\d+ GB at batch 2 even with a small patch"
+            ):
+                planner.static_estimate_VRAM_usage((8, 8, 8), *args)
 
 
 def test_segmamba_keeps_its_stages_and_gets_a_patch_on_the_16_grid(planned, raw_dataset, tmp_path):
