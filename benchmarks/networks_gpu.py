@@ -8,6 +8,13 @@ Scans run on the best backend available (triton on CUDA).
 
 Run on the device: ``python benchmarks/networks_gpu.py --out $OUT`` (one call; prints a Markdown table last and
 writes networks_gpu.json / networks_gpu.md under --out). ``--quick`` shrinks every input for a smoke test.
+
+``--plan-rows FILE`` (written on a CPU machine by ``benchmarks/plan_memory_gpu.py --dry-run --export-rows FILE``)
+also trains every planned configuration at its planned patch and batch, as nnU-Net's trainer would (network built
+from the plans' class and kwargs with deep supervision, bf16 autocast, Dice + CE on every deep-supervision output
+with nnU-Net's weights, SGD momentum 0.99 Nesterov, weight decay 3e-5, grad clip 12) and reports seconds per
+iteration and peak memory against the planner's estimate and budget. The GPU image has no nnunetv2, so the loss is
+written here; it holds no tensors that matter for the peak.
 """
 
 from __future__ import annotations
@@ -137,6 +144,89 @@ def measure(row, dtype_name, device, quick: bool) -> dict:
     }
 
 
+def deep_supervision_loss(outputs: list[torch.Tensor], labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """nnU-Net's training loss: CE + soft Dice (foreground classes) per output, weights 1/2^i, the coarsest 0."""
+    weights = [1 / 2**i for i in range(len(outputs))]
+    weights[-1] = 0 if len(outputs) > 1 else 1
+    total = 0.0
+    for weight, logits in zip(weights, outputs, strict=True):
+        target = F.interpolate(labels[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+        ce = F.cross_entropy(logits.float(), target)
+        probs = logits.float().softmax(1)[:, 1:]
+        onehot = F.one_hot(target, classes).movedim(-1, 1)[:, 1:].float()
+        dims = tuple(range(2, probs.ndim))
+        dice = (2 * (probs * onehot).sum(dims) + 1e-5) / (probs.sum(dims) + onehot.sum(dims) + 1e-5)
+        total = total + weight * (ce - dice.mean())
+    return total / sum(weights)
+
+
+def measure_plan_row(row: dict, device: torch.device, steps: int = 5) -> dict:
+    """Train one planned configuration at its planned patch and batch; peak memory vs estimate and budget."""
+    import pydoc
+
+    kwargs = dict(row["arch_kwargs"])
+    for key in row["arch_kwargs_requires_import"]:
+        if kwargs.get(key) is not None:
+            kwargs[key] = pydoc.locate(kwargs[key])
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    cls = pydoc.locate(row["network_class"])
+    net = cls(input_channels=row["in_channels"], num_classes=row["num_classes"], deep_supervision=True, **kwargs)
+    net = net.to(device).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    x = torch.randn(row["batch_size"], row["in_channels"], *row["patch_size"], device=device)
+    labels = torch.randint(0, row["num_classes"], (row["batch_size"], *row["patch_size"]), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(x)
+        loss = deep_supervision_loss(list(out) if isinstance(out, (list, tuple)) else [out], labels, row["num_classes"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        opt.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    times = cuda_ms(step, 2, steps)
+    allocated, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    context_gib = 0.75  # CUDA context outside the allocator's books (plans.memory.CONTEXT_BYTES)
+    return {
+        "configuration": row["configuration"],
+        "network": row["network"],
+        "patch_size": row["patch_size"],
+        "batch_size": row["batch_size"],
+        "train_ms": statistics.median(times),
+        "measured_allocated_gib": allocated,
+        "measured_reserved_gib": reserved,
+        "estimate_allocated_gib": row["estimate_allocated_gib"],
+        "estimate_over_measured": row["estimate_allocated_gib"] / allocated,
+        "budget_gib": row["budget_gib"],
+        "fits_budget": reserved + context_gib <= row["budget_gib"],
+    }
+
+
+def plan_markdown(results: list[dict]) -> str:
+    lines = [
+        (
+            "| configuration | patch × batch | s / iteration | peak allocated (reserved) GiB | estimate GiB | "
+            "est./meas. | fits budget |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['configuration']} | | failed: {r['error']} | | | | |")
+            continue
+        patch = "×".join(map(str, r["patch_size"]))
+        lines.append(
+            f"| {r['configuration']} ({r['network']}) | {patch} × {r['batch_size']} | {r['train_ms'] / 1e3:.3f} | "
+            f"{r['measured_allocated_gib']:.2f} ({r['measured_reserved_gib']:.2f}) | "
+            f"{r['estimate_allocated_gib']:.2f} | "
+            f"{r['estimate_over_measured']:.2f} | {'yes' if r['fits_budget'] else 'NO'} ({r['budget_gib']:g} GiB) |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict], device_name: str) -> str:
     lines = [
         (
@@ -168,6 +258,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(), help="folder for networks_gpu.json/.md")
     parser.add_argument("--quick", action="store_true", help="small inputs, 2 steps: a smoke test")
     parser.add_argument("--only", nargs="*", default=None, help="registry names to run (default: all)")
+    parser.add_argument("--plan-rows", type=Path, default=None, help="planned configurations to train (see above)")
     args = parser.parse_args()
     device = torch.device("cuda")
     if available_backends(device)["triton"] is not None:
@@ -191,9 +282,20 @@ def main() -> None:
             print(json.dumps(result), flush=True)
             results.append(result)
             torch.cuda.empty_cache()
+    plan_results = []
+    for row in json.loads(args.plan_rows.read_text()) if args.plan_rows else []:
+        try:
+            result = measure_plan_row(row, device)
+        except Exception as err:
+            traceback.print_exc()
+            result = {"configuration": row["configuration"], "error": f"{type(err).__name__}: {err}"[:200]}
+        print(json.dumps(result), flush=True)
+        plan_results.append(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "networks_gpu.json").write_text(json.dumps(results, indent=1))
+    (args.out / "networks_gpu.json").write_text(json.dumps({"networks": results, "plans": plan_results}, indent=1))
     table = markdown(results, torch.cuda.get_device_name())
+    if plan_results:
+        table += "\n\nPlanned configurations (bf16, deep supervision, Dice + CE):\n\n" + plan_markdown(plan_results)
     (args.out / "networks_gpu.md").write_text(table + "\n")
     print(table)
 

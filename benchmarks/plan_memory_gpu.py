@@ -126,6 +126,13 @@ def main() -> None:
     parser.add_argument("--no-presets", action="store_true", help="skip the paper presets")
     parser.add_argument("--workdir", default=None, help="where the dataset and plans go (default: a temp folder)")
     parser.add_argument("--dry-run", action="store_true", help="plan and estimate only (no GPU needed)")
+    parser.add_argument(
+        "--export-rows",
+        type=Path,
+        default=None,
+        help="also write every configuration (network class, arch kwargs, patch, batch, estimate, budget) to this "
+        "JSON file, for `benchmarks/networks_gpu.py --plan-rows` on a GPU machine without nnunetv2",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.dry_run:
         sys.exit("needs a CUDA device (or --dry-run)")
@@ -169,6 +176,13 @@ def main() -> None:
         network = config.network_arch_class_name.rsplit(".", 1)[-1]
         row = check(name, network, factory, config.patch_size, config.batch_size, channels, classes,
                     args.gpu_memory_gb, args.steps, args.dry_run)  # fmt: skip
+        row.update(
+            network_class=config.network_arch_class_name,
+            arch_kwargs=config.network_arch_init_kwargs,
+            arch_kwargs_requires_import=list(config.network_arch_init_kwargs_req_import),
+            in_channels=channels,
+            num_classes=classes,
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.no_presets:
@@ -180,6 +194,8 @@ def main() -> None:
                         args.dry_run)  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.export_rows:
+        args.export_rows.write_text(json.dumps([r for r in rows if "network_class" in r], indent=1))
     ratios = [r["estimate_over_measured"] for r in rows if "estimate_over_measured" in r]
     ours = [r for r in rows if r["budget_gib"] and r["network"] in ("UMambaBot", "UMambaEnc", "SegMamba")]
     summary = {
