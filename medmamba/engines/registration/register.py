@@ -120,6 +120,11 @@ def load_registration_model(
     if not path.is_file() and (folder / "checkpoint_best.pth").is_file() and checkpoint == "checkpoint_final.pth":
         path = folder / "checkpoint_best.pth"  # a run still training: its best so far
         logger.warning("%s: no checkpoint_final.pth yet; using checkpoint_best.pth", folder)
+    if not path.is_file() and (folder / "plans.json").is_file():
+        raise CheckpointError(
+            f"{folder}: a segmentation model folder (plans.json, fold_*), not a registration model. Give the run "
+            "folder of `medmamba train --network mambamorph` (it holds model.json)"
+        )
     state = load_checkpoint(path, map_location="cpu")
     model = state.get("model")
     if (

@@ -29,7 +29,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from medmamba._progress import progress
 from medmamba.engines.checkpoint import check_checkpoint, load_checkpoint, load_weights
-from medmamba.engines.segmentation.trainer import MedmambaTrainer
+from medmamba.engines.segmentation.trainer import MedmambaTrainer, nnunet_environment
 from medmamba.engines.training import amp_policy, default_autocast_dtype, resolve_device, stdout_to_log
 from medmamba.errors import CheckpointError, GeometryError, ImageReadError, PlanError, UsageError
 from medmamba.io.dicom import find_dicom_series, read_dicom_series
@@ -122,6 +122,12 @@ class MedmambaPredictor(nnUNetPredictor):
         checkpoints = [load_checkpoint(path) for path in paths]
         first = checkpoints[0]
         configuration = first["init_args"]["configuration"]
+        if configuration not in plans.get("configurations", {}):
+            raise CheckpointError(
+                f"{paths[0]}: was trained as configuration {configuration!r} ({first['network']}), which "
+                f"{folder / 'plans.json'} does not define (it has {', '.join(plans.get('configurations', {}))}). The "
+                "checkpoint comes from another model folder; predict with that folder"
+            )
         plans_manager = PlansManager(plans)
         configuration_manager = plans_manager.get_configuration(configuration)
         label_manager = plans_manager.get_label_manager(dataset_json)
@@ -142,15 +148,16 @@ class MedmambaPredictor(nnUNetPredictor):
         for path, checkpoint in zip(paths, checkpoints, strict=True):
             load_weights(network, checkpoint["network_weights"], path)  # every fold must fit before we start
         mirror_axes = first.get("inference_allowed_mirroring_axes")
-        self.manual_initialization(
-            network,
-            plans_manager,
-            configuration_manager,
-            [checkpoint["network_weights"] for checkpoint in checkpoints],
-            dataset_json,
-            first.get("trainer_name", MedmambaTrainer.__name__),
-            tuple(mirror_axes) if mirror_axes is not None else None,
-        )
+        with nnunet_environment():  # no torch.compile from a user's nnUNet_compile (Triton scans)
+            self.manual_initialization(
+                network,
+                plans_manager,
+                configuration_manager,
+                [checkpoint["network_weights"] for checkpoint in checkpoints],
+                dataset_json,
+                first.get("trainer_name", MedmambaTrainer.__name__),
+                tuple(mirror_axes) if mirror_axes is not None else None,
+            )
         self.network_name = first["network"]
         logger.info("loaded %s (%s), folds %s, from %s", self.network_name, configuration, folds, folder)
 
@@ -316,8 +323,11 @@ def _read_case(case: InputCase, num_channels: int, series_uid: str | None) -> li
                 f"{case.sources[0]}: has {image.num_volumes} volume(s), but the model needs {num_channels} channels. "
                 f"Give one file per channel ({case.case_id}_0000 … {case.case_id}_{num_channels - 1:04d})"
             )
+        _check_finite(case.sources[0], image)
         return [image.volume(i) for i in range(num_channels)]
     images = [read_image(source) for source in case.sources]
+    for source, image in zip(case.sources, images, strict=True):
+        _check_finite(source, image)
     for source, image in zip(case.sources[1:], images[1:], strict=True):
         problems = image.geometry.mismatches(images[0].geometry)
         if image.shape != images[0].shape or problems:
@@ -329,6 +339,16 @@ def _read_case(case: InputCase, num_channels: int, series_uid: str | None) -> li
                 "case onto one grid"
             )
     return images
+
+
+def _check_finite(source: Path, image: Image) -> None:
+    # nnU-Net's z-score normalisation turns one NaN into an all-NaN volume and an all-background label map
+    bad = int(np.size(image.array) - np.count_nonzero(np.isfinite(image.array)))
+    if bad:
+        raise ImageReadError(
+            f"{source}: {bad} non-finite voxel(s) (NaN or ±Inf); the prediction would be meaningless. Replace them "
+            "with a valid intensity (e.g. the background value) and predict again"
+        )
 
 
 def _to_nnunet(channels: Sequence[Image]) -> tuple[np.ndarray, list[float]]:

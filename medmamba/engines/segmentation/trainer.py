@@ -95,7 +95,8 @@ class MedmambaTrainer(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),  # noqa: B008 - nnU-Net's signature, kept exactly
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.is_ddp and device.type == "cpu":  # nnU-Net assumes CUDA under DDP; Gloo on CPU works as well
+        # nnU-Net forces cuda:<rank> under DDP (Gloo on CPUs works too) and cuda:0 otherwise (whatever was asked)
+        if (self.is_ddp and device.type == "cpu") or (not self.is_ddp and device.type == "cuda"):
             self.device = device
         self.network_name = network_name_of(self.configuration_manager.network_arch_class_name, configuration)
         self.logger = _CurvesLogger(self.logger, title=f"{self.network_name} · {configuration} · fold {fold}")
@@ -192,6 +193,19 @@ class MedmambaTrainer(nnUNetTrainer):
         """nnU-Net's messages go to the logging system (the run's ``train.log``), never to stdout."""
         if self.local_rank == 0:
             nnunet_logger.info("%s", " ".join(str(a) for a in args))
+
+    def do_split(self) -> tuple[list[str], list[str]]:
+        """nnU-Net's split; a dataset too small for its 5-fold cross-validation is a user error, not sklearn's."""
+        try:
+            return super().do_split()
+        except ValueError as err:
+            if "n_splits" not in str(err):
+                raise
+            raise UsageError(
+                f"{self.preprocessed_dataset_folder_base}: too few training cases for nnU-Net's 5-fold "
+                f"cross-validation (fold {self.fold}: {err}). Train fold 'all', add cases, or write your own "
+                "splits_final.json"
+            ) from None
 
     def print_plans(self) -> None:
         """The configuration in use, logged once (nnU-Net prints the whole plans)."""
@@ -471,13 +485,22 @@ def _resolved(configurations: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def nnunet_environment(
-    *, preprocessed: str | os.PathLike[str], results: str | os.PathLike[str], num_workers: int | None = None
+    *,
+    preprocessed: str | os.PathLike[str] | None = None,
+    results: str | os.PathLike[str] | None = None,
+    num_workers: int | None = None,
 ) -> Iterator[None]:
     """Point nnunetv2's path variables (read lazily, ``nnunetv2/paths.py``) at the given folders for the block.
 
     ``num_workers`` sets nnU-Net's augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main process).
+    ``nnUNet_compile`` is off inside: nnU-Net's predictor (final validation, inference) would otherwise compile
+    the network when a user has it set, Triton scans included; the recipe's ``compile`` decides for training.
     """
-    values = {"nnUNet_preprocessed": str(preprocessed), "nnUNet_results": str(results)}
+    values = {"nnUNet_compile": "f"}
+    if preprocessed is not None:
+        values["nnUNet_preprocessed"] = str(preprocessed)
+    if results is not None:
+        values["nnUNet_results"] = str(results)
     if num_workers is not None:
         values["nnUNet_n_proc_DA"] = str(max(0, num_workers))
     previous = {key: os.environ.get(key) for key in values}
