@@ -11,7 +11,8 @@ One call measures what ``medmamba train`` runs per iteration, with each paper's 
 
 plus one batch-1 inference (``torch.no_grad``). Each configuration runs in a fresh process (clean peak-memory
 statistics): median of ``--steps`` timed iterations after ``--warmup`` (CUDA events on the GPU, wall clock on the
-CPU); memory = ``max_memory_allocated`` (reserved in brackets) on the GPU, the process's peak RSS on the CPU.
+CPU); memory = ``max_memory_allocated`` (reserved in brackets) on the GPU, the process's peak RSS on the CPU
+(there for training only: the RSS peak never comes down).
 Inputs are random, already on the device. Scans run on the best backend available (triton on CUDA, torch on CPU).
 
 Run on the device: ``python benchmarks/regvideo_gpu.py --out $OUT`` (prints JSON, then a Markdown table; writes
@@ -100,7 +101,8 @@ def measure(row: tuple, device: torch.device, *, warmup: int, steps: int, quick:
     one = _first(batch_args)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp.dtype, enabled=amp.enabled):
         infer_ms = _times(lambda: net(*one), device, 1, max(3, steps // 2))
-    infer_memory = _peak(device)
+    # the CPU's peak RSS only grows: after the training steps it says nothing about inference
+    infer_memory = _peak(device) if device.type == "cuda" else (None, None)
     return {
         "row": label,
         "network": name,
@@ -193,9 +195,13 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['row']} | {r['parameters'] / 1e6:.2f} M | {r['precision']} | {_ms(r['train_ms_median'])} | "
             f"{r['train_memory_mib']:,.0f} MiB{reserved} | {_ms(r['infer_ms_median'])} | "
-            f"{r['infer_memory_mib']:,.0f} MiB |"
+            f"{_mib(r['infer_memory_mib'])} |"
         )
     return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f} MiB"
 
 
 def _ms(value: float) -> str:
