@@ -1,5 +1,9 @@
 """``medmamba predict -i INPUT -o OUTPUT -m MODEL_DIR``: segment NIfTI/NRRD/MHA files or a DICOM series.
 
+With a video model (``medmamba train --network vivim``; its folder's model.json says so) INPUT is a video case —
+a frame folder, a 2D+t NIfTI, an MP4/AVI file — or a folder of them, and per-frame masks are written
+(``engines.video.predict``).
+
 stdout: one line per label map written.
 """
 
@@ -50,6 +54,17 @@ def run(args: argparse.Namespace) -> int:
     """Predict; print the label maps written."""
     from medmamba.engines.segmentation.predict import predict
 
+    if _model_task(args.model) == "video":  # a `medmamba train --network vivim` folder: per-frame masks
+        from medmamba.engines.video.predict import predict_videos
+
+        with scan_backend_context(args):
+            written = predict_videos(
+                args.input, args.output, args.model, device=args.device, checkpoint=args.checkpoint
+            )
+        for path in written:
+            print(path)
+        return 0
+
     folds = [f if f == "all" else int(f) for f in args.folds] if args.folds else None
     with scan_backend_context(args):
         written = predict(
@@ -68,3 +83,16 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def _model_task(model: Path) -> str:
+    """The task a registration or video run folder declares in its model.json ("segmentation" otherwise)."""
+    import json
+
+    from medmamba.errors import UsageError
+
+    description = model / "model.json"
+    task = json.loads(description.read_text()).get("task", "segmentation") if description.is_file() else "segmentation"
+    if task == "registration":
+        raise UsageError(f"{model}: is a registration model. Use `medmamba register --fixed F --moving M -m {model}`")
+    return task

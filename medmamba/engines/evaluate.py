@@ -26,7 +26,15 @@ from medmamba.io.image import image_ending, read_image
 from medmamba.metrics.segmentation import Structure, segmentation_metrics, structure_name
 from medmamba.metrics.tables import MetricTable
 
-__all__ = ["METRICS", "REGISTRATION_METRICS", "evaluate_registrations", "evaluate_segmentations", "pair_cases"]
+__all__ = [
+    "METRICS",
+    "REGISTRATION_METRICS",
+    "VIDEO_METRICS",
+    "evaluate_registrations",
+    "evaluate_segmentations",
+    "evaluate_videos",
+    "pair_cases",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +256,9 @@ def evaluate_registrations(
         _same_grid(folder / "displacement.nii.gz", displacement.shape[:3], geometry, info["fixed"], fixed)
         ddf = displacement_to_voxels(displacement, geometry)
         rows: dict[str, dict[str, float | None]] = {
-            "field": {k: _finite(v) for k, v in deformation_metrics(ddf, spacing=geometry.spacing).to_dict().items()}
+            "field": {
+                k: _finite(v) for k, v in deformation_metrics(ddf, spacing=list(geometry.spacing)).to_dict().items()
+            }
         }
         warped_path = folder / "warped_labels.nii.gz"
         if info.get("fixed_labels") and warped_path.is_file():
@@ -258,8 +268,9 @@ def evaluate_registrations(
             moving = read_image(info["moving_labels"])
             initial = resample_onto(moving, fixed, nearest=True)
             chosen = structures or sorted({int(v) for v in np.unique(fixed_labels)} - {0})
-            after = warped_label_metrics(fixed_labels, warped, chosen, spacing=fixed_geometry.spacing)
-            before = warped_label_metrics(fixed_labels, initial, chosen, spacing=fixed_geometry.spacing)
+            spacing = list(fixed_geometry.spacing)
+            after = warped_label_metrics(fixed_labels, warped, chosen, spacing=spacing)
+            before = warped_label_metrics(fixed_labels, initial, chosen, spacing=spacing)
             for s in chosen:
                 rows[structure_name(s)] = {
                     "dice": _finite(after[s]["dice"]),
@@ -292,3 +303,95 @@ def _same_grid(path: Path, shape: Sequence[int], geometry: Geometry, reference_p
 
 def _finite(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+# --- video: per-frame masks of `medmamba predict` on video cases -----------------------------------------------------
+
+#: columns of a video table
+VIDEO_METRICS = ("dice", "iou", "frame_dice", "n_frames")
+
+
+def evaluate_videos(
+    reference: str | os.PathLike[str],
+    prediction: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    labels: Sequence[int] | None = None,
+) -> tuple[MetricTable, Path, Path]:
+    """Score predicted video masks against reference masks: Dice, IoU and mean frame Dice per case and label.
+
+    A case is a folder of per-frame masks (``FFFF.png``, as ``medmamba predict`` and the video dataset format write
+    them) or a 2D+t NIfTI ``CASE.nii.gz``; cases pair by name. ``reference`` may also be a video dataset's root (its
+    ``masksTr`` is used). ``metrics.json`` and ``metrics.csv`` go to ``output`` (default: the prediction folder).
+
+    Raises:
+        DatasetError: cases without a counterpart, or nothing to pair.
+        GeometryError: a prediction with another number of frames or another frame size than its reference.
+    """
+    from medmamba.metrics.video import video_metrics
+
+    ref_root = Path(reference)
+    if (ref_root / "dataset.json").is_file() and (ref_root / "masksTr").is_dir():
+        ref_root = ref_root / "masksTr"
+    refs, preds = _video_cases(ref_root), _video_cases(Path(prediction))
+    problems = [
+        Problem(str(preds[c]), "has no reference masks", f"Add {c} to {ref_root}")
+        for c in sorted(set(preds) - set(refs))
+    ] + [Problem(str(refs[c]), "has no prediction", "Predict it") for c in sorted(set(refs) - set(preds))]
+    if problems:
+        raise DatasetError(problems, header="reference and prediction videos do not match")
+    if not refs:
+        raise DatasetError([Problem(str(prediction), "no video case to evaluate", "Check the two folders")])
+    masks = {case: _video_masks(path) for case, path in refs.items()}
+    chosen = list(labels) if labels else sorted({int(v) for m in masks.values() for v in np.unique(m)} - {0})
+    table = MetricTable(
+        VIDEO_METRICS,
+        meta={
+            "reference": str(ref_root),
+            "prediction": str(prediction),
+            "labels": chosen,
+            "convention": "dice/iou pool every pixel of every frame; frame_dice averages the frames where the label "
+            "is in the reference or the prediction; null when it is in neither",
+        },
+    )
+    for case in progress(sorted(refs), desc="evaluate", total=len(refs)):
+        ref, pred = masks[case], _video_masks(preds[case])
+        if ref.shape != pred.shape:
+            raise GeometryError(
+                f"{preds[case]}: {pred.shape[0]} frames of {pred.shape[1:]} but its reference has {ref.shape[0]} of "
+                f"{ref.shape[1:]}. Predict with `medmamba predict`, which keeps every frame's size"
+            )
+        scores = video_metrics(ref, pred, chosen)
+        table.add(case, {str(k): {**v, "n_frames": int(ref.shape[0])} for k, v in scores.items()})
+    folder = Path(output) if output is not None else _default_output(Path(prediction))
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "metrics.json", folder / "metrics.csv"
+    for path, text in ((json_path, table.to_json()), (csv_path, table.to_csv())):
+        with atomic_write(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return table, json_path, csv_path
+
+
+def _video_cases(folder: Path) -> dict[str, Path]:
+    """Case id → mask folder (``FFFF.png`` files) or 2D+t NIfTI."""
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: is not a folder. Give a folder of per-case mask folders or 2D+t NIfTIs")
+    cases = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and any(p.suffix == ".png" for p in entry.iterdir()):
+            cases[entry.name] = entry
+        elif entry.is_file() and image_ending(entry) in (".nii.gz", ".nii"):
+            cases[entry.name[: -len(image_ending(entry) or "")]] = entry
+    return cases
+
+
+def _video_masks(path: Path) -> np.ndarray:
+    """``(T, X, Y)`` integer masks of a case."""
+    if path.is_dir():
+        frames = sorted(p for p in path.iterdir() if p.suffix == ".png" and not p.name.startswith("."))
+        planes = [read_image(p).array for p in frames]
+        return np.stack([a[..., 0] if a.ndim == 3 else a for a in planes]).astype(np.int32)
+    array, _ = _read_labels(path)
+    return np.moveaxis(array, -1, 0)

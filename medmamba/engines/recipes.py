@@ -47,8 +47,8 @@ class TrainRecipe:
 
     Args:
         num_epochs: epochs of the whole run (the poly schedule decays to 0 over them).
-        iterations_per_epoch: training iterations per epoch; None = one pass over the training samples (the
-            registration and video engines; MambaMorph's and Vivim's epochs).
+        iterations_per_epoch: training iterations per epoch; 0 = one pass over the training samples (the
+            registration and video engines only: MambaMorph's and Vivim's epochs).
         val_iterations_per_epoch: validation patches' batches per epoch (pseudo Dice for the best checkpoint).
         optimizer: ``"sgd"`` (momentum, Nesterov) or ``"adamw"``.
         initial_lr: learning rate at step 0.
@@ -104,9 +104,11 @@ class TrainRecipe:
                 close = difflib.get_close_matches(str(value), choices, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}{hint}")
-        for name in ("num_epochs", "iterations_per_epoch"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if int(self.num_epochs) < 1 or int(self.iterations_per_epoch) < 0:
+            raise ValueError(
+                f"need num_epochs >= 1 and iterations_per_epoch >= 1 (0: one pass over the data), got "
+                f"{self.num_epochs}, {self.iterations_per_epoch}"
+            )
         if self.val_iterations_per_epoch < 1:
             raise ValueError(f"val_iterations_per_epoch must be at least 1, got {self.val_iterations_per_epoch}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -136,7 +138,7 @@ class TrainRecipe:
 
     def total_steps(self) -> int:
         """Length of the LR schedule in its own unit (epochs or iterations)."""
-        return self.num_epochs * (self.iterations_per_epoch or 1 if self.lr_step == "iteration" else 1)
+        return self.num_epochs * ((self.iterations_per_epoch or 1) if self.lr_step == "iteration" else 1)
 
 
 #: MambaMorph (Guo et al., arXiv:2401.13934; ``networks.md`` §6.6-6.7): Adam 1e-4 without schedule, AMP, one pair per
@@ -144,7 +146,7 @@ class TrainRecipe:
 #: gradient-L2 of the velocity field (``--image-loss dice``, ``--lambda 0.1``).
 _MAMBAMORPH = TrainRecipe(
     num_epochs=1500,
-    iterations_per_epoch=None,
+    iterations_per_epoch=0,
     optimizer="adam",
     initial_lr=1e-4,
     weight_decay=0.0,
@@ -169,7 +171,7 @@ RECIPES: dict[str, TrainRecipe] = {
     # one pass over the frames, batch 8, fp32, seed 1234, structure loss on each clip's centre frame
     "vivim": TrainRecipe(
         num_epochs=200,
-        iterations_per_epoch=None,
+        iterations_per_epoch=0,
         optimizer="adam",
         initial_lr=1e-4,
         weight_decay=0.0,
