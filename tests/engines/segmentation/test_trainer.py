@@ -191,3 +191,24 @@ def test_ddp_over_gloo_on_two_cpu_processes(tiny_dataset, tmp_path):
     assert done.stdout.strip() == str(fold)  # one line: only rank 0 prints
     assert load_checkpoint(fold / "checkpoint_final.pth")["current_epoch"] == 1
     assert "batch 1" in (fold / "train.log").read_text()  # each rank trains on half of the global batch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("network", ["umamba_bot", "segmamba"])
+def test_gpu_training_in_bf16_on_the_default_scan_backend(tiny_dataset, tmp_path, network):
+    fold = train(
+        DATASET,
+        "3d_fullres",
+        0,
+        network=network,
+        preprocessed=tiny_dataset["preprocessed_root"],
+        results=tmp_path,
+        overrides={"num_epochs": 2, "iterations_per_epoch": 3, "val_iterations_per_epoch": 1},
+        device="cuda",
+        validate=False,
+        num_workers=0,
+    )
+    final = load_checkpoint(fold / "checkpoint_final.pth")
+    assert final["recipe"]["amp_dtype"] == "bf16" and final["grad_scaler_state"] is None
+    assert all(torch.isfinite(torch.tensor(final["logging"]["train_losses"])))
+    assert "bf16 AMP" in (fold / "train.log").read_text()
