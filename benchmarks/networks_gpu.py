@@ -230,7 +230,8 @@ def plan_markdown(results: list[dict]) -> str:
 def markdown(results: list[dict], device_name: str) -> str:
     lines = [
         (
-            f"Card: {device_name}; torch {torch.__version__}; scan backend: triton. "
+            f"Card: {device_name}; torch {torch.__version__}; scan backend: triton; "
+            f"cudnn.benchmark={torch.backends.cudnn.benchmark}. "
             "Command: `python benchmarks/networks_gpu.py --out $OUT`."
         ),
         "",
@@ -259,8 +260,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small inputs, 2 steps: a smoke test")
     parser.add_argument("--only", nargs="*", default=None, help="registry names to run (default: all)")
     parser.add_argument("--plan-rows", type=Path, default=None, help="planned configurations to train (see above)")
+    parser.add_argument(
+        "--no-cudnn-benchmark",
+        action="store_true",
+        help="leave cuDNN's algorithm search off (nnU-Net's trainer turns it on; off, fp16/bf16 3D convolutions "
+        "can fall back to slow algorithms)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if available_backends(device)["triton"] is not None:
         raise SystemExit(f"triton backend unavailable: {available_backends(device)['triton']}")
     results = []
