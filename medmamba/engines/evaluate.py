@@ -105,7 +105,7 @@ def evaluate_segmentations(
                 f"{pred_path}: does not lie on the grid of its reference {ref_path} ({what}). Predict with `medmamba "
                 "predict`, which writes label maps in the input's geometry"
             )
-        scores = segmentation_metrics(ref, pred, structures, spacing=geometry.spacing, tolerance_mm=tolerance_mm)
+        scores = segmentation_metrics(ref, pred, structures, spacing=tuple(geometry.spacing), tolerance_mm=tolerance_mm)
         table.add(case, {structure_name(s): m.to_dict() for s, m in scores.items()})
     folder = Path(output) if output is not None else _default_output(Path(prediction))
     folder.mkdir(parents=True, exist_ok=True)

@@ -234,6 +234,10 @@ def predict(
     )
     cases = find_input_cases(inputs, num_channels)
     targets = _targets(Path(output), cases)
+    sources = {source.resolve() for case in cases for source in case.sources}
+    clash = [t for t in targets if t.resolve() in sources]
+    if clash:
+        raise UsageError(f"-o {output}: {clash[0].name} would overwrite an input image. Write to another folder")
     written = []
     for case, target in progress(list(zip(cases, targets, strict=True)), desc="predict", total=len(cases)):
         images = _read_case(case, num_channels, series_uid)

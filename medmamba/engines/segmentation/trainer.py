@@ -86,6 +86,12 @@ class MedmambaTrainer(nnUNetTrainer):
         PlanError: the configuration does not name a registered medmamba segmentation network.
     """
 
+    # set by nnU-Net's __init__ (untyped there); declared for the type checker
+    is_ddp: bool
+    logger: Any
+    network: Any
+    inference_allowed_mirroring_axes: Any
+
     def __init__(
         self,
         plans: dict,
@@ -266,7 +272,7 @@ class MedmambaTrainer(nnUNetTrainer):
                 started = time.perf_counter()
                 self.on_epoch_start()
                 self.on_train_epoch_start()
-                eta = np.mean(durations) * (self.num_epochs - epoch) if durations else float("nan")
+                eta = float(np.mean(durations)) * (self.num_epochs - epoch) if durations else float("nan")
                 losses = self.logger.get_value("train_losses", step=None)
                 steps = epoch_progress(
                     range(self.num_iterations_per_epoch),
@@ -576,13 +582,13 @@ def train(
         recipe = merge_overrides(recipe_for(network), overrides or {})
     except ValueError as err:
         raise UsageError(str(err)) from None
-    fold = fold if str(fold) == "all" else int(fold)
+    fold_value: Any = "all" if str(fold) == "all" else int(fold)  # nnU-Net types it int but takes "all"
     plans["continue_training"] = resume
     with nnunet_environment(preprocessed=dataset_folder.parent, results=results, num_workers=num_workers):
         with stdout_to_log(nnunet_logger, logging.INFO), warnings.catch_warnings():
             # nnU-Net builds a CUDA GradScaler whenever it assumes CUDA (under DDP); set_recipe replaces it
             warnings.filterwarnings("ignore", message=".*GradScaler is enabled, but CUDA is not available")
-            trainer = MedmambaTrainer(plans, config_name, fold, dataset_json, device)
+            trainer = MedmambaTrainer(plans, config_name, fold_value, dataset_json, device)
         folder = Path(trainer.output_folder)
         with run_log(folder) if dist_env.rank == 0 else contextlib.nullcontext():
             finished = _prepare(trainer, recipe, overrides or {}, folder, resume=resume, overwrite=overwrite)

@@ -138,3 +138,11 @@ def test_gpu_prediction_in_bf16_agrees_with_cpu(trained_model, tiny_dataset, tmp
     gpu = read_image(predict(source, tmp_path / "gpu.nii.gz", trained_model, device="cuda", amp_dtype="bf16")[0])
     assert gpu.geometry.isclose(cpu.geometry)
     assert (gpu.array == cpu.array).mean() > 0.98
+
+
+def test_refuses_to_overwrite_an_input(trained_model, tiny_dataset, tmp_path):
+    shutil.copy(tiny_dataset["raw"] / "imagesTr" / "tiny_000_0000.nii.gz", tmp_path / "scan.nii.gz")
+    before = (tmp_path / "scan.nii.gz").read_bytes()
+    with pytest.raises(UsageError, match=r"scan\.nii\.gz would overwrite an input image"):
+        predict(tmp_path, tmp_path, trained_model, device="cpu")
+    assert (tmp_path / "scan.nii.gz").read_bytes() == before
