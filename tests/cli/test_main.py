@@ -63,9 +63,11 @@ def test_info_lists_backends(capsys):
     assert "scan backend torch: ok" in out and "scan backend reference: ok" in out
 
 
-def test_demo_checks_every_backend_against_the_reference(capsys):
-    assert main(["demo", "--device", "cpu", "--size", "6", "--channels", "8", "--backends", "torch"]) == 0
+def test_info_check_scan_compares_every_backend_with_the_reference(capsys):
+    assert (
+        main(["info", "--check-scan", "--device", "cpu", "--size", "6", "--channels", "8", "--backends", "torch"]) == 0
+    )
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if "backend torch" in l)
+    line = next(l for l in out.splitlines() if l.strip().startswith("backend torch"))
     error = float(line.split("reference")[1].split()[0])
     assert error < 1e-10
