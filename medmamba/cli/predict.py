@@ -29,12 +29,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "NIfTI with exactly its input's geometry, written atomically.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-i", "--input", required=True, type=Path, help="image folder, image file or DICOM folder")
     parser.add_argument(
-        "-o", "--output", required=True, type=Path, help="output folder, or a .nii.gz file name for one case"
+        "-i", "--input", required=True, type=Path, metavar="INPUT", help="image folder, image file or DICOM folder"
     )
     parser.add_argument(
-        "-m", "--model", required=True, type=Path, help="MedmambaTrainer__<plans>__<config> folder (or a fold_k in it)"
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="OUTPUT",
+        help="output folder, or a .nii.gz file name for one case",
+    )
+    parser.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        type=Path,
+        metavar="MODEL_DIR",
+        help="MedmambaTrainer__<plans>__<config> folder (or a fold_k in it)",
     )
     parser.add_argument(
         "-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: every fold with the checkpoint)"
