@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,23 +29,33 @@ def no_environment(monkeypatch):
 SHORT = ["--epochs", "2", "--iterations-per-epoch", "2", "--val-iterations", "1", "--num-workers", "0"]
 
 
-def test_trains_prints_the_fold_folder_and_reports_each_epoch(preprocessed, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("MEDMAMBA_PREPROCESSED", str(preprocessed))  # the environment instead of --preprocessed
+def test_trains_prints_the_fold_folder_and_reports_each_epoch(preprocessed, tmp_path, capsys):
+    # a real process: main() configures the console as a user's shell sees it (pytest owns logging in-process)
+    env = {**os.environ, "MEDMAMBA_PREPROCESSED": str(preprocessed), "OMP_NUM_THREADS": "1"}
     args = ["train", "901", "3d_fullres", "0", "--network", "umamba_bot", "--results", str(tmp_path)]
-    assert main([*args, *SHORT, "--device", "cpu", "--no-validation", "--lr", "0.02", "--no-progress"]) == 0
-    out, err = capsys.readouterr()
+    done = subprocess.run(
+        [sys.executable, "-m", "medmamba", *args, *SHORT, "--device", "cpu", "--no-validation", "--lr", "0.02"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     fold = tmp_path / DATASET / "MedmambaTrainer__medmambaPlans__3d_fullres_umamba_bot" / "fold_0"
-    assert out == f"{fold}\n"
-    assert "epoch 1/2: train loss" in err and "epoch 2/2" in err and "ETA" in err
-    assert "do_dummy_2d_data_aug" not in err  # nnU-Net's chatter stays in train.log unless -v
+    assert done.stdout == f"{fold}\n"
+    assert "epoch 1/2: train loss" in done.stderr and "epoch 2/2" in done.stderr and "ETA" in done.stderr
+    assert "do_dummy_2d_data_aug" not in done.stderr  # nnU-Net's chatter stays in train.log unless -v
     assert "do_dummy_2d_data_aug" in (fold / "train.log").read_text()
     checkpoint = load_checkpoint(fold / "checkpoint_final.pth")
     assert checkpoint["recipe"]["initial_lr"] == 0.02 and checkpoint["recipe"]["num_epochs"] == 2
 
     # a second run refuses to overwrite; --resume of a finished run has nothing left to do
-    assert main([*args, *SHORT, "--preprocessed", str(preprocessed), "--device", "cpu", "--no-validation"]) == 2
+    args += ["--preprocessed", str(preprocessed), *SHORT, "--device", "cpu", "--no-validation"]
+    assert main(args) == 2
     assert "--resume to continue it or --overwrite" in capsys.readouterr().err
-    assert main([*args, *SHORT, "--device", "cpu", "--no-validation", "--resume"]) == 0
+    assert main([*args, "--resume"]) == 0
+    assert capsys.readouterr().out == f"{fold}\n"
     assert load_checkpoint(fold / "checkpoint_final.pth")["current_epoch"] == 2
 
 
