@@ -83,8 +83,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(impl: str, shape: tuple[int, ...], backward: bool, repeats: int) -> dict:
+def measure(impl: str, shape: tuple[int, ...], backward: bool, repeats: int, threads: int) -> dict:
     """Runs in a child process: time and peak-memory growth of one implementation at one shape."""
+    if threads:
+        torch.set_num_threads(threads)
     fn = IMPLS[impl]
     inputs = make_inputs(*shape)
     args = [x.clone().requires_grad_(backward) for x in inputs]
@@ -120,8 +122,8 @@ def measure(impl: str, shape: tuple[int, ...], backward: bool, repeats: int) -> 
     }
 
 
-def run_child(impl, shape, backward, repeats, timeout) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", json.dumps([impl, shape, backward, repeats])]
+def run_child(impl, shape, backward, repeats, timeout, threads) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", json.dumps([impl, shape, backward, repeats, threads])]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
     except subprocess.TimeoutExpired:
@@ -129,7 +131,7 @@ def run_child(impl, shape, backward, repeats, timeout) -> dict | None:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
+def machine(threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -138,7 +140,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads or torch.get_num_threads()} threads)"
 
 
 def table(rows: list[dict]) -> str:
@@ -181,23 +183,29 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small shape, no RESULTS.md update")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (best is kept)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed to one measurement")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per measurement (0: torch's default, one per core)"
+    )
+    parser.add_argument("--anchor-only", action="store_true", help="only the issue's anchor shape (1, 64, 16, 32768)")
     args = parser.parse_args()
     if args.child:
-        impl, shape, backward, repeats = json.loads(args.child)
-        print(json.dumps(measure(impl, tuple(shape), backward, repeats)))
+        impl, shape, backward, repeats, threads = json.loads(args.child)
+        print(json.dumps(measure(impl, tuple(shape), backward, repeats, threads)))
         return
     rows = []
-    for shape in QUICK_SHAPES if args.quick else SHAPES:
+    shapes = QUICK_SHAPES if args.quick else SHAPES[:1] if args.anchor_only else SHAPES
+    for shape in shapes:
         for backward in (False, True):
             for impl in IMPLS:
                 if impl == "fp32 loop" and backward and shape[3] > 4096:
                     continue  # autograd through L Python steps: minutes, and not a contender
-                row = run_child(impl, shape, backward, args.repeats, args.timeout)
+                row = run_child(impl, shape, backward, args.repeats, args.timeout, args.threads)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     body = (
         "## CPU selective scan (`benchmarks/scan_cpu.py`)\n\n"
-        f"Machine: {machine()}. Command: `python benchmarks/scan_cpu.py`. fp32, one order, delta_bias + softplus, "
+        f"Machine: {machine(args.threads)}. Command: `python {' '.join(sys.argv)}`. "
+        "fp32, one order, delta_bias + softplus, "
         "no D/z; best of 3 after a warm-up; peak extra memory = growth of the process's peak RSS over its inputs "
         "(each measurement in its own process); error = max |y − y_ref| / max |y_ref| over the first 2048 steps "
         "against the float64 reference.\n\n" + table(rows)
