@@ -141,12 +141,15 @@ def _curves(path: Path, run: _DemoRun) -> bool:
         panels.append(("registration: validation Dice of warped labels", {"Dice": history.get("val_dice", [])}, "Dice"))
     if not panels:
         return False
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _figure((len(panels) + 1) // 2, 2, (10, 3.2 * ((len(panels) + 1) // 2)))
     for ax, (title, series, ylabel) in zip(axes.ravel(), panels, strict=False):
         for label, values in series.items():
             values = [np.nan if v is None else float(v) for v in values]
             ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes.ravel()[len(panels) :]:

@@ -1,8 +1,8 @@
 """`medmamba demo --quick` end to end (about a minute on the 2-core box): the report exists, shows what is on disk,
 and its numbers are real — recomputed here from the label maps and displacement fields the demo wrote.
 
-The full demo (``make demo``, about 10 minutes) runs the same code with bigger settings; its measured run is in
-the report of issue 8. The quick run's numbers mean little (one epoch of two iterations); their provenance is
+The full demo (``make demo``) runs the same code with bigger settings: about 7 minutes on an idle 2-core box
+(measured; README.md). The quick run's numbers mean little (one epoch of two iterations); their provenance is
 what is checked.
 """
 
