@@ -26,8 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "downloaded), plan and preprocess, train a small segmentation network (GPU if present, else CPU) and a small "
         "MambaMorph, segment and register held-out cases, evaluate them (Dice, HD95, surface Dice; warped-label "
         "Dice, folding) and write OUTPUT/report/: index.html and README.md with the numbers, training curves and "
-        "overlays on the MRI slices, and summary.json. About 7 minutes on an idle 2-core CPU; --quick is a smoke run of "
-        "a minute or two whose numbers mean little.",
+        "overlays on the MRI slices, and summary.json. About 7 minutes on an idle 2-core CPU; --quick is a smoke run "
+        "of a minute or two whose numbers mean little.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-o", "--output", type=Path, default=Path("medmamba-demo"), help="the demo's folder")
