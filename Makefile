@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# --overwrite replaces only the folders an earlier `make demo` wrote in medmamba-demo/
 demo: $(STAMP)
-	$(BIN)/medmamba demo
+	$(BIN)/medmamba demo -o medmamba-demo --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
