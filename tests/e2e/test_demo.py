@@ -118,3 +118,14 @@ def test_a_second_run_refuses_to_overwrite_and_foreign_folders_are_left_alone(de
     assert [p.name for p in foreign.iterdir()] == ["chapter1.tex"]
     assert main(["demo", "--no-segmentation", "--no-registration", "-o", str(tmp_path / "x")]) == 2
     assert "nothing to run" in capsys.readouterr().err
+
+
+def test_overwrite_removes_only_the_demos_own_folders(tmp_path):
+    from medmamba.engines.demo import FOLDERS, _prepare_output
+
+    root = tmp_path / "medmamba-demo"
+    for name in FOLDERS:
+        (root / name / "sub").mkdir(parents=True)
+    (root / "my_notes.txt").write_text("keep me")
+    assert _prepare_output(root, overwrite=True) == root.resolve()
+    assert [p.name for p in root.iterdir()] == ["my_notes.txt"]
