@@ -5,7 +5,8 @@ What is timed is ``MedmambaTrainer.train_step`` itself — the step `medmamba tr
 scans in fp32, backward, nnU-Net's grad-norm clip 12, SGD (Nesterov, momentum 0.99), the poly LR — on a random
 batch already on the GPU, so data loading and augmentation (CPU workers) are not included. Median of ``--steps``
 CUDA-event-timed steps after ``--warmup`` warm-ups; memory = ``torch.cuda.max_memory_allocated`` (reserved in
-brackets), reset per row. Scans on the Triton backend unless ``--scan-backend`` says otherwise.
+brackets), reset per row. Scans on the Triton backend unless ``--scan-backend`` says otherwise (on the CPU: the
+PyTorch backend).
 
 Rows, for U-Mamba_Bot, U-Mamba_Enc and SegMamba:
 
@@ -292,7 +293,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (with --quick: smoke test)")
     parser.add_argument("--amp", nargs="+", default=["bf16", "fp16", "fp32"], choices=("bf16", "fp16", "fp32"))
-    parser.add_argument("--scan-backend", default="triton", choices=("triton", "torch", "auto"))
+    parser.add_argument(
+        "--scan-backend",
+        default=None,
+        choices=("triton", "torch", "auto"),
+        help="default: triton on cuda, torch on cpu",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="tiny inputs and networks (smoke test)")
@@ -301,6 +307,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
+    if args.scan_backend is None:  # Triton needs CUDA tensors: the CPU smoke test scans with the PyTorch backend
+        args.scan_backend = "triton" if device.type == "cuda" else "torch"
     torch.backends.cudnn.benchmark = device.type == "cuda"
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     results = []
