@@ -19,6 +19,14 @@ Run on the device (one call, a few minutes): ``python benchmarks/train_gpu.py [-
 benchmarks/RESULTS.md]``. Prints one JSON document, then a Markdown table; ``--results-md`` also replaces the
 section between ``<!-- seg_gpu:begin -->`` and ``<!-- seg_gpu:end -->`` of that file (atomically).
 ``--quick --device cpu`` runs tiny rows on the CPU as a smoke test of the script itself.
+
+On a GPU machine without nnunetv2 (the lent device image, no internet): carry the cp312 wheels that medmamba and
+nnunetv2 need (nnunetv2, monai, dynamic-network-architectures, SimpleITK, nibabel, pydicom, blosc2, numexpr, ndindex,
+acvl-utils, batchgenerators v1/v2, connected-components-3d) unpacked, trimmed of tests and debug info, as one
+``tar.xz`` (34 MB; SimpleITK's 53 MB wheel alone would break a 64 MiB upload), unpack it into ``/tmp/site``, copy
+``medmamba/``, ``kernels/`` → ``medmamba/kernels`` and ``plans/`` → ``medmamba/plans`` (pyproject's package-dir
+mapping) into ``/tmp/mm``, and run ``PYTHONPATH=/tmp/mm:/tmp/site python3 -P benchmarks/train_gpu.py …`` (``-P``:
+the checkout's own ``medmamba/``, which lacks the mapped packages, must not shadow ``/tmp/mm``).
 """
 
 from __future__ import annotations
@@ -67,13 +75,19 @@ def architecture(network: str, kwargs: dict, patch: tuple[int, ...]) -> dict:
         return {"network_class_name": "medmamba.networks.nnunet.SegMamba", "arch_kwargs": block,
                 "_kw_requires_import": ["conv_op"]}  # fmt: skip
     n = len(kwargs["features_per_stage"])
-    per_axis = lambda v: [list(v)] if isinstance(v, (list, tuple)) else [[v] * dims]  # noqa: E731
+
+    def per_axis(v) -> list[int]:
+        return list(v) if isinstance(v, (list, tuple)) else [v] * dims
+
+    def per_stage(v) -> list[list[int]]:  # one value for all stages, or one per stage (each an int or per axis)
+        return [per_axis(s) for s in v] if isinstance(v, (list, tuple)) else [per_axis(v)] * n
+
     block = {
         "n_stages": n,
         "features_per_stage": list(kwargs["features_per_stage"]),
         "conv_op": _CONV[dims],
-        "kernel_sizes": [per_axis(k)[0] for k in kwargs["kernel_sizes"]],
-        "strides": [per_axis(s)[0] for s in kwargs["strides"]],
+        "kernel_sizes": per_stage(kwargs["kernel_sizes"]),
+        "strides": per_stage(kwargs["strides"]),
         "n_conv_per_stage": [kwargs.get("blocks_per_stage", 2)] * n,
         "n_conv_per_stage_decoder": [kwargs.get("blocks_per_stage_decoder", 2)] * (n - 1),
         "conv_bias": True,
@@ -222,7 +236,7 @@ def measure(row: dict, args: argparse.Namespace, device: torch.device) -> dict:
 
 def rows(args: argparse.Namespace) -> list[dict]:
     out = []
-    for name in PRESETS:
+    for name in args.presets:
         preset = load_preset(name)
         kwargs = dict(preset.network_kwargs)
         base = {"network": preset.network, "kwargs": kwargs, "in_channels": preset.in_channels,
@@ -278,6 +292,19 @@ def markdown(results: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["preset"], r["setting"], r["amp"])
+
+
+def merged(earlier: dict, results: list[dict], card: str) -> list[dict]:
+    """``results`` plus the rows of an earlier run (same card only) that were not measured again, in preset order."""
+    if earlier.get("device") != card:
+        raise SystemExit(f"--merge: the earlier run is from {earlier.get('device')!r}, this one from {card!r}")
+    fresh = {_row_key(r) for r in results}
+    rows_all = [r for r in earlier["results"] if _row_key(r) not in fresh] + results
+    return sorted(rows_all, key=lambda r: PRESETS.index(r["preset"]))
+
+
 def write_section(path: Path, body: str) -> None:
     text = path.read_text() if path.is_file() else "# Benchmark results\n"
     section = f"{BEGIN}\n{body}{END}"
@@ -302,6 +329,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="tiny inputs and networks (smoke test)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="presets to measure")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="a train_gpu.json of an earlier run on the same card: its rows that this run does not measure are kept",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write train_gpu.json / train_gpu.md here")
     parser.add_argument("--results-md", type=Path, default=None, help="replace the seg_gpu section of this file")
     args = parser.parse_args()
@@ -318,6 +352,8 @@ def main() -> None:
             shown = {k: v for k, v in results[-1].items() if k not in ("kwargs", "traceback")}
             print(json.dumps(shown), flush=True)
     versions = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+    if args.merge is not None:
+        results = merged(json.loads(args.merge.read_text()), results, card)
     header = (
         f"## Training iteration of `medmamba train` per network (`benchmarks/train_gpu.py`)\n\n"
         f"Device: {card} ({versions}); scans: {args.scan_backend} backend; median of {args.steps} steps after "
