@@ -1,0 +1,46 @@
+"""The GPU benchmark scripts' CPU-side logic (their GPU runs are recorded in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from medmamba.plans import load_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_gpu():
+    return _load("train_gpu")
+
+
+@pytest.mark.parametrize("preset", ["umamba_bot_3d", "umamba_enc_3d", "umamba_bot_2d", "umamba_enc_2d"])
+def test_architecture_block_is_per_stage_and_per_axis(train_gpu, preset):
+    p = load_preset(preset)
+    block = train_gpu.architecture(p.network, dict(p.network_kwargs), tuple(p.patch_size))["arch_kwargs"]
+    dims = len(p.patch_size)
+    assert len(block["kernel_sizes"]) == len(block["strides"]) == block["n_stages"]
+    for k, s in zip(block["kernel_sizes"], block["strides"], strict=True):
+        assert len(k) == len(s) == dims
+        assert all(isinstance(v, int) for v in (*k, *s))
+
+
+def test_merge_keeps_unmeasured_rows_and_refuses_other_cards(train_gpu):
+    def row(preset, amp, t):
+        return {"preset": preset, "setting": "planned", "amp": amp, "s_per_iteration": t}
+
+    earlier = {"device": "H100", "results": [row("umamba_bot_3d", "fp32", 1.0), row("umamba_bot_2d", "fp32", 2.0)]}
+    out = train_gpu.merged(earlier, [row("umamba_bot_2d", "fp32", 3.0)], "H100")
+    assert [(r["preset"], r["s_per_iteration"]) for r in out] == [("umamba_bot_3d", 1.0), ("umamba_bot_2d", 3.0)]
+    with pytest.raises(SystemExit, match="earlier run"):
+        train_gpu.merged(earlier, [], "H200")
