@@ -38,7 +38,7 @@ class PassConfig:
     segments: int | None = None
 
 
-_FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=4)
+_FORWARD = PassConfig(block_t=16, sub=128, per_program=128, num_warps=4)
 _BACKWARD = PassConfig(block_t=16, sub=32, per_program=64, num_warps=4)
 _overrides: list[dict[str, PassConfig]] = []
 

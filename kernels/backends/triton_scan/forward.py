@@ -4,18 +4,18 @@ Per order k, batch b, channel c, state n, along the order's sequence t (state an
 
     Δ_t = softplus(delta_t + delta_bias)     h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·u_t·B_t     y_t = C_t·h_t + D·u_t
 
-Work split: a program owns (b, k, RC channels of one group, one segment of the sequence) and walks the
-segment's chunks of BLOCK_T tokens in order. Per chunk it loads the B and C tiles ``(N, BLOCK_T)`` once and
-reuses them for its RC channels, SUB at a time: the tile ``(SUB, N, BLOCK_T)`` of pairs (exp(Δ·A), Δ·u·B) is
-scanned with ``tl.associative_scan``, the chunk-start state enters as ``h = h_local + Π a · h_0``. The chunk-end
-state goes through a small fp32 buffer (read back after a barrier by the next chunk; with gradients needed the
-buffer keeps every chunk's start state for the backward). Tokens are addressed in the natural layout through the
-order's stride table (layout.py): no permuted copy is ever made.
+Work split: a program owns (b, k, SUB channels of one group, one segment of the sequence), one thread per
+channel, and walks the segment's chunks of BLOCK_T tokens in order. A chunk's tokens sit in the thread's
+registers, so the scan along them (``tl.associative_scan`` over the pairs (exp(Δ·A), Δ·u·B)) runs inside the
+thread; the states are a loop unrolled at compile time, so a channel's state vector stays in its thread and
+``y = Σ_n C·h`` needs no exchange between threads. B_n and C_n of a chunk are loaded once per program and
+broadcast to its lanes. The chunk-start state enters as ``h = h_local + Π a · h_0``; with gradients needed every
+chunk's start state is saved for the backward. Tokens are addressed in the natural layout through the order's
+stride table (layout.py): no permuted copy is ever made.
 
 When the rows (b, k, channel block) alone would not fill the GPU, each sequence is cut into segments:
-``_fwd_segment_kernel`` computes each segment's end state from zero without scanning
-(``h_end = Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t``, a reduction), ``_fwd_carry_kernel`` chains the segments, and
-the main kernel starts each segment from its true state.
+the same kernel first runs as a segment pass (``END_ONLY``: each segment's end state from zero and its Σ Δ),
+``_fwd_carry_kernel`` chains the segments, and the main pass starts each segment from its true state.
 
 Several orders with ``merge="sum"`` write fp32 per-order outputs that ``_merge_kernel`` sums in order k = 0..K-1
 (deterministic) and gates.
@@ -42,17 +42,20 @@ __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 @triton.jit
 def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-    out_ptr, pre_ptr, state_ptr, last_ptr, order_ptr,
-    L, CH, N, K, CPG, nchunks, cps, n_state,
+    out_ptr, pre_ptr, state_ptr, last_ptr, seg_dt_ptr, order_ptr,
+    L, CH, N, K, CPG, nchunks, cps, n_state, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, so_b, so_k, so_c, sp_b, sp_k, sp_c,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr,
+    GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
 ):  # fmt: skip
-    # Tiles are (T, N, SUB): tokens in registers (the scan along T runs inside each thread), states across warps
-    # (the sum over N is one shared-memory step), channels across lanes (B/C loaded once for SUB channels).
+    # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
+    # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
+    # needs no exchange. The states are a loop unrolled at compile time (the state vector of a channel stays in
+    # its thread's registers); B_n and C_n of a chunk are loaded once per program and broadcast to its lanes.
+    # END_ONLY: the segment pass — the segment's end state from zero and its Σ Δ, no output.
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -65,11 +68,11 @@ def _fwd_kernel(
     last = tl.minimum(first + cps, nchunks)
 
     t = tl.arange(0, BLOCK_T)
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    nn = tl.arange(0, BLOCK_N)
+    n_ok = nn < N
     ch = c0 + tl.arange(0, SUB)
     ch64 = ch.to(tl.int64)
-    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+    A_rows = A_ptr + (k * CH + ch64) * N
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * CH + ch)
     if HAS_D:
@@ -82,15 +85,19 @@ def _fwd_kernel(
     B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
     state_rows = state_ptr + (bk * CH + ch64) * n_state * N  # (SUB,)
-    if SAVE_STATES:
-        start = first
+    if END_ONLY:
+        h0 = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
     else:
-        start = seg
-    # a segment after the first starts from the state the carry pass left at its start
-    h = tl.load(state_rows[None, :] + start * N + n[:, None], mask=n_ok[:, None] & (first > 0), other=0.0)
+        if SAVE_STATES:
+            start = first
+        else:
+            start = seg
+        # a segment after the first starts from the state the carry pass left at its start
+        h0 = tl.load(state_rows[None, :] + start * N + nn[:, None], mask=n_ok[:, None] & (first > 0), other=0.0)
+    dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for c in range(first, last):
         if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
-            tl.store(state_rows[None, :] + c * N + n[:, None], h, mask=n_ok[:, None] & (c > first))
+            tl.store(state_rows[None, :] + c * N + nn[:, None], h0, mask=n_ok[:, None] & (c > first))
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
@@ -102,82 +109,40 @@ def _fwd_kernel(
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(tok, dt, 0.0)  # padding tokens: exp(0·A) = 1, Δ·u·B = 0, the scan's identity
-        bc_mask = tok & n_ok[None, :]
-        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)  # (T, N)
-        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)
-        a = tl.exp(dt[:, None, :] * A[None, :, :])  # (T, N, SUB)
-        x = (dt * u)[:, None, :] * Bt[:, :, None]
-        decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
-        hh = h_local + decay * h[None, :, :]
-        y = tl.sum(hh * Ct[:, :, None], axis=1)  # (T, SUB)
-        if HAS_D:
-            y += Dv[None, :] * u
-        # the state after the chunk's last token (padding tokens carry it unchanged)
-        h = tl.sum(tl.where(t[:, None, None] == BLOCK_T - 1, hh, 0.0), axis=0)
-        if GATE:
-            zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-            if STORE_PRE:
-                tl.store(p_rows[None, :] + lin[:, None], y, mask=tok)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(o_rows[None, :] + lin[:, None], y, mask=tok)
-    tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + n[:, None], h, mask=n_ok[:, None] & (last == nchunks))
-
-
-@triton.jit
-def _fwd_segment_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, seg_state_ptr, seg_dt_ptr, order_ptr,
-    L, CH, N, K, CPG, nchunks, cps, nsplit,
-    su_b, su_k, su_c, sd_b, sd_k, sd_c, sB_b, sB_k, sB_g, sB_n,
-    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-):  # fmt: skip
-    pid_blk = tl.program_id(0)
-    seg = tl.program_id(1)
-    bk = tl.program_id(2)
-    b = (bk // K).to(tl.int64)
-    k = bk % K
-    c0 = pid_blk * SUB
-    grp = (c0 // CPG).to(tl.int64)
-    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-    first = seg * cps
-    last = tl.minimum(first + cps, nchunks)
-
-    t = tl.arange(0, BLOCK_T)
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    ch = c0 + tl.arange(0, SUB)
-    ch64 = ch.to(tl.int64)
-    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + k * CH + ch)
-    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
-    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
-    B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
-    h = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-    dt_sum = tl.zeros([SUB], dtype=tl.float32)
-    for c in range(first, last):
-        q = c * BLOCK_T + t
-        valid = q < L
-        lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        tok = valid[:, None]
-        u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(tok, dt, 0.0)
-        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
-        total = tl.sum(dt, axis=0)  # (SUB,)
-        # Σ_{j>t} Δ_j as a suffix sum: exact where it is small, so exp(A·s) keeps its relative accuracy
-        after = tl.cumsum(dt, axis=0, reverse=True) - dt
-        x = (dt * u)[:, None, :] * Bt[:, :, None]
-        w = tl.exp(A[None, :, :] * after[:, None, :])
-        h = tl.exp(A * total[None, :]) * h + tl.sum(w * x, axis=0)
-        dt_sum += total
-    seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
-    tl.store(seg_state_ptr + seg_row[None, :] * N + n[:, None], h, mask=n_ok[:, None])
-    tl.store(seg_dt_ptr + seg_row, dt_sum)
+        dtu = dt * u
+        if END_ONLY:
+            dt_sum += tl.sum(dt, axis=0)
+        else:
+            y = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)
+            if HAS_D:
+                y += Dv[None, :] * u
+        h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+        for n in tl.static_range(BLOCK_N):
+            A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
+            h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
+            B_n = tl.load(B_base + n * sB_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)  # (T,)
+            decay, h_local = tl.associative_scan((tl.exp2(dt * A_n[None, :]), dtu * B_n[:, None]), 0, _linear_combine)
+            h = h_local + decay * h0_n[None, :]
+            if not END_ONLY:
+                C_n = tl.load(C_base + n * sC_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)
+                y += h * C_n[:, None]
+            # the state after the chunk's last token (padding tokens carry it unchanged)
+            h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+            h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
+        h0 = h_next
+        if not END_ONLY:
+            if GATE:
+                zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+                if STORE_PRE:
+                    tl.store(p_rows[None, :] + lin[:, None], y, mask=tok)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(o_rows[None, :] + lin[:, None], y, mask=tok)
+    if END_ONLY:
+        seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
+        tl.store(state_ptr + seg_row[None, :] * N + nn[:, None], h0, mask=n_ok[:, None])
+        tl.store(seg_dt_ptr + seg_row, dt_sum)
+    else:
+        tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + nn[:, None], h0, mask=n_ok[:, None] & (last == nchunks))
 
 
 @triton.jit
@@ -268,15 +233,18 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
 
 
 def split(
-    p: Plan, cfg: configs.PassConfig, device: torch.device, per_program: int | None = None
+    p: Plan, cfg: configs.PassConfig, device: torch.device, per_program: int | None = None, fill: int = 1
 ) -> tuple[int, int, int, int]:
-    """``(SUB, RC, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``."""
+    """``(SUB, RC, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``.
+
+    Segments are cut until about ``fill`` times :func:`configs.target_programs` programs run.
+    """
     sub, rc = layout.channel_blocking(p.channels, p.groups, cfg.sub, per_program or cfg.per_program)
     rows = p.batch * p.K * (p.channels // rc)
     if cfg.segments is not None:
         per = triton.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
         return sub, rc, triton.cdiv(p.nchunks, per), per
-    nsplit, per = layout.segments(p.nchunks, rows, configs.target_programs(device))
+    nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device))
     return sub, rc, nsplit, per
 
 
@@ -325,8 +293,9 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    # one program per SUB channels (no channel loop in the forward): RC = SUB
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1)
+    # one program per SUB channels, one thread per channel (no channel loop in the forward): RC = SUB
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=2)  # small programs: four per SM
+    num_warps = max(1, min(cfg.num_warps, sub // 32))
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -347,15 +316,22 @@ def forward(
     grid = (p.channels // rc, nsplit, p.batch * p.K)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps)
 
+    strides = (
+        u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
+        z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2),
+        pre_arg.stride(0), pre_arg.stride(1), pre_arg.stride(2),
+    )  # fmt: skip
+    flags = {
+        "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
+        "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
+    }  # fmt: skip
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-        _fwd_segment_kernel[grid](
-            u, delta, A, B, bias, seg_state, seg_dt, table, *common, nsplit,
-            u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
-            B.stride(0), B.stride(1), B.stride(2), B.stride(3),
-            SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
+        _fwd_kernel[grid](
+            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, table, *common, nsplit, nsplit,
+            *strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **flags,
         )  # fmt: skip
         _fwd_carry_kernel[(p.batch * p.K * p.channels,)](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, cps, n_state,
@@ -363,14 +339,9 @@ def forward(
         )  # fmt: skip
 
     _fwd_kernel[grid](
-        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, table, *common, n_state,
-        u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
-        B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-        z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2),
-        pre_arg.stride(0), pre_arg.stride(1), pre_arg.stride(2),
-        SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, GATE=(z is not None) and not fused_merge,
-        STORE_PRE=pre is not None, SAVE_STATES=save, num_warps=cfg.num_warps,
+        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, table, *common, n_state, nsplit,
+        *strides, GATE=(z is not None) and not fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save,
+        END_ONLY=False, **flags,
     )  # fmt: skip
 
     if fused_merge:
