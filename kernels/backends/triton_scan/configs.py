@@ -39,7 +39,7 @@ class PassConfig:
 
 
 _FORWARD = PassConfig(block_t=16, sub=128, per_program=128, num_warps=4)
-_BACKWARD = PassConfig(block_t=16, sub=32, per_program=64, num_warps=4)
+_BACKWARD = PassConfig(block_t=16, sub=128, per_program=128, num_warps=4)
 _overrides: list[dict[str, PassConfig]] = []
 
 
