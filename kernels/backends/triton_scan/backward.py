@@ -262,7 +262,7 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=2)  # one thread per channel, as the forward
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=cfg.fill)  # one thread per channel, as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()

@@ -29,6 +29,8 @@ class PassConfig:
         per_program: channels per program (rounded down to a divisor of the channels per group).
         num_warps: warps per program.
         segments: force this many segments per row (``None``: choose from the GPU's size).
+        fill: cut segments until about ``fill`` × :func:`target_programs` programs run (small programs need
+            more of them in flight to hide memory latency).
     """
 
     block_t: int = 128
@@ -36,10 +38,11 @@ class PassConfig:
     per_program: int = 16
     num_warps: int = 8
     segments: int | None = None
+    fill: int = 1
 
 
-_FORWARD = PassConfig(block_t=16, sub=128, per_program=128, num_warps=4)
-_BACKWARD = PassConfig(block_t=16, sub=128, per_program=128, num_warps=4)
+_FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
+_BACKWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
 _overrides: list[dict[str, PassConfig]] = []
 
 

@@ -294,7 +294,7 @@ def forward(
     dev = u.device
     cfg = configs.forward_config(p.L)
     # one program per SUB channels, one thread per channel (no channel loop in the forward): RC = SUB
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=2)  # small programs: four per SM
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=cfg.fill)  # small programs: four per SM
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
