@@ -43,118 +43,110 @@ def _bwd_kernel(
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, sg_b, sg_k, sg_c,
-    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    RC: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    # One thread per channel, as in the forward: (T, SUB) tiles with the chunk's tokens in registers, the states
-    # a loop unrolled at compile time. The adjoint flowing in from the next chunk, ρ = a_{t1}·λ_{t1}, and the
-    # dA/dD/d(delta_bias) sums stay in registers; dB_n and dC_n of a chunk are summed over the program's channels
-    # (a reduction across lanes and warps) and written once per program; the host sums the programs' partials.
+    # Tiles (T, N, SUB) as in the forward. dB/dC terms are accumulated per lane over the RC/SUB sub-blocks and
+    # summed across the lanes once per chunk.
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
     b = (bk // K).to(tl.int64)
     k = bk % K
-    c0 = pid_blk * SUB
+    c0 = pid_blk * RC
     grp = c0 // CPG
-    blk_in_grp = (c0 % CPG) // SUB
-    bpg = CPG // SUB
+    blk_in_grp = (c0 % CPG) // RC
+    bpg = CPG // RC
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
     t = tl.arange(0, BLOCK_T)
-    nn = tl.arange(0, BLOCK_N)
-    n_ok = nn < N
-    ch = c0 + tl.arange(0, SUB)
-    ch64 = ch.to(tl.int64)
-    chan_row = bk * CH + ch64  # (SUB,)
-    A_rows = A_ptr + (k * CH + ch64) * N
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + k * CH + ch)
-    if HAS_D:
-        Dv = tl.load(D_ptr + k * CH + ch)
-    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
-    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
-    g_rows = gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c
-    z_rows = z_ptr + b * sz_b + ch64 * sz_c
-    tok_rows = chan_row * L  # du/ddelta are (B, K, C, L) contiguous
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
     B_base = B_ptr + b * sB_b + k * sB_k + grp.to(tl.int64) * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp.to(tl.int64) * sC_g
     part_row = ((bk.to(tl.int64) * G + grp) * bpg + blk_in_grp) * N  # dB/dC partials (B, K, G, BPG, N, L)
-    rho = tl.load(rho_ptr + (chan_row * nsplit + seg)[None, :] * N + nn[:, None], mask=n_ok[:, None], other=0.0)
-    dA_acc = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-    dD_acc = tl.zeros([SUB], dtype=tl.float32)
-    dbias_acc = tl.zeros([SUB], dtype=tl.float32)
-    ones = tl.full([BLOCK_T, SUB], 1.0, tl.float32)
     for i in range(last - first):
         c = last - 1 - i
         q = c * BLOCK_T + t
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
         tok = valid[:, None]
-        u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (T, SUB)
-        pre = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            pre += bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(pre)
-        else:
-            dt = pre
-        dt = tl.where(tok, dt, 0.0)
-        gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-            gy = gy * zz * tl.sigmoid(zz)
-        dtu = dt * u
-        h0 = tl.load(state_ptr + (chan_row * nchunks + c)[None, :] * N + nn[:, None], mask=n_ok[:, None] & (c > 0),
-                     other=0.0)  # fmt: skip
-        lam_B = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)  # Σ_n λ·B
-        lam_hA = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)  # Σ_n λ·(h − Δ·u·B)·A
-        rho_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-        for n in tl.static_range(BLOCK_N):
-            A_n = tl.load(A_rows + n, mask=n < N, other=0.0)
-            B_n = tl.load(B_base + n * sB_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)  # (T,)
-            C_n = tl.load(C_base + n * sC_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)
-            h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
-            rho_n = tl.sum(tl.where(nn[:, None] == n, rho, 0.0), axis=0)
-            # the states of this chunk, recomputed from its saved start state
-            a = tl.exp2(dt * (A_n * 1.4426950408889634)[None, :])
-            x = dtu * B_n[:, None]
+        bc_mask = tok & n_ok[None, :]
+        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)  # (T, N)
+        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)
+        dB_acc = tl.zeros([BLOCK_T, BLOCK_N, SUB], dtype=tl.float32)
+        dC_acc = tl.zeros([BLOCK_T, BLOCK_N, SUB], dtype=tl.float32)
+        for sb in range(RC // SUB):
+            ch = c0 + sb * SUB + tl.arange(0, SUB)
+            ch64 = ch.to(tl.int64)
+            u = tl.load((u_ptr + b * su_b + k * su_k + ch64 * su_c)[None, :] + lin[:, None], mask=tok, other=0.0)
+            u = u.to(tl.float32)  # (T, SUB)
+            pre = tl.load((dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c)[None, :] + lin[:, None], mask=tok, other=0.0)
+            pre = pre.to(tl.float32)
+            if HAS_BIAS:
+                pre += tl.load(bias_ptr + k * CH + ch)[None, :]
+            if SOFTPLUS:
+                dt = _softplus(pre)
+            else:
+                dt = pre
+            dt = tl.where(tok, dt, 0.0)
+            gy = tl.load((gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c)[None, :] + lin[:, None], mask=tok, other=0.0)
+            gy = gy.to(tl.float32)
+            if HAS_Z:
+                zz = tl.load((z_ptr + b * sz_b + ch64 * sz_c)[None, :] + lin[:, None], mask=tok, other=0.0)
+                zz = zz.to(tl.float32)
+                gy = gy * zz * tl.sigmoid(zz)
+            A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+
+            # recompute the states of this chunk from its saved start state
+            a = tl.exp(dt[:, None, :] * A[None, :, :])  # (T, N, SUB)
+            x = (dt * u)[:, None, :] * Bt[:, :, None]
             decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
-            h = h_local + decay * h0_n[None, :]
-            # the adjoint, with ρ flowing in from the next chunk
-            after, _, lam_local = tl.associative_scan((ones, a, gy * C_n[:, None]), 0, _adjoint_combine, reverse=True)
-            lam = lam_local + after * rho_n[None, :]
-            rho_next = tl.where(nn[:, None] == n, tl.sum(tl.where(t[:, None] == 0, a * lam, 0.0), axis=0)[None, :],
-                                rho_next)  # fmt: skip
-            lam_B += lam * B_n[:, None]
+            chan_row = bk * CH + ch64  # (SUB,)
+            h0 = tl.load(
+                state_ptr + (chan_row * nchunks + c)[None, :] * N + n[:, None], mask=n_ok[:, None] & (c > 0), other=0.0
+            )
+            h = h_local + decay * h0[None, :, :]
+
+            # adjoint, with ρ flowing in from the next chunk
+            rho_ptrs = rho_ptr + (chan_row * nsplit + seg)[None, :] * N + n[:, None]
+            rho = tl.load(rho_ptrs, mask=n_ok[:, None], other=0.0)  # (N, SUB)
+            gC = gy[:, None, :] * Ct[:, :, None]
+            ones = tl.full([BLOCK_T, BLOCK_N, SUB], 1.0, tl.float32)
+            after, _, lam_local = tl.associative_scan((ones, a, gC), 0, _adjoint_combine, reverse=True)
+            lam = lam_local + after * rho[None, :, :]
+            tl.store(rho_ptrs, tl.sum(tl.where(t[:, None, None] == 0, a * lam, 0.0), axis=0), mask=n_ok[:, None])
+
+            dtu = dt * u
+            dC_acc += gy[:, None, :] * h
+            dB_acc += lam * dtu[:, None, :]
+            lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, SUB)
+            du = dt * lam_B
+            if HAS_D:
+                du += tl.load(D_ptr + k * CH + ch)[None, :] * gy
             through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
-            lam_hA += through_decay * A_n[None, :]
-            dA_n = tl.sum(through_decay * dt, axis=0)  # (SUB,)
-            dA_acc = tl.where(nn[:, None] == n, dA_acc + dA_n[None, :], dA_acc)
-            dB_n = tl.sum(lam * dtu, axis=1)  # (T,): summed over the program's channels
-            dC_n = tl.sum(gy * h, axis=1)
-            tl.store(dB_ptr + (part_row + n) * L + lin, dB_n, mask=valid & (n < N))
-            tl.store(dC_ptr + (part_row + n) * L + lin, dC_n, mask=valid & (n < N))
-        rho = rho_next
-        du = dt * lam_B
-        if HAS_D:
-            du += Dv[None, :] * gy
-            dD_acc += tl.sum(gy * u, axis=0)
-        ddt = u * lam_B + lam_hA
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(pre)
-        ddt = tl.where(tok, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + tok_rows[None, :] + lin[:, None], du, mask=tok)
-        tl.store(ddl_ptr + tok_rows[None, :] + lin[:, None], ddt, mask=tok)
-    part = chan_row * nsplit + seg  # (SUB,) rows of the per-segment partials
-    tl.store(dA_ptr + part[None, :] * N + nn[:, None], dA_acc, mask=n_ok[:, None])
-    if HAS_D:
-        tl.store(dD_ptr + part, dD_acc)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + part, dbias_acc)
+            ddt = u * lam_B + tl.sum(through_decay * A[None, :, :], axis=1)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(pre)
+            ddt = tl.where(tok, ddt, 0.0)
+            tok_rows = (bk * CH + ch64) * L  # du/ddelta are (B, K, C, L) contiguous
+            tl.store(du_ptr + tok_rows[None, :] + lin[:, None], du, mask=tok)
+            tl.store(ddl_ptr + tok_rows[None, :] + lin[:, None], ddt, mask=tok)
+            part = chan_row * nchunks + c  # (SUB,) rows of the per-chunk partials
+            dA_c = tl.sum(through_decay * dt[:, None, :], axis=0)  # (N, SUB)
+            tl.store(dA_ptr + part[None, :] * N + n[:, None], dA_c, mask=n_ok[:, None])
+            if HAS_D:
+                tl.store(dD_ptr + part, tl.sum(gy * u, axis=0))
+            if HAS_BIAS:
+                tl.store(dbias_ptr + part, tl.sum(ddt, axis=0))
+        dB = tl.sum(dB_acc, axis=2)  # (T, N)
+        tl.store(dB_ptr + (part_row + n[None, :]) * L + lin[:, None], dB, mask=bc_mask)
+        dC = tl.sum(dC_acc, axis=2)
+        tl.store(dC_ptr + (part_row + n[None, :]) * L + lin[:, None], dC, mask=bc_mask)
+        # the previous chunk reads the ρ stored above, possibly from other threads
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -165,7 +157,6 @@ def _bwd_segment_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    # Each segment's outgoing adjoint from zero, ρ = Σ_t exp(A·Σ_{j≤t} Δ_j)·g_t·C_t, one thread per channel.
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -178,11 +169,11 @@ def _bwd_segment_kernel(
     last = tl.minimum(first + cps, nchunks)
 
     t = tl.arange(0, BLOCK_T)
-    nn = tl.arange(0, BLOCK_N)
-    n_ok = nn < N
+    n = tl.arange(0, BLOCK_N)
+    n_ok = n < N
     ch = c0 + tl.arange(0, SUB)
     ch64 = ch.to(tl.int64)
-    A_rows = A_ptr + (k * CH + ch64) * N
+    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * CH + ch)
     d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
@@ -197,6 +188,7 @@ def _bwd_segment_kernel(
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
         tok = valid[:, None]
+        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
         dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt += bias[None, :]
@@ -207,19 +199,13 @@ def _bwd_segment_kernel(
         if HAS_Z:
             zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
             gy = gy * zz * tl.sigmoid(zz)
-        total = tl.sum(dt, axis=0)  # (SUB,)
+        total = tl.sum(dt, axis=0)
         upto = tl.cumsum(dt, axis=0)  # Σ_{j≤t} Δ_j from the chunk start
-        r_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-        for n in tl.static_range(BLOCK_N):
-            A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634
-            C_n = tl.load(C_base + n * sC_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)
-            r_n = tl.sum(tl.where(nn[:, None] == n, r, 0.0), axis=0)
-            inside = tl.sum(tl.exp2(upto * A_n[None, :]) * gy * C_n[:, None], axis=0)
-            r_next = tl.where(nn[:, None] == n, (tl.exp2(A_n * total) * r_n + inside)[None, :], r_next)
-        r = r_next
+        w = tl.exp(A[None, :, :] * upto[:, None, :])
+        r = tl.exp(A * total[None, :]) * r + tl.sum(w * gy[:, None, :] * Ct[:, :, None], axis=0)
         dt_sum += total
     seg_row = (bk * CH + ch64) * nsplit + seg
-    tl.store(seg_rho_ptr + seg_row[None, :] * N + nn[:, None], r, mask=n_ok[:, None])
+    tl.store(seg_rho_ptr + seg_row[None, :] * N + n[:, None], r, mask=n_ok[:, None])
     tl.store(seg_dt_ptr + seg_row, dt_sum)
 
 
@@ -262,8 +248,8 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=cfg.fill)  # one thread per channel, as the forward
-    num_warps = max(1, min(cfg.num_warps, sub // 32))
+    sub, rc, nsplit, cps = split(p, cfg, dev)
+    seg_sub = layout.channel_blocking(p.channels, p.groups, cfg.sub, cfg.sub)[0]
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A32
@@ -287,8 +273,8 @@ def backward(
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
+    dA_part = torch.empty(p.batch, p.K, p.channels, p.nchunks, p.N, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(p.batch, p.K, p.channels, p.nchunks, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dD_part)
     rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
     if grad_last is not None:
@@ -300,13 +286,13 @@ def backward(
     if nsplit > 1:
         seg_rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-        _bwd_segment_kernel[grid](
+        _bwd_segment_kernel[(p.channels // seg_sub, nsplit, p.batch * p.K)](
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit,
             delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
             z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-            SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
-            HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
+            SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
+            HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
         )  # fmt: skip
         _bwd_carry_kernel[(p.batch * p.K * p.channels,)](
             A32, seg_rho, seg_dt, rho, p.channels, p.N, p.K, nsplit, BLOCK_N=p.block_n, num_warps=1
@@ -319,8 +305,8 @@ def backward(
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-        SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
+        RC=rc, SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
+        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
     )  # fmt: skip
 
     dA = dA_part.sum(dim=(0, 3)).to(A.dtype)

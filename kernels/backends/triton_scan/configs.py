@@ -42,7 +42,7 @@ class PassConfig:
 
 
 _FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
-_BACKWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
+_BACKWARD = PassConfig(block_t=16, sub=32, per_program=64, num_warps=4)
 _overrides: list[dict[str, PassConfig]] = []
 
 
