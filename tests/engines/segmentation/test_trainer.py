@@ -194,6 +194,32 @@ def test_ddp_over_gloo_on_two_cpu_processes(tiny_dataset, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ddp_over_nccl_on_two_gpus(tiny_dataset, tmp_path):
+    """`torchrun --nproc_per_node 2 -m medmamba train … --device cuda`: NCCL, one GPU per rank, bf16 AMP."""
+    env = {
+        **os.environ,
+        "MEDMAMBA_PREPROCESSED": str(tiny_dataset["preprocessed_root"]),
+        "MEDMAMBA_RESULTS": str(tmp_path),
+        "CI": "1",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(find_free_port())]
+    command += ["-m", "medmamba", "train", DATASET, "3d_fullres", "0", "--network", "umamba_bot", "--device", "cuda"]
+    command += ["--epochs", "2", "--iterations-per-epoch", "3", "--val-iterations", "1", "--no-validation"]
+    command += ["--num-workers", "0", "--batch-size", "2"]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fold = tmp_path / DATASET / "MedmambaTrainer__medmambaPlans__3d_fullres_umamba_bot" / "fold_0"
+    assert done.stdout.strip() == str(fold)
+    final = load_checkpoint(fold / "checkpoint_final.pth")
+    assert final["current_epoch"] == 2
+    assert all(torch.isfinite(torch.tensor(final["logging"]["train_losses"])))
+    log = (fold / "train.log").read_text()
+    assert "batch 1" in log and "bf16 AMP" in log
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("network", ["umamba_bot", "segmamba"])
 def test_gpu_training_in_bf16_on_the_default_scan_backend(tiny_dataset, tmp_path, network):
     fold = train(
