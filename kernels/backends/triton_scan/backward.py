@@ -36,117 +36,166 @@ __all__ = ["backward"]
 
 
 @triton.jit
+def _bwd_half(
+    c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, rho_rows, dA_rows,
+    du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
+    L, N, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
+    HALF: tl.constexpr, SUB: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+):  # fmt: skip
+    # One half-chunk of HALF tokens, from its start state (start_ptr, per thread) with the adjoint ρ of the tokens
+    # after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens.
+    q = (c * 2 + half) * HALF + tl.arange(0, HALF)
+    valid = q < L
+    lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    tok = valid[:, None]
+    u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (HALF, SUB)
+    pre = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre += bias[None, :]
+    if SOFTPLUS:
+        dt = _softplus(pre)
+    else:
+        dt = pre
+    dt = tl.where(tok, dt, 0.0)
+    gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        gy = gy * zz * tl.sigmoid(zz)
+    dtu = dt * u
+    ones = tl.full([HALF, SUB], 1.0, tl.float32)
+    lam_B = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·B
+    lam_hA = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·(h − Δ·u·B)·A
+    for n in range(N):
+        A_n = tl.load(A_rows + n)
+        B_n = tl.load(B_base + n * sB_n + lin, mask=valid, other=0.0).to(tl.float32)  # (HALF,)
+        C_n = tl.load(C_base + n * sC_n + lin, mask=valid, other=0.0).to(tl.float32)
+        a = tl.exp2(dt * (A_n * 1.4426950408889634)[None, :])
+        x = dtu * B_n[:, None]
+        decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
+        h = h_local + decay * tl.load(start_ptr + n)[None, :]
+        after, _, lam_local = tl.associative_scan((ones, a, gy * C_n[:, None]), 0, _adjoint_combine, reverse=True)
+        lam = lam_local + after * tl.load(rho_rows + n)[None, :]
+        # each thread reads and writes only its own channel's ρ and dA: no barrier needed
+        tl.store(rho_rows + n, tl.sum(tl.where(tl.arange(0, HALF)[:, None] == 0, a * lam, 0.0), axis=0))
+        lam_B += lam * B_n[:, None]
+        through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
+        lam_hA += through_decay * A_n[None, :]
+        tl.store(dA_rows + n, tl.load(dA_rows + n) + tl.sum(through_decay * dt, axis=0))
+        tl.store(dB_ptr + (part_row + n) * L + lin, tl.sum(lam * dtu, axis=1), mask=valid)  # Σ over the channels
+        tl.store(dC_ptr + (part_row + n) * L + lin, tl.sum(gy * h, axis=1), mask=valid)
+    du = dt * lam_B
+    if HAS_D:
+        du += Dv[None, :] * gy
+    ddt = u * lam_B + lam_hA
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(pre)
+    ddt = tl.where(tok, ddt, 0.0)
+    tl.store(du_ptr + tok_rows[None, :] + lin[:, None], du, mask=tok)
+    tl.store(ddl_ptr + tok_rows[None, :] + lin[:, None], ddt, mask=tok)
+    return tl.sum(gy * u, axis=0), tl.sum(ddt, axis=0)
+
+
+@triton.jit
 def _bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, rho_ptr, order_ptr,
-    du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, rho_ptr, mid_ptr, zero_ptr,
+    order_ptr, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     L, CH, N, K, G, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, sg_b, sg_k, sg_c,
-    RC: tl.constexpr, SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    # Tiles (T, N, SUB) as in the forward. dB/dC terms are accumulated per lane over the RC/SUB sub-blocks and
-    # summed across the lanes once per chunk.
+    # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
+    # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
+    # from the saved chunk-start state, then the second half and the first half are differentiated. Per-state
+    # values that outlive one half (ρ = a_{t1}·λ_{t1}, the middle state, dA) live in per-thread fp32 slots;
+    # dB_n and dC_n are summed over the warp's channels and written once per program; the host sums programs.
+    HALF: tl.constexpr = BLOCK_T // 2
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
     b = (bk // K).to(tl.int64)
     k = bk % K
-    c0 = pid_blk * RC
+    c0 = pid_blk * SUB
     grp = c0 // CPG
-    blk_in_grp = (c0 % CPG) // RC
-    bpg = CPG // RC
+    blk_in_grp = (c0 % CPG) // SUB
+    bpg = CPG // SUB
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
-    t = tl.arange(0, BLOCK_T)
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
+    ch = c0 + tl.arange(0, SUB)
+    ch64 = ch.to(tl.int64)
+    chan_row = bk * CH + ch64  # (SUB,)
+    A_rows = A_ptr + (k * CH + ch64) * N
+    bias = tl.zeros([SUB], dtype=tl.float32)
+    Dv = tl.zeros([SUB], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * CH + ch)
+    if HAS_D:
+        Dv = tl.load(D_ptr + k * CH + ch)
+    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
+    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
+    g_rows = gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c
+    z_rows = z_ptr + b * sz_b + ch64 * sz_c
+    tok_rows = chan_row * L  # du/ddelta are (B, K, C, L) contiguous
     B_base = B_ptr + b * sB_b + k * sB_k + grp.to(tl.int64) * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp.to(tl.int64) * sC_g
     part_row = ((bk.to(tl.int64) * G + grp) * bpg + blk_in_grp) * N  # dB/dC partials (B, K, G, BPG, N, L)
+    slot = (chan_row * nsplit + seg) * N  # (SUB,) this program's per-channel, per-state slots
+    rho_rows = rho_ptr + slot
+    mid_rows = mid_ptr + slot
+    dA_rows = dA_ptr + slot
+    for n in range(N):
+        tl.store(dA_rows + n, tl.zeros([SUB], dtype=tl.float32))
+    dD_acc = tl.zeros([SUB], dtype=tl.float32)
+    dbias_acc = tl.zeros([SUB], dtype=tl.float32)
+    th = tl.arange(0, HALF)
     for i in range(last - first):
         c = last - 1 - i
-        q = c * BLOCK_T + t
+        # chunk 0 starts from zero (its slot of the saved states is never written)
+        start_rows = tl.where(c > 0, state_ptr + (chan_row * nchunks + c) * N, zero_ptr + ch64 * 0)
+        # the state after the first half, from the chunk-start state
+        q = c * BLOCK_T + th
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
         tok = valid[:, None]
-        bc_mask = tok & n_ok[None, :]
-        Bt = tl.load(B_base + n[None, :] * sB_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)  # (T, N)
-        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=bc_mask, other=0.0).to(tl.float32)
-        dB_acc = tl.zeros([BLOCK_T, BLOCK_N, SUB], dtype=tl.float32)
-        dC_acc = tl.zeros([BLOCK_T, BLOCK_N, SUB], dtype=tl.float32)
-        for sb in range(RC // SUB):
-            ch = c0 + sb * SUB + tl.arange(0, SUB)
-            ch64 = ch.to(tl.int64)
-            u = tl.load((u_ptr + b * su_b + k * su_k + ch64 * su_c)[None, :] + lin[:, None], mask=tok, other=0.0)
-            u = u.to(tl.float32)  # (T, SUB)
-            pre = tl.load((dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c)[None, :] + lin[:, None], mask=tok, other=0.0)
-            pre = pre.to(tl.float32)
-            if HAS_BIAS:
-                pre += tl.load(bias_ptr + k * CH + ch)[None, :]
-            if SOFTPLUS:
-                dt = _softplus(pre)
-            else:
-                dt = pre
-            dt = tl.where(tok, dt, 0.0)
-            gy = tl.load((gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c)[None, :] + lin[:, None], mask=tok, other=0.0)
-            gy = gy.to(tl.float32)
-            if HAS_Z:
-                zz = tl.load((z_ptr + b * sz_b + ch64 * sz_c)[None, :] + lin[:, None], mask=tok, other=0.0)
-                zz = zz.to(tl.float32)
-                gy = gy * zz * tl.sigmoid(zz)
-            A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
-
-            # recompute the states of this chunk from its saved start state
-            a = tl.exp(dt[:, None, :] * A[None, :, :])  # (T, N, SUB)
-            x = (dt * u)[:, None, :] * Bt[:, :, None]
-            decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
-            chan_row = bk * CH + ch64  # (SUB,)
-            h0 = tl.load(
-                state_ptr + (chan_row * nchunks + c)[None, :] * N + n[:, None], mask=n_ok[:, None] & (c > 0), other=0.0
-            )
-            h = h_local + decay * h0[None, :, :]
-
-            # adjoint, with ρ flowing in from the next chunk
-            rho_ptrs = rho_ptr + (chan_row * nsplit + seg)[None, :] * N + n[:, None]
-            rho = tl.load(rho_ptrs, mask=n_ok[:, None], other=0.0)  # (N, SUB)
-            gC = gy[:, None, :] * Ct[:, :, None]
-            ones = tl.full([BLOCK_T, BLOCK_N, SUB], 1.0, tl.float32)
-            after, _, lam_local = tl.associative_scan((ones, a, gC), 0, _adjoint_combine, reverse=True)
-            lam = lam_local + after * rho[None, :, :]
-            tl.store(rho_ptrs, tl.sum(tl.where(t[:, None, None] == 0, a * lam, 0.0), axis=0), mask=n_ok[:, None])
-
-            dtu = dt * u
-            dC_acc += gy[:, None, :] * h
-            dB_acc += lam * dtu[:, None, :]
-            lam_B = tl.sum(lam * Bt[:, :, None], axis=1)  # (T, SUB)
-            du = dt * lam_B
-            if HAS_D:
-                du += tl.load(D_ptr + k * CH + ch)[None, :] * gy
-            through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
-            ddt = u * lam_B + tl.sum(through_decay * A[None, :, :], axis=1)
-            if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(pre)
-            ddt = tl.where(tok, ddt, 0.0)
-            tok_rows = (bk * CH + ch64) * L  # du/ddelta are (B, K, C, L) contiguous
-            tl.store(du_ptr + tok_rows[None, :] + lin[:, None], du, mask=tok)
-            tl.store(ddl_ptr + tok_rows[None, :] + lin[:, None], ddt, mask=tok)
-            part = chan_row * nchunks + c  # (SUB,) rows of the per-chunk partials
-            dA_c = tl.sum(through_decay * dt[:, None, :], axis=0)  # (N, SUB)
-            tl.store(dA_ptr + part[None, :] * N + n[:, None], dA_c, mask=n_ok[:, None])
-            if HAS_D:
-                tl.store(dD_ptr + part, tl.sum(gy * u, axis=0))
-            if HAS_BIAS:
-                tl.store(dbias_ptr + part, tl.sum(ddt, axis=0))
-        dB = tl.sum(dB_acc, axis=2)  # (T, N)
-        tl.store(dB_ptr + (part_row + n[None, :]) * L + lin[:, None], dB, mask=bc_mask)
-        dC = tl.sum(dC_acc, axis=2)
-        tl.store(dC_ptr + (part_row + n[None, :]) * L + lin[:, None], dC, mask=bc_mask)
-        # the previous chunk reads the ρ stored above, possibly from other threads
-        tl.debug_barrier()
+        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt += bias[None, :]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(tok, dt, 0.0)
+        dtu = dt * tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        for n in range(N):
+            B_n = tl.load(B_base + n * sB_n + lin, mask=valid, other=0.0).to(tl.float32)
+            a = tl.exp2(dt * (tl.load(A_rows + n) * 1.4426950408889634)[None, :])
+            decay, h_local = tl.associative_scan((a, dtu * B_n[:, None]), 0, _linear_combine)
+            h = h_local + decay * tl.load(start_rows + n)[None, :]
+            tl.store(mid_rows + n, tl.sum(tl.where(th[:, None] == HALF - 1, h, 0.0), axis=0))
+        gu, gd = _bwd_half(
+            c, 1, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, mid_rows, rho_rows, dA_rows,
+            du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, sB_n, sC_n,
+            fast, mid, st_fast, st_mid, st_slow, rev,
+            HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
+        )  # fmt: skip
+        dD_acc += gu
+        dbias_acc += gd
+        gu, gd = _bwd_half(
+            c, 0, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_rows, rho_rows, dA_rows,
+            du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, sB_n, sC_n,
+            fast, mid, st_fast, st_mid, st_slow, rev,
+            HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
+        )  # fmt: skip
+        dD_acc += gu
+        dbias_acc += gd
+    part = chan_row * nsplit + seg  # (SUB,) rows of the per-segment partials
+    if HAS_D:
+        tl.store(dD_ptr + part, dD_acc)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part, dbias_acc)
 
 
 @triton.jit
@@ -248,8 +297,9 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, rc, nsplit, cps = split(p, cfg, dev)
-    seg_sub = layout.channel_blocking(p.channels, p.groups, cfg.sub, cfg.sub)[0]
+    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=cfg.fill)  # one thread per channel
+    num_warps = max(1, min(cfg.num_warps, sub // 32))
+    seg_sub = layout.channel_blocking(p.channels, p.groups, 32, 32)[0]
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A32
@@ -273,8 +323,8 @@ def backward(
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(p.batch, p.K, p.channels, p.nchunks, p.N, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(p.batch, p.K, p.channels, p.nchunks, device=dev, dtype=torch.float32)
+    dA_part = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dD_part)
     rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
     if grad_last is not None:
@@ -292,21 +342,24 @@ def backward(
             delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
             z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
             SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
-            HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
+            HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=4,
         )  # fmt: skip
         _bwd_carry_kernel[(p.batch * p.K * p.channels,)](
             A32, seg_rho, seg_dt, rho, p.channels, p.N, p.K, nsplit, BLOCK_N=p.block_n, num_warps=1
         )
 
+    mid = torch.empty_like(rho)
+    zero = torch.zeros(p.N, device=dev, dtype=torch.float32)
     _bwd_kernel[grid](
-        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, rho, table,
+        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, rho, mid, zero, table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
         p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit,
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-        RC=rc, SUB=sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=cfg.num_warps,
+        SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
+        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
 
     dA = dA_part.sum(dim=(0, 3)).to(A.dtype)

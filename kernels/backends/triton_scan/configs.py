@@ -31,6 +31,7 @@ class PassConfig:
         segments: force this many segments per row (``None``: choose from the GPU's size).
         fill: cut segments until about ``fill`` × :func:`target_programs` programs run (small programs need
             more of them in flight to hide memory latency).
+        maxnreg: cap on registers per thread (``None``: the compiler's choice).
     """
 
     block_t: int = 128
@@ -39,10 +40,11 @@ class PassConfig:
     num_warps: int = 8
     segments: int | None = None
     fill: int = 1
+    maxnreg: int | None = None
 
 
 _FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
-_BACKWARD = PassConfig(block_t=16, sub=32, per_program=64, num_warps=4)
+_BACKWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
 _overrides: list[dict[str, PassConfig]] = []
 
 
