@@ -7,12 +7,15 @@ With g_t = ∂L/∂y_t (the output gradient times silu(z)) the adjoint of the st
     ∂Δ_t = u_t·Σ_n λ_t·B_t + Σ_n λ_t·(h_t − Δ_t·u_t·B_t)·A        (a_t·h_{t-1} = h_t − Δ_t·u_t·B_t)
     ∂A = Σ_t λ_t·(h_t − Δ_t·u_t·B_t)·Δ_t    ∂D = Σ_t g_t·u_t    ∂delta = ∂Δ·sigmoid(delta + bias)
 
-A program walks its chunks from last to first (same channel blocks, chunk size and segments logic as the
-forward). Per chunk it recomputes h from the saved chunk-start state with the forward scan, then λ with one
-reverse ``tl.associative_scan`` over triples (see common._adjoint_combine, which gives λ_t without shifting any
-tile by one token), with the adjoint flowing in from the next chunk, ρ = a_{t1}·λ_{t1}, kept in a small fp32
-buffer. dB and dC are summed over the program's channels in registers and written once per chunk; dA, dD and
-d(delta_bias) are written per chunk and summed on the host — everything deterministic, no atomics.
+A program owns (b, k, one warp's 32 channels of a group, a segment), one thread per channel as in the forward, and
+walks its chunks from last to first in half-chunks of BLOCK_T/2 tokens (the tokens in each thread's registers):
+the state in the chunk's middle is recomputed from the saved chunk-start state, then each half recomputes h with
+the forward scan and λ with one reverse ``tl.associative_scan`` over triples (see common._adjoint_combine, which
+gives λ_t without shifting any tile by one token), with the adjoint flowing in from the next half,
+ρ = a_{t1}·λ_{t1}. The states are a run-time loop (unrolled, their tiles spill); ρ, the middle state and dA live in
+per-thread fp32 slots (each thread touches only its own: no barriers). dB and dC are summed over the warp's
+channels and written once per program; dA, dD and d(delta_bias) per segment; the host sums the partials —
+everything deterministic, no atomics.
 
 Segments: ``_bwd_segment_kernel`` computes each segment's outgoing adjoint from zero without scanning
 (``ρ = Σ_t exp(A·Σ_{j≤t} Δ_j)·g_t·C_t``), ``_bwd_carry_kernel`` chains them from the last segment backwards.
