@@ -31,8 +31,8 @@ from tests.helpers import TOLERANCES, generator
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 P = configs.PassConfig
 #: tiny tiles so that a few dozen tokens already span several chunks, sub-blocks and channel blocks
-TINY = P(block_t=16, sub=1, per_program=2, num_warps=1)
-TINY_SEGMENTS = P(block_t=16, sub=2, per_program=2, num_warps=1, segments=3)
+TINY = P(block_t=16, sub=1, num_warps=1)
+TINY_SEGMENTS = P(block_t=16, sub=2, num_warps=1, segments=3)
 CUDA = torch.cuda.is_available()
 
 
@@ -139,11 +139,15 @@ def test_optional_inputs_and_merges(merge, z, D, bias, softplus):
 
 
 def test_segments_groups_and_channel_blocks():
-    # 4 channels in 2 groups: blocks of 1 channel (SUB rounds down to a divisor), 3 segments of chunks,
-    # several dB/dC partial blocks per group summed on the host
+    # 4 channels in 2 groups: programs of 1 channel, 3 segments of chunks, two dB/dC partial blocks per group
+    # summed on the host; 6 channels in 2 groups: SUB 2 rounds down to 1, the divisor of 3
     orders = (REVERSED, SLICE)
     low, ref = make_inputs((2, 2, 9), 2, batch=1, channels=4, groups=2, N=3, seed=5)
-    cfg = P(block_t=16, sub=2, per_program=1, num_warps=1, segments=3)
+    cfg = P(block_t=16, sub=1, num_warps=1, segments=3)
+    with configs.override(cfg, cfg):
+        assert_matches_reference(low, ref, orders, dtype=torch.float32)
+    low, ref = make_inputs((2, 3, 3), 2, batch=1, channels=6, groups=2, N=3, seed=6)
+    cfg = P(block_t=16, sub=2, num_warps=1, segments=3)
     with configs.override(cfg, cfg):
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
 
@@ -233,10 +237,11 @@ def test_stride_table_visits_tokens_in_the_order_of_order_indices(orders, spatia
 
 
 def test_channel_blocking_and_segments():
-    assert layout.channel_blocking(channels=96, groups=1, sub=2, per_program=16) == (2, 16)
-    assert layout.channel_blocking(channels=768, groups=1, sub=1, per_program=128) == (1, 128)
-    assert layout.channel_blocking(channels=6, groups=2, sub=2, per_program=2) == (1, 1)  # 3 per group
-    assert layout.channel_blocking(channels=4, groups=4, sub=2, per_program=8) == (1, 1)  # constant B/C
+    assert layout.channel_blocking(channels=96, groups=1, sub=32) == 32
+    assert layout.channel_blocking(channels=96, groups=1, sub=128) == 32  # 96 = 3·32
+    assert layout.channel_blocking(channels=768, groups=1, sub=128) == 128
+    assert layout.channel_blocking(channels=6, groups=2, sub=2) == 1  # 3 per group
+    assert layout.channel_blocking(channels=4, groups=4, sub=2) == 1  # constant B/C
     assert layout.segments(nchunks=100, rows=1000, target_programs=264) == (1, 100)
     nsplit, per = layout.segments(nchunks=2048, rows=6, target_programs=264)
     assert nsplit * per >= 2048 > (nsplit - 1) * per and nsplit >= 64

@@ -32,7 +32,7 @@ import triton.language as tl
 from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
-from .common import _adjoint_combine, _linear_combine, _order_row, _softplus, _token_offsets
+from .common import _adjoint_combine, _linear_combine, _load_delta, _order_row, _token_offsets
 from .forward import Plan, split
 
 __all__ = ["backward"]
@@ -53,14 +53,7 @@ def _bwd_half(
     lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
     tok = valid[:, None]
     u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (HALF, SUB)
-    pre = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        pre += bias[None, :]
-    if SOFTPLUS:
-        dt = _softplus(pre)
-    else:
-        dt = pre
-    dt = tl.where(tok, dt, 0.0)
+    pre, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
     gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
     if HAS_Z:
         zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
@@ -165,12 +158,7 @@ def _bwd_kernel(
         valid = q < L
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
         tok = valid[:, None]
-        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(tok, dt, 0.0)
+        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
         for n in range(N):
             B_n = tl.load(B_base + n * sB_n + lin, mask=valid, other=0.0).to(tl.float32)
@@ -178,22 +166,19 @@ def _bwd_kernel(
             decay, h_local = tl.associative_scan((a, dtu * B_n[:, None]), 0, _linear_combine)
             h = h_local + decay * tl.load(start_rows + n)[None, :]
             tl.store(mid_rows + n, tl.sum(tl.where(th[:, None] == HALF - 1, h, 0.0), axis=0))
-        gu, gd = _bwd_half(
-            c, 1, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, mid_rows, rho_rows, dA_rows,
-            du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, sB_n, sC_n,
-            fast, mid, st_fast, st_mid, st_slow, rev,
-            HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
-        )  # fmt: skip
-        dD_acc += gu
-        dbias_acc += gd
-        gu, gd = _bwd_half(
-            c, 0, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_rows, rho_rows, dA_rows,
-            du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, sB_n, sC_n,
-            fast, mid, st_fast, st_mid, st_slow, rev,
-            HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
-        )  # fmt: skip
-        dD_acc += gu
-        dbias_acc += gd
+        for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
+            if half == 1:
+                half_start = mid_rows
+            else:
+                half_start = start_rows
+            gu, gd = _bwd_half(
+                c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start, rho_rows,
+                dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, sB_n, sC_n,
+                fast, mid, st_fast, st_mid, st_slow, rev,
+                HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
+            )  # fmt: skip
+            dD_acc += gu
+            dbias_acc += gd
     part = chan_row * nsplit + seg  # (SUB,) rows of the per-segment partials
     if HAS_D:
         tl.store(dD_ptr + part, dD_acc)
@@ -226,6 +211,7 @@ def _bwd_segment_kernel(
     ch = c0 + tl.arange(0, SUB)
     ch64 = ch.to(tl.int64)
     A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+    bias = tl.zeros([SUB], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * CH + ch)
     d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
@@ -241,12 +227,7 @@ def _bwd_segment_kernel(
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
         tok = valid[:, None]
         Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
-        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(tok, dt, 0.0)
+        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
         gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
         if HAS_Z:
             zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
@@ -300,9 +281,9 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=cfg.fill)  # one thread per channel
+    sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel, as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))
-    seg_sub = layout.channel_blocking(p.channels, p.groups, 32, 32)[0]
+    seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A32
@@ -321,7 +302,7 @@ def backward(
     else:
         g_b, g_k, g_c = gy.stride(0), gy.stride(1), gy.stride(2)
 
-    bpg = p.cpg // rc
+    bpg = p.cpg // sub
     du = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
@@ -334,7 +315,7 @@ def backward(
         rho[..., -1, :] = grad_last
     else:
         rho[..., -1, :] = 0
-    grid = (p.channels // rc, nsplit, p.batch * p.K)
+    grid = (p.channels // sub, nsplit, p.batch * p.K)
 
     if nsplit > 1:
         seg_rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)

@@ -28,6 +28,19 @@ def _softplus(x):
 
 
 @triton.jit
+def _load_delta(d_rows, lin, tok, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    # (delta + bias, Δ) of a (T, SUB) tile: Δ = softplus(delta + bias) if asked, 0 on padding tokens (exp(0·A) = 1
+    # and Δ·u·B = 0: the scan's identity)
+    pre = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre += bias[None, :]
+    dt = pre
+    if SOFTPLUS:
+        dt = _softplus(pre)
+    return pre, tl.where(tok, dt, 0.0)
+
+
+@triton.jit
 def _order_row(order_ptr, k):
     row = order_ptr + k * 6
     return (

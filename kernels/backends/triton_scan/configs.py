@@ -1,8 +1,8 @@
 """Block sizes and launch settings of the Triton scan, per pass.
 
-``BLOCK_T`` tokens per chunk (the tile scanned at once), ``SUB`` channels per inner step (the tile is
-``SUB × N × BLOCK_T``), ``RC`` channels per program (sharing one B/C tile load per chunk; the backward also sums
-dB/dC over them in registers), ``num_warps``. Values were picked on an H100/H200 with ``benchmarks/scan_gpu.py``;
+``BLOCK_T`` tokens per chunk (the tokens a thread holds at once; the backward works in halves of it), ``SUB``
+channels per program (one thread each; they share the B/C loads, and the backward sums dB/dC over them),
+``num_warps``, ``fill`` (programs in flight). Values were picked on an H100/H200 with ``benchmarks/scan_gpu.py``;
 tests shrink them through :func:`override` to exercise chunking, segments and sub-blocks on tiny inputs.
 """
 
@@ -25,8 +25,8 @@ class PassConfig:
     Attributes:
         block_t: tokens per chunk, a power of two; lowered to the next power of two ≥ L for short sequences,
             never below 16. The backward uses the forward's value (it restarts from the forward's chunk states).
-        sub: channels per inner step, a power of two.
-        per_program: channels per program (rounded down to a divisor of the channels per group).
+        sub: channels per program (one thread each), a power of two; rounded down to one that divides the
+            channels per group.
         num_warps: warps per program.
         segments: force this many segments per row (``None``: choose from the GPU's size).
         fill: cut segments until about ``fill`` × :func:`target_programs` programs run (small programs need
@@ -36,15 +36,14 @@ class PassConfig:
 
     block_t: int = 128
     sub: int = 2
-    per_program: int = 16
     num_warps: int = 8
     segments: int | None = None
     fill: int = 1
     maxnreg: int | None = None
 
 
-_FORWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
-_BACKWARD = PassConfig(block_t=16, sub=32, per_program=32, num_warps=1, fill=8)
+_FORWARD = PassConfig(block_t=16, sub=32, num_warps=1, fill=8)
+_BACKWARD = PassConfig(block_t=16, sub=32, num_warps=1, fill=8)
 _overrides: list[dict[str, PassConfig]] = []
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
-from .common import _linear_combine, _order_row, _softplus, _token_offsets
+from .common import _linear_combine, _load_delta, _order_row, _token_offsets
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 
@@ -73,6 +73,7 @@ def _fwd_kernel(
     ch = c0 + tl.arange(0, SUB)
     ch64 = ch.to(tl.int64)
     A_rows = A_ptr + (k * CH + ch64) * N
+    bias = tl.zeros([SUB], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * CH + ch)
     if HAS_D:
@@ -103,12 +104,7 @@ def _fwd_kernel(
         lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
         tok = valid[:, None]
         u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (T, SUB)
-        dt = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[None, :]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(tok, dt, 0.0)  # padding tokens: exp(0·A) = 1, Δ·u·B = 0, the scan's identity
+        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         if END_ONLY:
             dt_sum += tl.sum(dt, axis=0)
@@ -232,20 +228,18 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
     )
 
 
-def split(
-    p: Plan, cfg: configs.PassConfig, device: torch.device, per_program: int | None = None, fill: int = 1
-) -> tuple[int, int, int, int]:
-    """``(SUB, RC, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``.
+def split(p: Plan, cfg: configs.PassConfig, device: torch.device) -> tuple[int, int, int]:
+    """``(SUB, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``.
 
-    Segments are cut until about ``fill`` times :func:`configs.target_programs` programs run.
+    Segments are cut until about ``cfg.fill`` times :func:`configs.target_programs` programs run.
     """
-    sub, rc = layout.channel_blocking(p.channels, p.groups, cfg.sub, per_program or cfg.per_program)
-    rows = p.batch * p.K * (p.channels // rc)
+    sub = layout.channel_blocking(p.channels, p.groups, cfg.sub)
+    rows = p.batch * p.K * (p.channels // sub)
     if cfg.segments is not None:
         per = triton.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
-        return sub, rc, triton.cdiv(p.nchunks, per), per
-    nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device))
-    return sub, rc, nsplit, per
+        return sub, triton.cdiv(p.nchunks, per), per
+    nsplit, per = layout.segments(p.nchunks, rows, cfg.fill * configs.target_programs(device))
+    return sub, nsplit, per
 
 
 @dataclass
@@ -294,7 +288,7 @@ def forward(
     dev = u.device
     cfg = configs.forward_config(p.L)
     # one program per SUB channels, one thread per channel (no channel loop in the forward): RC = SUB
-    sub, rc, nsplit, cps = split(p, cfg, dev, per_program=1, fill=cfg.fill)  # small programs: four per SM
+    sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
@@ -313,7 +307,7 @@ def forward(
     n_state = p.nchunks if save else nsplit
     states = torch.empty(p.batch, p.K, p.channels, n_state, p.N, device=dev, dtype=torch.float32)
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
-    grid = (p.channels // rc, nsplit, p.batch * p.K)
+    grid = (p.channels // sub, nsplit, p.batch * p.K)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps)
 
     strides = (

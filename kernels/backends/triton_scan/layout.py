@@ -93,20 +93,13 @@ def natural_spatial(x: torch.Tensor, nd: int) -> torch.Tensor:
     return x if _spatial_contiguous(x, nd) else x.contiguous()
 
 
-def channel_blocking(channels: int, groups: int, sub: int, per_program: int) -> tuple[int, int]:
-    """``(SUB, RC)``: channels per inner step and per program, both dividing the channels of one group.
+def channel_blocking(channels: int, groups: int, sub: int) -> int:
+    """Channels per program: the largest power of two ≤ ``sub`` that divides the channels of one group.
 
     A program's channels share one group so that it loads each B/C tile once for all of them.
     """
-    cpg = channels // groups
-    sub = math.gcd(sub, cpg)
-    sub = 1 << (sub.bit_length() - 1)  # a power of two that divides cpg
-    rc = sub
-    for m in range(max(1, per_program // sub), 0, -1):
-        if (cpg // sub) % m == 0:
-            rc = sub * m
-            break
-    return sub, rc
+    sub = math.gcd(sub, channels // groups)
+    return 1 << (sub.bit_length() - 1)
 
 
 def segments(nchunks: int, rows: int, target_programs: int, min_fill: float = 0.6) -> tuple[int, int]:
