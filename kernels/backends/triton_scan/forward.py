@@ -287,7 +287,6 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    # one program per SUB channels, one thread per channel (no channel loop in the forward): RC = SUB
     sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     table = layout.order_table(orders, p.spatial, dev)
