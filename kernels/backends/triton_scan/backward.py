@@ -33,21 +33,23 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
 from .common import _adjoint_combine, _linear_combine, _load_delta, _order_row, _token_offsets
-from .forward import Plan, split
+from .forward import CARRY_CHANNELS, Plan, split
 
 __all__ = ["backward"]
 
 
 @triton.jit
 def _bwd_half(
-    c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, rho_rows, dA_rows,
-    du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
-    L, N, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
+    c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, start_sn, has_start,
+    rho_rows,
+    dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
+    L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
     HALF: tl.constexpr, SUB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    # One half-chunk of HALF tokens, from its start state (start_ptr, per thread) with the adjoint ρ of the tokens
-    # after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens.
+    # One half-chunk of HALF tokens, from its start state (start_ptr, states start_sn apart; zero unless has_start)
+    # with the adjoint ρ of the tokens after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens. Per-state
+    # slots are CH apart.
     q = (c * 2 + half) * HALF + tl.arange(0, HALF)
     valid = q < L
     lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
@@ -69,15 +71,15 @@ def _bwd_half(
         a = tl.exp2(dt * (A_n * 1.4426950408889634)[None, :])
         x = dtu * B_n[:, None]
         decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
-        h = h_local + decay * tl.load(start_ptr + n)[None, :]
+        h = h_local + decay * tl.load(start_ptr + n * start_sn, mask=has_start, other=0.0)[None, :]
         after, _, lam_local = tl.associative_scan((ones, a, gy * C_n[:, None]), 0, _adjoint_combine, reverse=True)
-        lam = lam_local + after * tl.load(rho_rows + n)[None, :]
+        lam = lam_local + after * tl.load(rho_rows + n * CH)[None, :]
         # each thread reads and writes only its own channel's ρ and dA: no barrier needed
-        tl.store(rho_rows + n, tl.sum(tl.where(tl.arange(0, HALF)[:, None] == 0, a * lam, 0.0), axis=0))
+        tl.store(rho_rows + n * CH, tl.sum(tl.where(tl.arange(0, HALF)[:, None] == 0, a * lam, 0.0), axis=0))
         lam_B += lam * B_n[:, None]
         through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
         lam_hA += through_decay * A_n[None, :]
-        tl.store(dA_rows + n, tl.load(dA_rows + n) + tl.sum(through_decay * dt, axis=0))
+        tl.store(dA_rows + n * CH, tl.load(dA_rows + n * CH) + tl.sum(through_decay * dt, axis=0))
         tl.store(dB_ptr + (part_row + n) * L + lin, tl.sum(lam * dtu, axis=1), mask=valid)  # Σ over the channels
         tl.store(dC_ptr + (part_row + n) * L + lin, tl.sum(gy * h, axis=1), mask=valid)
     du = dt * lam_B
@@ -94,8 +96,9 @@ def _bwd_half(
 
 @triton.jit
 def _bwd_kernel(
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, rho_ptr, mid_ptr, zero_ptr,
-    order_ptr, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, last_ptr,
+    rho_ptr, mid_ptr, dA_slot_ptr, order_ptr,
+    du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     L, CH, N, K, G, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
@@ -140,19 +143,24 @@ def _bwd_kernel(
     B_base = B_ptr + b * sB_b + k * sB_k + grp.to(tl.int64) * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp.to(tl.int64) * sC_g
     part_row = ((bk.to(tl.int64) * G + grp) * bpg + blk_in_grp) * N  # dB/dC partials (B, K, G, BPG, N, L)
-    slot = (chan_row * nsplit + seg) * N  # (SUB,) this program's per-channel, per-state slots
+    # per-state slots (B, K, nsplit, N, C), channels fastest (coalesced); state n of a channel is n·CH further
+    slot = (bk.to(tl.int64) * nsplit + seg) * N * CH + ch64  # (SUB,)
     rho_rows = rho_ptr + slot
     mid_rows = mid_ptr + slot
-    dA_rows = dA_ptr + slot
+    dA_rows = dA_slot_ptr + slot
+    state_rows = state_ptr + chan_row * nchunks * N  # the forward's chunk-start states (B, K, C, nchunks, N)
     for n in range(N):
-        tl.store(dA_rows + n, tl.zeros([SUB], dtype=tl.float32))
+        tl.store(dA_rows + n * CH, tl.zeros([SUB], dtype=tl.float32))
+        if seg == nsplit - 1:  # the adjoint after the last token (the carry pass wrote the other segments')
+            tl.store(rho_rows + n * CH, tl.load(last_ptr + chan_row * N + n))
     dD_acc = tl.zeros([SUB], dtype=tl.float32)
     dbias_acc = tl.zeros([SUB], dtype=tl.float32)
     th = tl.arange(0, HALF)
     for i in range(last - first):
         c = last - 1 - i
         # chunk 0 starts from zero (its slot of the saved states is never written)
-        start_rows = tl.where(c > 0, state_ptr + (chan_row * nchunks + c) * N, zero_ptr + ch64 * 0)
+        start_rows = state_rows + c * N
+        has_start = c > 0
         # the state after the first half, from the chunk-start state
         q = c * BLOCK_T + th
         valid = q < L
@@ -160,26 +168,36 @@ def _bwd_kernel(
         tok = valid[:, None]
         _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        total = tl.sum(dt, axis=0)
+        after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the half
         for n in range(N):
+            # h_mid = exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t: no scan needed for one state
             B_n = tl.load(B_base + n * sB_n + lin, mask=valid, other=0.0).to(tl.float32)
-            a = tl.exp2(dt * (tl.load(A_rows + n) * 1.4426950408889634)[None, :])
-            decay, h_local = tl.associative_scan((a, dtu * B_n[:, None]), 0, _linear_combine)
-            h = h_local + decay * tl.load(start_rows + n)[None, :]
-            tl.store(mid_rows + n, tl.sum(tl.where(th[:, None] == HALF - 1, h, 0.0), axis=0))
+            A_n = tl.load(A_rows + n) * 1.4426950408889634
+            tail = tl.sum(tl.exp2(after * A_n[None, :]) * (dtu * B_n[:, None]), axis=0)
+            h_start = tl.load(start_rows + n, mask=has_start, other=0.0)
+            tl.store(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
             if half == 1:
                 half_start = mid_rows
+                half_sn = CH
+                half_has_start = c >= 0
             else:
                 half_start = start_rows
+                half_sn = 1
+                half_has_start = has_start
             gu, gd = _bwd_half(
-                c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start, rho_rows,
-                dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, sB_n, sC_n,
+                c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start, half_sn,
+                half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv, L, N, CH,
+                sB_n, sC_n,
                 fast, mid, st_fast, st_mid, st_slow, rev,
                 HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
             )  # fmt: skip
             dD_acc += gu
             dbias_acc += gd
-    part = chan_row * nsplit + seg  # (SUB,) rows of the per-segment partials
+    part = (bk.to(tl.int64) * nsplit + seg) * CH + ch64  # (SUB,): per-segment partials (B, K, nsplit, C)
+    for n in range(N):  # dA's partials in the parameter's layout (B, K, nsplit, C, N): written once
+        tl.store(dA_ptr + part * N + n, tl.load(dA_rows + n * CH))
     if HAS_D:
         tl.store(dD_ptr + part, dD_acc)
     if HAS_BIAS:
@@ -237,25 +255,52 @@ def _bwd_segment_kernel(
         w = tl.exp(A[None, :, :] * upto[:, None, :])
         r = tl.exp(A * total[None, :]) * r + tl.sum(w * gy[:, None, :] * Ct[:, :, None], axis=0)
         dt_sum += total
-    seg_row = (bk * CH + ch64) * nsplit + seg
-    tl.store(seg_rho_ptr + seg_row[None, :] * N + n[:, None], r, mask=n_ok[:, None])
-    tl.store(seg_dt_ptr + seg_row, dt_sum)
+    seg_row = bk.to(tl.int64) * nsplit + seg  # (B, K, nsplit, N, C) and (B, K, nsplit, C), channels fastest
+    tl.store(seg_rho_ptr + seg_row * N * CH + n[:, None] * CH + ch64[None, :], r, mask=n_ok[:, None])
+    tl.store(seg_dt_ptr + seg_row * CH + ch64, dt_sum)
 
 
 @triton.jit
-def _bwd_carry_kernel(A_ptr, seg_rho_ptr, seg_dt_ptr, rho_ptr, CH, N, K, nsplit, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # (b·K + k)·CH + c
-    k = (row // CH) % K
-    c = row % CH
+def _bwd_carry_kernel(
+    A_ptr, seg_rho_ptr, seg_dt_ptr, last_ptr, rho_ptr, CH, N, K, nsplit, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    # Chains the segments' adjoints of BLOCK_C channels of one (b, k) from the last segment backwards.
+    bk = tl.program_id(1).to(tl.int64)
+    k = bk % K
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    A = tl.load(A_ptr + (k * CH + c) * N + n, mask=n_ok, other=0.0)
-    r = tl.load(rho_ptr + (row * nsplit + nsplit - 1) * N + n, mask=n_ok, other=0.0)
+    c_ok = ch < CH
+    ok = (n < N)[:, None] & c_ok[None, :]
+    A = tl.load(A_ptr + (k * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (BLOCK_N, BLOCK_C)
+    tile = n[:, None] * CH + ch[None, :]
+    r = tl.load(last_ptr + (bk * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (B, K, C, N)
     for i in range(nsplit - 1):
         s = nsplit - 1 - i
-        dt_sum = tl.load(seg_dt_ptr + row * nsplit + s)
-        r = tl.load(seg_rho_ptr + (row * nsplit + s) * N + n, mask=n_ok, other=0.0) + tl.exp(A * dt_sum) * r
-        tl.store(rho_ptr + (row * nsplit + s - 1) * N + n, r, mask=n_ok)
+        dt_sum = tl.load(seg_dt_ptr + (bk * nsplit + s) * CH + ch, mask=c_ok, other=0.0)
+        r = tl.load(seg_rho_ptr + (bk * nsplit + s) * N * CH + tile, mask=ok, other=0.0) + tl.exp(A * dt_sum) * r
+        tl.store(rho_ptr + (bk * nsplit + s - 1) * N * CH + tile, r, mask=ok)
+
+
+@triton.jit
+def _gate_grad_kernel(
+    gy_ptr, pre_ptr, z_ptr, dz_ptr, L, CH, KT,
+    sg_b, sg_k, sg_c, sp_b, sp_k, sp_c, sz_b, sz_c,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # dz = (Σ_k g_k·y_k) · silu'(z) in one pass (y_k before the gate; one term when the orders were summed)
+    row = tl.program_id(0).to(tl.int64)  # b·CH + c
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < L
+    b = row // CH
+    c = row % CH
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(KT):
+        g = tl.load(gy_ptr + b * sg_b + k * sg_k + c * sg_c + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(pre_ptr + b * sp_b + k * sp_k + c * sp_c + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += g * y
+    zz = tl.load(z_ptr + b * sz_b + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(zz)
+    tl.store(dz_ptr + row * L + offs, acc * sig * (1.0 + zz * (1.0 - sig)), mask=mask)
 
 
 def backward(
@@ -307,19 +352,19 @@ def backward(
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
+    # per-segment partials and per-state slots, channels fastest: (B, K, nsplit, [N,] C)
+    dA_part = torch.empty(p.batch, p.K, nsplit, p.channels, p.N, device=dev, dtype=torch.float32)
+    dD_part = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dD_part)
-    rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
-    if grad_last is not None:
-        rho[..., -1, :] = grad_last
-    else:
-        rho[..., -1, :] = 0
+    rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
+    if grad_last is None:
+        grad_last = torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
+    grad_last = grad_last.float().contiguous()  # (B, K, C, N): the adjoint after the last token
     grid = (p.channels // sub, nsplit, p.batch * p.K)
 
     if nsplit > 1:
-        seg_rho = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
-        seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
+        seg_rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
+        seg_dt = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
         _bwd_segment_kernel[(p.channels // seg_sub, nsplit, p.batch * p.K)](
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit,
@@ -328,14 +373,15 @@ def backward(
             SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
             HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=4,
         )  # fmt: skip
-        _bwd_carry_kernel[(p.batch * p.K * p.channels,)](
-            A32, seg_rho, seg_dt, rho, p.channels, p.N, p.K, nsplit, BLOCK_N=p.block_n, num_warps=1
-        )
+        _bwd_carry_kernel[(triton.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
+            A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
+            BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, num_warps=1,
+        )  # fmt: skip
 
     mid = torch.empty_like(rho)
-    zero = torch.zeros(p.N, device=dev, dtype=torch.float32)
+    dA_slot = torch.empty_like(rho)
     _bwd_kernel[grid](
-        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, rho, mid, zero, table,
+        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
         p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit,
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
@@ -346,18 +392,22 @@ def backward(
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
 
-    dA = dA_part.sum(dim=(0, 3)).to(A.dtype)
-    dD = dD_part.sum(dim=(0, 3)).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(dim=(0, 3)).to(delta_bias.dtype) if delta_bias is not None else None
+    dA = dA_part.sum(dim=(0, 2)).to(A.dtype)
+    dD = dD_part.sum(dim=(0, 2)).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(dim=(0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     dB = (dB_part[:, :, :, 0] if bpg == 1 else dB_part.sum(dim=3)).to(B.dtype)
     dC = (dC_part[:, :, :, 0] if bpg == 1 else dC_part.sum(dim=3)).to(C.dtype)
     dz = None
     if z is not None:
-        zf = z.float()
-        sig = torch.sigmoid(zf)
-        dsilu = sig * (1 + zf * (1 - sig))
-        if merge == "sum":
-            dz = (gy.float() * pre_gate.float() * dsilu).to(z.dtype)
-        else:
-            dz = ((gy.float() * pre_gate.float()).sum(dim=1) * dsilu).to(z.dtype)
+        dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype)
+        pre = pre_gate  # (B, C, *S) summed or (B, K, C, *S) stacked, spatial contiguous
+        k_terms = 1 if merge == "sum" else p.K
+        pre_k = pre.stride(1) if merge != "sum" else 0
+        pre_c = pre.stride(2) if merge != "sum" else pre.stride(1)
+        block = min(1024, triton.next_power_of_2(p.L))
+        _gate_grad_kernel[(p.batch * p.channels, triton.cdiv(p.L, block))](
+            gy, pre, z, dz, p.L, p.channels, k_terms,
+            g_b, g_k, g_c, pre.stride(0), pre_k, pre_c, z.stride(0), z.stride(1),
+            BLOCK=block, num_warps=4,
+        )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, dbias

@@ -38,6 +38,8 @@ from .common import _linear_combine, _load_delta, _order_row, _token_offsets
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 
+CARRY_CHANNELS = 32  # channels per program of the backward's carry pass (one warp, a lane per channel)
+
 
 @triton.jit
 def _fwd_kernel(
@@ -107,7 +109,9 @@ def _fwd_kernel(
         _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         if END_ONLY:
-            dt_sum += tl.sum(dt, axis=0)
+            total = tl.sum(dt, axis=0)  # (SUB,)
+            after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the chunk
+            dt_sum += total
         else:
             y = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)
             if HAS_D:
@@ -117,13 +121,18 @@ def _fwd_kernel(
             A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
             h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
             B_n = tl.load(B_base + n * sB_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)  # (T,)
-            decay, h_local = tl.associative_scan((tl.exp2(dt * A_n[None, :]), dtu * B_n[:, None]), 0, _linear_combine)
-            h = h_local + decay * h0_n[None, :]
-            if not END_ONLY:
+            if END_ONLY:
+                # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
+                tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n[:, None])
+                h_end = tl.exp2(total * A_n) * h0_n + tl.sum(tail, axis=0)
+            else:
+                a = tl.exp2(dt * A_n[None, :])
+                decay, h_local = tl.associative_scan((a, dtu * B_n[:, None]), 0, _linear_combine)
+                h = h_local + decay * h0_n[None, :]
                 C_n = tl.load(C_base + n * sC_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)
                 y += h * C_n[:, None]
-            # the state after the chunk's last token (padding tokens carry it unchanged)
-            h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+                # the state after the chunk's last token (padding tokens carry it unchanged)
+                h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
             h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
         h0 = h_next
         if not END_ONLY:
