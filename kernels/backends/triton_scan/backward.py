@@ -8,14 +8,15 @@ With g_t = ∂L/∂y_t (the output gradient times silu(z)) the adjoint of the st
     ∂A = Σ_t λ_t·(h_t − Δ_t·u_t·B_t)·Δ_t    ∂D = Σ_t g_t·u_t    ∂delta = ∂Δ·sigmoid(delta + bias)
 
 A program owns (b, k, one warp's 32 channels of a group, a segment), one thread per channel as in the forward, and
-walks its chunks from last to first in half-chunks of BLOCK_T/2 tokens (the tokens in each thread's registers):
-the state in the chunk's middle is recomputed from the saved chunk-start state, then each half recomputes h with
-the forward scan and λ with one reverse ``tl.associative_scan`` over triples (see common._adjoint_combine, which
-gives λ_t without shifting any tile by one token), with the adjoint flowing in from the next half,
-ρ = a_{t1}·λ_{t1}. The states are a run-time loop (unrolled, their tiles spill); ρ, the middle state and dA live in
-per-thread fp32 slots (each thread touches only its own: no barriers). dB and dC are summed over the warp's
-channels and written once per program; dA, dD and d(delta_bias) per segment; the host sums the partials —
-everything deterministic, no atomics.
+walks its chunks of 16 tokens from last to first in halves of 8 (the tokens in each thread's registers): the state
+in the chunk's middle is recomputed from the saved chunk-start state (``exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t}Δ_j)·x_t``,
+no scan), then each half runs h forwards and λ backwards token by token — one FMA a step on rows split out of the
+thread's tiles (common._split8; Triton's reverse associative_scan exchanged every step across the warp) — with
+the adjoint flowing in from the next half, ρ = a_{t1}·λ_{t1}. The states are a run-time loop (unrolled, their
+tiles spill); ρ, the middle state and dA live in fp32 slots laid out channels-fastest (each thread touches only its
+own: no barriers, and a warp's access is one coalesced line). dB and dC are summed over the warp's channels and
+written once per program; dA, dD and d(delta_bias) per segment; the host sums the partials — everything
+deterministic, no atomics.
 
 Segments: ``_bwd_segment_kernel`` computes each segment's outgoing adjoint from zero without scanning
 (``ρ = Σ_t exp(A·Σ_{j≤t} Δ_j)·g_t·C_t``), ``_bwd_carry_kernel`` chains them from the last segment backwards.
@@ -32,7 +33,7 @@ import triton.language as tl
 from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
-from .common import _adjoint_combine, _linear_combine, _load_delta, _order_row, _token_offsets
+from .common import _join8, _load_delta, _order_row, _split8, _token_offsets
 from .forward import CARRY_CHANNELS, Plan, split
 
 __all__ = ["backward"]
@@ -61,7 +62,6 @@ def _bwd_half(
         zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
         gy = gy * zz * tl.sigmoid(zz)
     dtu = dt * u
-    ones = tl.full([HALF, SUB], 1.0, tl.float32)
     lam_B = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·B
     lam_hA = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·(h − Δ·u·B)·A
     for n in range(N):
@@ -70,12 +70,30 @@ def _bwd_half(
         C_n = tl.load(C_base + n * sC_n + lin, mask=valid, other=0.0).to(tl.float32)
         a = tl.exp2(dt * (A_n * 1.4426950408889634)[None, :])
         x = dtu * B_n[:, None]
-        decay, h_local = tl.associative_scan((a, x), 0, _linear_combine)
-        h = h_local + decay * tl.load(start_ptr + n * start_sn, mask=has_start, other=0.0)[None, :]
-        after, _, lam_local = tl.associative_scan((ones, a, gy * C_n[:, None]), 0, _adjoint_combine, reverse=True)
-        lam = lam_local + after * tl.load(rho_rows + n * CH)[None, :]
+        # both recurrences token by token, one FMA a step, on the rows of the thread's own tiles
+        a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a, SUB)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, SUB)
+        h0 = a0 * tl.load(start_ptr + n * start_sn, mask=has_start, other=0.0) + x0
+        h1 = a1 * h0 + x1
+        h2 = a2 * h1 + x2
+        h3 = a3 * h2 + x3
+        h4 = a4 * h3 + x4
+        h5 = a5 * h4 + x5
+        h6 = a6 * h5 + x6
+        h7 = a7 * h6 + x7
+        h = _join8(h0, h1, h2, h3, h4, h5, h6, h7, SUB)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _split8(gy * C_n[:, None], SUB)
+        l7 = v7 + tl.load(rho_rows + n * CH)  # ρ = a·λ of the token after the half
+        l6 = v6 + a7 * l7
+        l5 = v5 + a6 * l6
+        l4 = v4 + a5 * l5
+        l3 = v3 + a4 * l4
+        l2 = v2 + a3 * l3
+        l1 = v1 + a2 * l2
+        l0 = v0 + a1 * l1
+        lam = _join8(l0, l1, l2, l3, l4, l5, l6, l7, SUB)
         # each thread reads and writes only its own channel's ρ and dA: no barrier needed
-        tl.store(rho_rows + n * CH, tl.sum(tl.where(tl.arange(0, HALF)[:, None] == 0, a * lam, 0.0), axis=0))
+        tl.store(rho_rows + n * CH, a0 * l0)
         lam_B += lam * B_n[:, None]
         through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
         lam_hA += through_decay * A_n[None, :]
@@ -112,6 +130,7 @@ def _bwd_kernel(
     # values that outlive one half (ρ = a_{t1}·λ_{t1}, the middle state, dA) live in per-thread fp32 slots;
     # dB_n and dC_n are summed over the warp's channels and written once per program; the host sums programs.
     HALF: tl.constexpr = BLOCK_T // 2
+    tl.static_assert(HALF == 8, "the backward's recurrences are written out for half-chunks of 8 tokens")
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -325,6 +344,10 @@ def backward(
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs."""
     dev = u.device
     nd = len(p.spatial)
+    if p.block_t != 16:
+        raise ValueError(
+            f"the Triton backward restarts from 16-token chunk states; the forward used block_t={p.block_t}"
+        )
     cfg = configs.backward_config(p.L)
     sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel, as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))

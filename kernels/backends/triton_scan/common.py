@@ -13,15 +13,6 @@ def _linear_combine(a1, x1, a2, x2):
 
 
 @triton.jit
-def _adjoint_combine(q_right, f_right, v_right, q_left, f_left, v_left):
-    # Suffix summaries of λ_t = g_t·C_t + a_{t+1}·λ_{t+1}: (Q = Π a over the segment after its first token,
-    # F = a of its first token, V = λ at its first token from the segment alone). A reverse associative_scan
-    # calls combine(later, earlier); the result is earlier ∘ later.
-    glue = q_left * f_right
-    return glue * q_right, f_left, v_left + glue * v_right
-
-
-@triton.jit
 def _softplus(x):
     # torch.nn.functional.softplus with its threshold of 20
     return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
@@ -62,3 +53,27 @@ def _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev):
     i_fast = p % fast
     r = p // fast
     return (r // mid) * st_slow + (r % mid) * st_mid + i_fast * st_fast
+
+
+@triton.jit
+def _split8(x, S: tl.constexpr):
+    # The 8 rows of an (8, S) tile whose rows sit in each thread's registers, as (S,) vectors (register renames,
+    # no data movement): lets a recurrence along the rows run one FMA per step. Triton's reverse
+    # associative_scan would exchange every step across the warp even though no lane holds another's rows.
+    y = tl.reshape(tl.permute(x, (1, 0)), (S, 2, 2, 2))  # y[s, i, j, k] = x[4i + 2j + k, s]
+    k0, k1 = tl.split(y)
+    k0j0, k0j1 = tl.split(k0)
+    k1j0, k1j1 = tl.split(k1)
+    x0, x4 = tl.split(k0j0)
+    x2, x6 = tl.split(k0j1)
+    x1, x5 = tl.split(k1j0)
+    x3, x7 = tl.split(k1j1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _join8(x0, x1, x2, x3, x4, x5, x6, x7, S: tl.constexpr):
+    # The inverse of _split8: eight (S,) vectors back into an (8, S) tile.
+    k0 = tl.join(tl.join(x0, x4), tl.join(x2, x6))  # [s, i, j] at k = 0
+    k1 = tl.join(tl.join(x1, x5), tl.join(x3, x7))
+    return tl.permute(tl.reshape(tl.join(k0, k1), (S, 8)), (1, 0))
