@@ -256,10 +256,10 @@ def sweep():
     """(forward, backward) block-size variants at S1 and the three-order layer, bf16 with z."""
     P = configs.PassConfig
     variants = [
-        (P(block_t=16, sub=32, num_warps=1, fill=8), P(block_t=16, sub=32, num_warps=1, fill=8)),
-        (P(block_t=16, sub=64, num_warps=2, fill=4), P(block_t=16, sub=32, num_warps=1, fill=16)),
-        (P(block_t=16, sub=128, num_warps=4, fill=2), P(block_t=16, sub=64, num_warps=2, fill=4)),
-        (P(block_t=16, sub=32, num_warps=1, fill=16), P(block_t=16, sub=32, num_warps=1, fill=4)),
+        (P(sub=32, num_warps=1, fill=8), P(sub=32, num_warps=1, fill=8)),
+        (P(sub=64, num_warps=2, fill=4), P(sub=32, num_warps=1, fill=16)),
+        (P(sub=128, num_warps=4, fill=2), P(sub=64, num_warps=2, fill=4)),
+        (P(sub=32, num_warps=1, fill=16), P(sub=32, num_warps=1, fill=4)),
     ]
     rows = [
         ("S1", 2, 768, (32768,), (RASTER,), "bf16", True),
@@ -378,7 +378,7 @@ def dry_run(args) -> int:
     torch.cuda.memory_allocated = lambda: 0
     torch.cuda.max_memory_allocated = lambda: 0
     torch.cuda.reset_peak_memory_stats = lambda: None
-    tiny = configs.PassConfig(block_t=16, sub=1, num_warps=1)
+    tiny = configs.PassConfig(sub=1, num_warps=1)
     info = {"card_name": "cpu", "card": "H100", "torch": torch.__version__, "triton": "-", "command": "dry",
             "copy_TBps": 1.0}  # fmt: skip
     with configs.override(tiny, tiny):

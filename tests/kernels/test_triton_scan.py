@@ -31,8 +31,8 @@ from tests.helpers import TOLERANCES, generator
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 P = configs.PassConfig
 #: tiny tiles so that a few dozen tokens already span several chunks, sub-blocks and channel blocks
-TINY = P(block_t=16, sub=1, num_warps=1)
-TINY_SEGMENTS = P(block_t=16, sub=2, num_warps=1, segments=3)
+TINY = P(sub=1, num_warps=1)
+TINY_SEGMENTS = P(sub=2, num_warps=1, segments=3)
 CUDA = torch.cuda.is_available()
 
 
@@ -143,11 +143,11 @@ def test_segments_groups_and_channel_blocks():
     # summed on the host; 6 channels in 2 groups: SUB 2 rounds down to 1, the divisor of 3
     orders = (REVERSED, SLICE)
     low, ref = make_inputs((2, 2, 9), 2, batch=1, channels=4, groups=2, N=3, seed=5)
-    cfg = P(block_t=16, sub=1, num_warps=1, segments=3)
+    cfg = P(sub=1, num_warps=1, segments=3)
     with configs.override(cfg, cfg):
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
     low, ref = make_inputs((2, 3, 3), 2, batch=1, channels=6, groups=2, N=3, seed=6)
-    cfg = P(block_t=16, sub=2, num_warps=1, segments=3)
+    cfg = P(sub=2, num_warps=1, segments=3)
     with configs.override(cfg, cfg):
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
 

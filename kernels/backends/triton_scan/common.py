@@ -8,7 +8,8 @@ import triton.language as tl
 
 @triton.jit
 def _linear_combine(a1, x1, a2, x2):
-    # (a1, x1) then (a2, x2): h -> a2·(a1·h + x1) + x2
+    # (a1, x1) then (a2, x2): h -> a2·(a1·h + x1) + x2. A forward associative_scan along rows held in-thread
+    # lowers to a sequential loop without exchanges (unlike a reverse one: see _split8).
     return a1 * a2, a2 * x1 + x2
 
 
@@ -56,11 +57,8 @@ def _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev):
 
 
 @triton.jit
-def _split8(x, S: tl.constexpr):
-    # The 8 rows of an (8, S) tile whose rows sit in each thread's registers, as (S,) vectors (register renames,
-    # no data movement): lets a recurrence along the rows run one FMA per step. Triton's reverse
-    # associative_scan would exchange every step across the warp even though no lane holds another's rows.
-    y = tl.reshape(tl.permute(x, (1, 0)), (S, 2, 2, 2))  # y[s, i, j, k] = x[4i + 2j + k, s]
+def _split_cube(y):
+    # (S, 2, 2, 2) -> its eight (S,) vectors in the order 4i + 2j + k of y[:, i, j, k]
     k0, k1 = tl.split(y)
     k0j0, k0j1 = tl.split(k0)
     k1j0, k1j1 = tl.split(k1)
@@ -72,8 +70,22 @@ def _split8(x, S: tl.constexpr):
 
 
 @triton.jit
-def _join8(x0, x1, x2, x3, x4, x5, x6, x7, S: tl.constexpr):
-    # The inverse of _split8: eight (S,) vectors back into an (8, S) tile.
+def _join_cube(x0, x1, x2, x3, x4, x5, x6, x7):
+    # The inverse of _split_cube.
     k0 = tl.join(tl.join(x0, x4), tl.join(x2, x6))  # [s, i, j] at k = 0
     k1 = tl.join(tl.join(x1, x5), tl.join(x3, x7))
-    return tl.permute(tl.reshape(tl.join(k0, k1), (S, 8)), (1, 0))
+    return tl.join(k0, k1)
+
+
+@triton.jit
+def _split8(x, S: tl.constexpr):
+    # The 8 rows of an (8, S) tile whose rows sit in each thread's registers, as (S,) vectors (register renames,
+    # no data movement): lets a recurrence along the rows run one FMA per step. Triton's associative_scan costs
+    # more (a reverse one exchanges every step across the warp even though no lane holds another's rows).
+    return _split_cube(tl.reshape(tl.permute(x, (1, 0)), (S, 2, 2, 2)))  # [s, i, j, k] = x[4i + 2j + k, s]
+
+
+@triton.jit
+def _join8(x0, x1, x2, x3, x4, x5, x6, x7, S: tl.constexpr):
+    # The inverse of _split8: eight (S,) vectors back into an (8, S) tile.
+    return tl.permute(tl.reshape(_join_cube(x0, x1, x2, x3, x4, x5, x6, x7), (S, 8)), (1, 0))
