@@ -168,17 +168,6 @@ def test_half_precision_inputs(dtype):
         assert_matches_reference(low, ref, orders, dtype=dtype)
 
 
-@pytest.mark.parametrize("dot_reduce", [True, False], ids=["dB-dC-by-tensor-core-product", "dB-dC-by-shuffles"])
-def test_half_precision_db_dc_summed_over_a_warp_of_channels(dot_reduce):
-    # 32 channels per program: with 16-bit inputs the backward sums dB/dC over them with a product by a ones
-    # matrix (tf32 products, fp32 sums) unless told to use warp shuffles; both must meet the bf16 tolerance
-    orders = (RASTER, SLICE)
-    low, ref = make_inputs((2, 3, 5), 2, channels=32, N=3, dtype=torch.bfloat16, seed=23)
-    cfg = P(sub=32, num_warps=1, segments=2, dot_reduce=dot_reduce)
-    with configs.override(cfg, cfg):
-        assert_matches_reference(low, ref, orders, dtype=torch.bfloat16)
-
-
 def test_shared_input_expanded_over_orders_and_constant_bc():
     # u shared by the orders as a stride-0 expand (never copied); constant (K, C, N) B and C
     g = generator(11)

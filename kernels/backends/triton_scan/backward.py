@@ -43,11 +43,10 @@ __all__ = ["backward"]
 def _bwd_half(
     c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, start_sn, has_start,
     rho_rows,
-    dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dC_off, part_row, bias, Dv,
+    dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
     L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
     HALF: tl.constexpr, SUB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    DOT_REDUCE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One half-chunk of HALF tokens, from its start state (start_ptr, states start_sn apart; zero unless has_start)
     # with the adjoint ρ of the tokens after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens. Per-state
@@ -63,17 +62,12 @@ def _bwd_half(
         zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
         gy = gy * zz * tl.sigmoid(zz)
     dtu = dt * u
-    if DOT_REDUCE:
-        r16 = tl.arange(0, 2 * HALF)
-        q16 = (c * 2 + half) * HALF + r16 % HALF
-        lin16 = _token_offsets(q16, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        col = tl.arange(0, 16)
-        dBC_rows = (dB_ptr + (r16 // HALF).to(tl.int64) * dC_off + part_row * L + lin16)[:, None] + col[None, :] * 0
-        dBC_mask = (q16 < L)[:, None] & (col == 0)[None, :]
     lam_B = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·B
     lam_hA = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·(h − Δ·u·B)·A
     for n in range(N):
         A_n = tl.load(A_rows + n)
+        # no masks: offsets are clamped in range and padding tokens have Δ = 0 and g = 0 (the masks cost ~15 %
+        # of this loop in predicate juggling; in the forward dropping them measured slower)
         B_n = tl.load(B_base + n * sB_n + lin).to(tl.float32)  # (HALF,)
         C_n = tl.load(C_base + n * sC_n + lin).to(tl.float32)
         a = tl.exp2(dt * (A_n * 1.4426950408889634)[None, :])
@@ -106,15 +100,8 @@ def _bwd_half(
         through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
         lam_hA += through_decay * A_n[None, :]
         tl.store(dA_rows + n * CH, tl.load(dA_rows + n * CH) + tl.sum(through_decay * dt, axis=0))
-        if DOT_REDUCE:
-            # Σ over the channels of the (dB, dC) rows as one small matrix product with a ones matrix (tensor
-            # cores; tf32x3 keeps fp32 accuracy) instead of 5 warp shuffles per value
-            both = tl.reshape(tl.permute(tl.join(lam * dtu, gy * h), (2, 0, 1)), (2 * HALF, SUB))
-            sums = tl.dot(both, tl.full([SUB, 16], 1.0, tl.float32), input_precision=PRECISION)  # (2·HALF, 16)
-            tl.store(dBC_rows + n * L, sums, mask=dBC_mask)
-        else:
-            tl.store(dB_ptr + (part_row + n) * L + lin, tl.sum(lam * dtu, axis=1), mask=valid)  # Σ over the channels
-            tl.store(dC_ptr + (part_row + n) * L + lin, tl.sum(gy * h, axis=1), mask=valid)
+        tl.store(dB_ptr + (part_row + n) * L + lin, tl.sum(lam * dtu, axis=1), mask=valid)  # Σ over the channels
+        tl.store(dC_ptr + (part_row + n) * L + lin, tl.sum(gy * h, axis=1), mask=valid)
     du = dt * lam_B
     if HAS_D:
         du += Dv[None, :] * gy
@@ -132,13 +119,12 @@ def _bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, last_ptr,
     rho_ptr, mid_ptr, dA_slot_ptr, order_ptr,
     du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    L, CH, N, K, G, CPG, nchunks, cps, nsplit, dC_off,
+    L, CH, N, K, G, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, sg_b, sg_k, sg_c,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    DOT_REDUCE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
@@ -223,12 +209,9 @@ def _bwd_kernel(
                 half_has_start = has_start
             gu, gd = _bwd_half(
                 c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start, half_sn,
-                half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dC_off, part_row, bias, Dv,
-                L, N, CH,
-                sB_n, sC_n,
-                fast, mid, st_fast, st_mid, st_slow, rev,
+                half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
+                L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
                 HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
-                DOT_REDUCE=DOT_REDUCE, PRECISION=PRECISION,
             )  # fmt: skip
             dD_acc += gu
             dbias_acc += gd
@@ -365,9 +348,6 @@ def backward(
     cfg = configs.backward_config(p.L)
     sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel, as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))
-    # tf32 products summed in fp32 are far below the rounding of 16-bit dB/dC; fp32 inputs keep exact fp32 sums
-    # (tf32x3 costs as much as the shuffles it replaces). A tensor-core product needs 16 channels at least.
-    dot_reduce = cfg.dot_reduce and u.dtype != torch.float32 and sub >= 16
     seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
@@ -390,8 +370,8 @@ def backward(
     bpg = p.cpg // sub
     du = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
-    dBC_part = torch.empty(2, p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
-    dB_part, dC_part = dBC_part[0], dBC_part[1]
+    dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
+    dC_part = torch.empty_like(dB_part)
     # per-segment partials and per-state slots, channels fastest: (B, K, nsplit, [N,] C)
     dA_part = torch.empty(p.batch, p.K, nsplit, p.channels, p.N, device=dev, dtype=torch.float32)
     dD_part = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
@@ -423,13 +403,12 @@ def backward(
     _bwd_kernel[grid](
         u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
-        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, dB_part.numel(),
+        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit,
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
         SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
-        DOT_REDUCE=dot_reduce, PRECISION="tf32",
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
 

@@ -32,9 +32,6 @@ class PassConfig:
         fill: cut segments until about ``fill`` × :func:`target_programs` programs run (small programs need
             more of them in flight to hide memory latency).
         maxnreg: cap on registers per thread (``None``: the compiler's choice).
-        dot_reduce: backward only — sum dB/dC over the program's channels with a tensor-core product by a ones
-            matrix (tf32 products, fp32 sums) instead of warp shuffles, for 16-bit inputs and ≥ 16 channels per
-            program (fp32 inputs keep the exact shuffle sums).
     """
 
     sub: int = 2
@@ -42,7 +39,6 @@ class PassConfig:
     segments: int | None = None
     fill: int = 1
     maxnreg: int | None = None
-    dot_reduce: bool = True
 
 
 _FORWARD = PassConfig(sub=32, num_warps=1, fill=8)

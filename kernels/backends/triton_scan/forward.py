@@ -121,7 +121,7 @@ def _fwd_kernel(
         for n in tl.static_range(BLOCK_N):
             A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
             h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
-            B_n = tl.load(B_base + n * sB_n + lin, mask=n < N, other=0.0).to(tl.float32)  # (T,)
+            B_n = tl.load(B_base + n * sB_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)  # (T,)
             if END_ONLY:
                 # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
                 tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n[:, None])
@@ -130,7 +130,7 @@ def _fwd_kernel(
                 a = tl.exp2(dt * A_n[None, :])
                 decay, h_local = tl.associative_scan((a, dtu * B_n[:, None]), 0, _linear_combine)
                 h = h_local + decay * h0_n[None, :]
-                C_n = tl.load(C_base + n * sC_n + lin, mask=n < N, other=0.0).to(tl.float32)
+                C_n = tl.load(C_base + n * sC_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)
                 y += h * C_n[:, None]
                 # the state after the chunk's last token (padding tokens carry it unchanged)
                 h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
