@@ -247,6 +247,22 @@ def test_channel_blocking_and_segments():
     assert nsplit * per >= 2048 > (nsplit - 1) * per and nsplit >= 64
 
 
+def test_strided_orders_get_more_segments():
+    # an order whose consecutive tokens are not neighbours in memory gets the pass's fill_strided
+    assert not layout.strided((RASTER, REVERSED), (8, 8, 8))
+    assert layout.strided((RASTER, SLICE), (8, 8, 8))  # depth fastest: H·W elements between tokens
+    assert not layout.strided((SLICE,), (1, 8, 8)) and not layout.strided((ScanOrder((1, 0)),), (5, 1))
+    assert layout.strided((ScanOrder((1, 0)),), (5, 3))  # column-major 2D
+    from medmamba.kernels.backends.triton_scan.forward import Plan, split
+
+    p = Plan(batch=2, K=3, channels=96, groups=1, N=16, L=64**3, spatial=(64, 64, 64), block_t=16, block_n=16,
+             nchunks=64**3 // 16)  # fmt: skip
+    cfg = P(sub=32, num_warps=1, fill=2, fill_strided=8)
+    cpu = torch.device("cpu")  # target_programs: 8
+    assert split(p, cfg, cpu, strided=True)[1] > split(p, cfg, cpu, strided=False)[1]
+    assert split(p, P(sub=32, num_warps=1, fill=2), cpu, strided=True) == split(p, cfg, cpu, strided=False)
+
+
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None

@@ -346,7 +346,7 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel, as the forward
+    sub, nsplit, cps = split(p, cfg, dev, strided=layout.strided(orders, p.spatial))  # as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
     table = layout.order_table(orders, p.spatial, dev)

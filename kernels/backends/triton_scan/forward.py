@@ -237,17 +237,19 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
     )
 
 
-def split(p: Plan, cfg: configs.PassConfig, device: torch.device) -> tuple[int, int, int]:
+def split(p: Plan, cfg: configs.PassConfig, device: torch.device, *, strided: bool) -> tuple[int, int, int]:
     """``(SUB, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``.
 
-    Segments are cut until about ``cfg.fill`` times :func:`configs.target_programs` programs run.
+    Segments are cut until about ``cfg.fill`` (``cfg.fill_strided`` when ``strided``: an order of the call reads
+    consecutive tokens from different cache lines) times :func:`configs.target_programs` programs run.
     """
     sub = layout.channel_blocking(p.channels, p.groups, cfg.sub)
     rows = p.batch * p.K * (p.channels // sub)
     if cfg.segments is not None:
         per = triton.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
         return sub, triton.cdiv(p.nchunks, per), per
-    nsplit, per = layout.segments(p.nchunks, rows, cfg.fill * configs.target_programs(device))
+    fill = cfg.fill_strided if (strided and cfg.fill_strided is not None) else cfg.fill
+    nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device))
     return sub, nsplit, per
 
 
@@ -296,7 +298,7 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    sub, nsplit, cps = split(p, cfg, dev)  # one thread per channel
+    sub, nsplit, cps = split(p, cfg, dev, strided=layout.strided(orders, p.spatial))  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()

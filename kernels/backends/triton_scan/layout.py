@@ -30,6 +30,7 @@ __all__ = [
     "order_table",
     "segments",
     "spatial3",
+    "strided",
 ]
 
 #: columns of one order-table row, in the order the kernels read them
@@ -60,6 +61,14 @@ def order_rows(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> list[tupl
         p0, p1, p2 = perm
         rows.append((shape[p2], shape[p1], natural[p2], natural[p1], natural[p0], int(order.reverse)))
     return rows
+
+
+def strided(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
+    """Whether some order steps more than one element between consecutive tokens (a new cache line per token).
+
+    That is an order whose fastest axis is not the map's last one, e.g. SegMamba's slice order.
+    """
+    return any(fast_size > 1 and fast_stride != 1 for fast_size, _, fast_stride, *_ in order_rows(orders, spatial))
 
 
 def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:
