@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +48,24 @@ def test_merge_keeps_unmeasured_rows_and_refuses_other_cards(train_gpu):
     assert [(r["preset"], r["s_per_iteration"]) for r in out] == [("umamba_bot_3d", 1.0), ("umamba_bot_2d", 3.0)]
     with pytest.raises(SystemExit, match="earlier run"):
         train_gpu.merged(earlier, [], "H200")
+
+
+def _sass(kernel: str, dtype: str) -> dict:
+    # a fresh process: the kernels must be compiled, not interpreted (conftest sets TRITON_INTERPRET here)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "scan_sass.py"), "--kernel", kernel, "--dtype", dtype, "--json"]
+    return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+
+
+def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
+    # compiled for sm_90a on this CPU machine: the forward's loops never shuffle; the backward's per-state loops
+    # shuffle only for the dB/dC sums over the warp's channels (2 values × 8 tokens × 5 butterfly steps = 80 per
+    # half-chunk) — a reverse associative_scan would add 240 — and nothing spills
+    bwd = _sass("backward", "bf16")
+    assert bwd["spill_bytes"] == 0 and bwd["registers"] <= 255
+    halves = [loop for loop in bwd["loops"] if loop["mix"].get("SHFL") and loop["instructions"] < 1000]
+    assert len(halves) == 2, bwd["loops"]
+    assert all(loop["mix"]["SHFL"] == 80 for loop in halves)
+    fwd = _sass("forward", "fp32")
+    assert not any(loop["mix"].get("SHFL") for loop in fwd["loops"])
+    assert max(loop["instructions"] for loop in fwd["loops"]) > 1000  # the 16 states unrolled in one chunk loop

@@ -1,0 +1,105 @@
+"""What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
+
+    python benchmarks/scan_sass.py [--kernel forward|segment|backward] [--dtype fp32|bf16|fp16] [--json]
+
+Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
+registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
+instruction mix. The hottest loop is the per-state loop: its SHFL count is the cross-lane traffic per state and
+chunk (only the dB/dC sums should shuffle in the backward; the forward should not shuffle at all). Use it before
+spending GPU time on a kernel change; ``scan_gpu.py`` then measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from medmamba.kernels.backends.triton_scan import backward, forward
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pre_ptr", "du_ptr", "ddl_ptr")
+
+
+def compile_sm90(kernel: str, dtype: str) -> str:
+    """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on)."""
+    if kernel == "backward":
+        fn = backward._bwd_kernel
+        const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True}
+    else:
+        fn = forward._fwd_kernel
+        end = kernel == "segment"
+        const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
+                 "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end}  # fmt: skip
+    names = fn.arg_names
+    sig = {}
+    for name in names:
+        if name in const:
+            sig[name] = "constexpr"
+        elif name == "order_ptr":
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in INPUTS else "*fp32"
+        else:
+            sig[name] = "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
+
+
+def sass_report(ptx: str) -> dict:
+    """Registers, spills and per-loop instruction mix of a PTX module assembled for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx_path.write_text(ptx)
+        info = subprocess.run([str(BIN / "ptxas"), "-v", "-arch=sm_90a", str(ptx_path), "-o", str(cubin)],
+                              capture_output=True, text=True, check=True).stderr  # fmt: skip
+        sass = subprocess.run([str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    registers = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)\s*(.*)", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)))
+    at = {addr: i for i, (addr, _, _) in enumerate(code)}
+    loops = []
+    for i, (addr, op, rest) in enumerate(code):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            body = code[at[int(target.group(1), 16)] : i + 1]
+            mix = collections.Counter(o for _, o, _ in body)
+            loops.append({"instructions": len(body), "mix": dict(mix.most_common())})
+    return {"registers": registers, "spill_bytes": spills, "instructions": len(code), "loops": loops}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", choices=("forward", "segment", "backward"), default="backward",
+                    help="forward main pass, forward segment pass (end states only) or backward")  # fmt: skip
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of u, Δ, B, C, z")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args()
+    report = sass_report(compile_sm90(args.kernel, args.dtype))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{args.kernel} {args.dtype}: {report['registers']} registers, {report['spill_bytes']} bytes of spills, "
+          f"{report['instructions']} instructions")  # fmt: skip
+    for loop in sorted(report["loops"], key=lambda x: -x["instructions"]):
+        top = ", ".join(f"{k} {v}" for k, v in list(loop["mix"].items())[:10])
+        print(f"  loop of {loop['instructions']:5d}: {top}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
