@@ -202,7 +202,7 @@ def _bwd_kernel(
             if half == 1:
                 half_start = mid_rows
                 half_sn = CH
-                half_has_start = c >= 0
+                half_has_start = c >= 0  # always: the middle state exists (a mask-shaped True)
             else:
                 half_start = start_rows
                 half_sn = 1

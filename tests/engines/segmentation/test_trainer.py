@@ -163,32 +163,31 @@ def test_final_validation_writes_nnunets_summary(tiny_dataset, tmp_path, monkeyp
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
 
 
-@pytest.mark.slow
-def test_ddp_over_gloo_on_two_cpu_processes(tiny_dataset, tmp_path):
-    """`torchrun --nproc_per_node 2 -m medmamba train … --device cpu`: two ranks share the batch of 2."""
+def _torchrun_train(tiny_dataset, results: Path, device: str, epochs: int, iterations: int, timeout: int) -> Path:
+    """`torchrun --nproc_per_node 2 -m medmamba train …` on the tiny dataset; returns the fold folder."""
     env = {
         **os.environ,
         "MEDMAMBA_PREPROCESSED": str(tiny_dataset["preprocessed_root"]),
-        "MEDMAMBA_RESULTS": str(tmp_path),
+        "MEDMAMBA_RESULTS": str(results),
         "OMP_NUM_THREADS": "1",
         "CI": "1",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(find_free_port()),
-    ]
-    command += ["-m", "medmamba", "train", DATASET, "3d_fullres", "0", "--network", "umamba_bot", "--device", "cpu"]
-    command += ["--epochs", "1", "--iterations-per-epoch", "2", "--val-iterations", "1", "--no-validation"]
-    command += ["--num-workers", "0", "--batch-size", "2"]
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(find_free_port())]
+    command += ["-m", "medmamba", "train", DATASET, "3d_fullres", "0", "--network", "umamba_bot", "--device", device]
+    command += ["--epochs", str(epochs), "--iterations-per-epoch", str(iterations), "--val-iterations", "1"]
+    command += ["--no-validation", "--num-workers", "0", "--batch-size", "2"]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    fold = tmp_path / DATASET / "MedmambaTrainer__medmambaPlans__3d_fullres_umamba_bot" / "fold_0"
+    fold = results / DATASET / "MedmambaTrainer__medmambaPlans__3d_fullres_umamba_bot" / "fold_0"
     assert done.stdout.strip() == str(fold)  # one line: only rank 0 prints
+    return fold
+
+
+@pytest.mark.slow
+def test_ddp_over_gloo_on_two_cpu_processes(tiny_dataset, tmp_path):
+    """`torchrun --nproc_per_node 2 -m medmamba train … --device cpu`: two ranks share the batch of 2."""
+    fold = _torchrun_train(tiny_dataset, tmp_path, "cpu", epochs=1, iterations=2, timeout=300)
     assert load_checkpoint(fold / "checkpoint_final.pth")["current_epoch"] == 1
     assert "batch 1" in (fold / "train.log").read_text()  # each rank trains on half of the global batch
 
@@ -197,21 +196,7 @@ def test_ddp_over_gloo_on_two_cpu_processes(tiny_dataset, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_ddp_over_nccl_on_two_gpus(tiny_dataset, tmp_path):
     """`torchrun --nproc_per_node 2 -m medmamba train … --device cuda`: NCCL, one GPU per rank, bf16 AMP."""
-    env = {
-        **os.environ,
-        "MEDMAMBA_PREPROCESSED": str(tiny_dataset["preprocessed_root"]),
-        "MEDMAMBA_RESULTS": str(tmp_path),
-        "CI": "1",
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(find_free_port())]
-    command += ["-m", "medmamba", "train", DATASET, "3d_fullres", "0", "--network", "umamba_bot", "--device", "cuda"]
-    command += ["--epochs", "2", "--iterations-per-epoch", "3", "--val-iterations", "1", "--no-validation"]
-    command += ["--num-workers", "0", "--batch-size", "2"]
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    fold = tmp_path / DATASET / "MedmambaTrainer__medmambaPlans__3d_fullres_umamba_bot" / "fold_0"
-    assert done.stdout.strip() == str(fold)
+    fold = _torchrun_train(tiny_dataset, tmp_path, "cuda", epochs=2, iterations=3, timeout=600)
     final = load_checkpoint(fold / "checkpoint_final.pth")
     assert final["current_epoch"] == 2
     assert all(torch.isfinite(torch.tensor(final["logging"]["train_losses"])))
