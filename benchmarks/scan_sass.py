@@ -30,16 +30,21 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pre_ptr", "du_ptr", "ddl_ptr")
 
 
-def compile_sm90(kernel: str, dtype: str) -> str:
-    """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on)."""
+def compile_sm90(kernel: str, dtype: str, ptx: bool = True) -> str:
+    """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
+
+    ``ptx``: the GPU's inline-PTX path (warp shuffles); False compiles the plain-Triton path the interpreter runs.
+    """
     if kernel == "backward":
         fn = backward._bwd_kernel
-        const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True}
+        const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
+                 "LANE_SUMS": ptx, "VEC_IO": ptx}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
-                 "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end}  # fmt: skip
+                 "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
+                 "VEC_IO": ptx}  # fmt: skip
     names = fn.arg_names
     sig = {}
     for name in names:
@@ -88,9 +93,12 @@ def main() -> None:
     ap.add_argument("--kernel", choices=("forward", "segment", "backward"), default="backward",
                     help="forward main pass, forward segment pass (end states only) or backward")  # fmt: skip
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of u, Δ, B, C, z")
+    ap.add_argument(
+        "--plain", action="store_true", help="the plain-Triton path (no inline PTX), as the interpreter runs"
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
-    report = sass_report(compile_sm90(args.kernel, args.dtype))
+    report = sass_report(compile_sm90(args.kernel, args.dtype, ptx=not args.plain))
     if args.json:
         print(json.dumps(report, indent=1))
         return

@@ -50,22 +50,36 @@ def test_merge_keeps_unmeasured_rows_and_refuses_other_cards(train_gpu):
         train_gpu.merged(earlier, [], "H200")
 
 
-def _sass(kernel: str, dtype: str) -> dict:
+def _sass(kernel: str, dtype: str, *extra: str) -> dict:
     # a fresh process: the kernels must be compiled, not interpreted (conftest sets TRITON_INTERPRET here)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "scan_sass.py"), "--kernel", kernel, "--dtype", dtype, "--json"]
-    return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+    return json.loads(subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, check=True).stdout)
+
+
+def _halves(report: dict) -> list[dict]:
+    # the backward's two per-state loops (one per half-chunk)
+    return [loop for loop in report["loops"] if loop["mix"].get("SHFL") and loop["instructions"] < 1000]
 
 
 def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
-    # compiled for sm_90a on this CPU machine: the forward's loops never shuffle; the backward's per-state loops
-    # shuffle only for the dB/dC sums over the warp's channels (2 values × 8 tokens × 5 butterfly steps = 80 per
-    # half-chunk) — a reverse associative_scan would add 240 — and nothing spills
-    bwd = _sass("backward", "bf16")
-    assert bwd["spill_bytes"] == 0 and bwd["registers"] <= 255
-    halves = [loop for loop in bwd["loops"] if loop["mix"].get("SHFL") and loop["instructions"] < 1000]
-    assert len(halves) == 2, bwd["loops"]
-    assert all(loop["mix"]["SHFL"] == 80 for loop in halves)
+    # compiled for sm_90a on this CPU machine. The backward's per-state loops shuffle only for the dB/dC sums over
+    # the warp's channels: on the GPU path a reduce-scatter (2 sums × 9 shuffles = 18 per half-chunk), on the
+    # plain-Triton path tl.sum butterflies (2 × 8 tokens × 5 = 80; a reverse associative_scan would add 240).
+    # Nothing spills.
+    for extra, shuffles in (((), 18), (("--plain",), 80)):
+        bwd = _sass("backward", "bf16", *extra)
+        assert bwd["spill_bytes"] == 0 and bwd["registers"] <= 255
+        assert len(_halves(bwd)) == 2, bwd["loops"]
+        assert all(loop["mix"]["SHFL"] == shuffles for loop in _halves(bwd)), (extra, bwd["loops"])
+
+
+def test_scan_forward_runs_token_by_token_on_16_byte_loads():
+    # the GPU path of the forward for raster calls: no exchange between lanes, the 16 states x 16 tokens of exps
+    # in one chunk loop, and chunks moved by 16-byte loads (the plain path issues one load per token: 4x more)
     fwd = _sass("forward", "fp32")
+    chunk = max(fwd["loops"], key=lambda loop: loop["instructions"])
     assert not any(loop["mix"].get("SHFL") for loop in fwd["loops"])
-    assert max(loop["instructions"] for loop in fwd["loops"]) > 1000  # the 16 states unrolled in one chunk loop
+    assert chunk["mix"]["MUFU"] >= 256 and fwd["spill_bytes"] == 0
+    plain = max(_sass("forward", "fp32", "--plain")["loops"], key=lambda loop: loop["instructions"])
+    assert 3 * chunk["mix"]["LDG"] < plain["mix"]["LDG"], (chunk["mix"], plain["mix"])

@@ -263,6 +263,24 @@ def test_strided_orders_get_more_segments():
     assert split(p, P(sub=32, num_warps=1, fill=2), cpu, strided=True) == split(p, cfg, cpu, strided=False)
 
 
+def test_raster_calls_qualify_for_16_byte_chunk_moves():
+    # the GPU's vector path needs token t at offset t (any number of axes, size-1 axes ignored), whole chunks and
+    # 16-byte aligned rows
+    assert layout.raster((RASTER,), (4, 5, 6)) and layout.raster((RASTER,), (7,))
+    assert layout.raster((SLICE,), (1, 8, 8))  # depth fastest over one slice is the raster order
+    assert not layout.raster((REVERSED,), (64,)) and not layout.raster((RASTER, SLICE), (4, 4, 4))
+    assert not layout.raster((ScanOrder((1, 0)),), (5, 3))
+    u = torch.zeros(2, 1, 64, 4, 8)
+    B = torch.zeros(2, 1, 1, 16, 4, 8)
+    assert layout.vector_io((RASTER,), (4, 8), u, B)
+    assert not layout.vector_io((RASTER,), (4, 6), u[..., :6], B[..., :6])  # 24 tokens: a partial chunk
+    shifted = torch.zeros(u.numel() + 1)[1:].view(u.shape)  # every row 4 bytes off a 16-byte boundary
+    assert not layout.vector_io((RASTER,), (4, 8), shifted, B)
+    odd = torch.zeros(2, 1, 64, 36)[..., :32]  # rows 36 elements apart: 144 bytes, 16-byte aligned
+    assert layout.vector_io((RASTER,), (32,), odd)
+    assert not layout.vector_io((RASTER,), (32,), torch.zeros(2, 1, 64, 36, dtype=torch.bfloat16)[..., :32])  # 72 B
+
+
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None
@@ -326,6 +344,19 @@ def test_gpu_segmamba_sized_layer_scan_matches_torch_backend(dtype):
     low, ref = make_inputs((16, 24, 20), 3, batch=2, channels=96, N=16, dtype=dtype, seed=2, device="cuda")
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
     assert_matches_reference(low, ref, orders, dtype=dtype, other="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gpu_vector_path_matches_torch_backend(dtype):
+    # raster, whole chunks, 32-channel blocks: the inline-PTX path (16-byte loads, per-token forward, warp
+    # reduce-scatter of dB/dC), with segments, two batch entries and every optional input
+    low, ref = make_inputs((8, 16, 48), 1, batch=2, channels=64, N=16, dtype=dtype, seed=5, device="cuda")
+    u, B = low[0], low[3]
+    assert configs.forward_config(0).ptx(u.device, 32, 1)
+    assert layout.vector_io((RASTER,), (8, 16, 48), u.unsqueeze(1), B.unsqueeze(1))
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    assert_matches_reference(low, ref, (RASTER,), dtype=dtype, other="torch")
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ __all__ = ["TritonScan"]
 class TritonScan(torch.autograd.Function):
     """``(out, last_state) = scan(u, delta, A, B, C, D, z, delta_bias)`` over canonical shapes (kernels/scan.py).
 
-    Saved for backward: the inputs as given (no copies), the fp32 chunk-start states ``(B, K, C, nchunks, N)``
+    Saved for backward: the inputs as given (no copies), the fp32 chunk-start states ``(B, K, nchunks, N, C)``
     (``N/BLOCK_T`` of an fp32 copy of u: one full copy at N = 16, BLOCK_T = 16) and, with a gate, the pre-gate
     output in the input dtype (``(B, C, *S)`` for ``merge="sum"``, ``(B, K, C, *S)`` for ``"stack"``).
     """

@@ -33,49 +33,70 @@ import triton.language as tl
 from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
-from .common import _join8, _load_delta, _order_row, _split8, _token_offsets
+from .common import (
+    _chunk_offsets,
+    _join8,
+    _load_delta,
+    _load_row,
+    _load_tile,
+    _order_row,
+    _split8,
+    _store_tile,
+    _token_offsets,
+)
 from .forward import CARRY_CHANNELS, Plan, split
+from .ptx import _lane_id, _lane_sum8
 
 __all__ = ["backward"]
 
 
 @triton.jit
 def _bwd_half(
-    c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, start_sn, has_start,
+    c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, has_start,
     rho_rows,
     dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
     L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
     HALF: tl.constexpr, SUB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_IO: tl.constexpr,
 ):  # fmt: skip
-    # One half-chunk of HALF tokens, from its start state (start_ptr, states start_sn apart; zero unless has_start)
+    # One half-chunk of HALF tokens, from its start state (start_ptr, states CH apart; zero unless has_start)
     # with the adjoint ρ of the tokens after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens. Per-state
     # slots are CH apart.
-    q = (c * 2 + half) * HALF + tl.arange(0, HALF)
+    q0 = (c * 2 + half) * HALF
+    q = q0 + tl.arange(0, HALF)
     valid = q < L
-    lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_IO)
     tok = valid[:, None]
-    u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (HALF, SUB)
-    pre, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
-    gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+    u = _load_tile(u_rows, lin, tok, q0, HALF, VEC_IO)  # (HALF, SUB)
+    pre, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, q0, HALF, VEC_IO)
+    gy = _load_tile(g_rows, lin, tok, q0, HALF, VEC_IO)
     if HAS_Z:
-        zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        zz = _load_tile(z_rows, lin, tok, q0, HALF, VEC_IO)
         gy = gy * zz * tl.sigmoid(zz)
     dtu = dt * u
+    if LANE_SUMS:
+        # dB/dC by a reduce-scatter over the warp: lane l sums token (l >> 2) & 7, lanes l % 4 == 0 store it
+        lane = _lane_id(tl.arange(0, SUB))
+        q_l = (c * 2 + half) * HALF + ((lane >> 2) & 7)
+        lin_l = _token_offsets(q_l, L, fast, mid, st_fast, st_mid, st_slow, rev)
+        store_l = (q_l < L) & ((lane & 3) == 0)
+        d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dtu, SUB)
+        g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy, SUB)
     lam_B = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·B
     lam_hA = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·(h − Δ·u·B)·A
     for n in range(N):
         A_n = tl.load(A_rows + n)
         # no masks: offsets are clamped in range and padding tokens have Δ = 0 and g = 0 (the masks cost ~15 %
         # of this loop in predicate juggling; in the forward dropping them measured slower)
-        B_n = tl.load(B_base + n * sB_n + lin).to(tl.float32)  # (HALF,)
-        C_n = tl.load(C_base + n * sC_n + lin).to(tl.float32)
+        B_n = _load_row(B_base + n * sB_n, lin, valid, q0, tok_rows, HALF, False, MASKED=False)
+        C_n = _load_row(C_base + n * sC_n, lin, valid, q0, tok_rows, HALF, False, MASKED=False)
         a = tl.exp2(dt * (A_n * 1.4426950408889634)[None, :])
-        x = dtu * B_n[:, None]
+        x = dtu * B_n
         # both recurrences token by token, one FMA a step, on the rows of the thread's own tiles
         a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a, SUB)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, SUB)
-        h0 = a0 * tl.load(start_ptr + n * start_sn, mask=has_start, other=0.0) + x0
+        h0 = a0 * tl.load(start_ptr + n * CH, mask=has_start, other=0.0) + x0
         h1 = a1 * h0 + x1
         h2 = a2 * h1 + x2
         h3 = a3 * h2 + x3
@@ -84,7 +105,7 @@ def _bwd_half(
         h6 = a6 * h5 + x6
         h7 = a7 * h6 + x7
         h = _join8(h0, h1, h2, h3, h4, h5, h6, h7, SUB)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _split8(gy * C_n[:, None], SUB)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _split8(gy * C_n, SUB)
         l7 = v7 + tl.load(rho_rows + n * CH)  # ρ = a·λ of the token after the half
         l6 = v6 + a7 * l7
         l5 = v5 + a6 * l6
@@ -96,12 +117,18 @@ def _bwd_half(
         lam = _join8(l0, l1, l2, l3, l4, l5, l6, l7, SUB)
         # each thread reads and writes only its own channel's ρ and dA: no barrier needed
         tl.store(rho_rows + n * CH, a0 * l0)
-        lam_B += lam * B_n[:, None]
+        lam_B += lam * B_n
         through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
         lam_hA += through_decay * A_n[None, :]
         tl.store(dA_rows + n * CH, tl.load(dA_rows + n * CH) + tl.sum(through_decay * dt, axis=0))
-        tl.store(dB_ptr + (part_row + n) * L + lin, tl.sum(lam * dtu, axis=1), mask=valid)  # Σ over the channels
-        tl.store(dC_ptr + (part_row + n) * L + lin, tl.sum(gy * h, axis=1), mask=valid)
+        if LANE_SUMS:
+            dB_l = _lane_sum8(l0 * d0, l1 * d1, l2 * d2, l3 * d3, l4 * d4, l5 * d5, l6 * d6, l7 * d7, lane)
+            dC_l = _lane_sum8(g0 * h0, g1 * h1, g2 * h2, g3 * h3, g4 * h4, g5 * h5, g6 * h6, g7 * h7, lane)
+            tl.store(dB_ptr + (part_row + n) * L + lin_l, dB_l, mask=store_l)
+            tl.store(dC_ptr + (part_row + n) * L + lin_l, dC_l, mask=store_l)
+        else:  # Σ over the channels
+            tl.store(dB_ptr + (part_row + n) * L + lin, tl.sum(lam * dtu, axis=1), mask=valid)
+            tl.store(dC_ptr + (part_row + n) * L + lin, tl.sum(gy * h, axis=1), mask=valid)
     du = dt * lam_B
     if HAS_D:
         du += Dv[None, :] * gy
@@ -109,8 +136,8 @@ def _bwd_half(
     if SOFTPLUS:
         ddt = ddt * tl.sigmoid(pre)
     ddt = tl.where(tok, ddt, 0.0)
-    tl.store(du_ptr + tok_rows[None, :] + lin[:, None], du, mask=tok)
-    tl.store(ddl_ptr + tok_rows[None, :] + lin[:, None], ddt, mask=tok)
+    _store_tile(du_ptr + tok_rows, lin, tok, du)
+    _store_tile(ddl_ptr + tok_rows, lin, tok, ddt)
     return tl.sum(gy * u, axis=0), tl.sum(ddt, axis=0)
 
 
@@ -125,6 +152,7 @@ def _bwd_kernel(
     sz_b, sz_c, sg_b, sg_k, sg_c,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_IO: tl.constexpr,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
@@ -169,7 +197,7 @@ def _bwd_kernel(
     rho_rows = rho_ptr + slot
     mid_rows = mid_ptr + slot
     dA_rows = dA_slot_ptr + slot
-    state_rows = state_ptr + chan_row * nchunks * N  # the forward's chunk-start states (B, K, C, nchunks, N)
+    state_rows = state_ptr + bk.to(tl.int64) * nchunks * N * CH + ch64  # chunk-start states (B, K, nchunks, N, C)
     for n in range(N):
         tl.store(dA_rows + n * CH, tl.zeros([SUB], dtype=tl.float32))
         if seg == nsplit - 1:  # the adjoint after the last token (the carry pass wrote the other segments')
@@ -180,38 +208,37 @@ def _bwd_kernel(
     for i in range(last - first):
         c = last - 1 - i
         # chunk 0 starts from zero (its slot of the saved states is never written)
-        start_rows = state_rows + c * N
+        start_rows = state_rows + c * N * CH
         has_start = c > 0
         # the state after the first half, from the chunk-start state
         q = c * BLOCK_T + th
         valid = q < L
-        lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+        lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_IO)
         tok = valid[:, None]
-        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
-        dtu = dt * tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, c * BLOCK_T, HALF, VEC_IO)
+        dtu = dt * _load_tile(u_rows, lin, tok, c * BLOCK_T, HALF, VEC_IO)
         total = tl.sum(dt, axis=0)
         after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the half
         for n in range(N):
             # h_mid = exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t: no scan needed for one state
-            B_n = tl.load(B_base + n * sB_n + lin).to(tl.float32)
+            B_n = _load_row(B_base + n * sB_n, lin, valid, c * BLOCK_T, ch, HALF, False, MASKED=False)
             A_n = tl.load(A_rows + n) * 1.4426950408889634
-            tail = tl.sum(tl.exp2(after * A_n[None, :]) * (dtu * B_n[:, None]), axis=0)
-            h_start = tl.load(start_rows + n, mask=has_start, other=0.0)
+            tail = tl.sum(tl.exp2(after * A_n[None, :]) * (dtu * B_n), axis=0)
+            h_start = tl.load(start_rows + n * CH, mask=has_start, other=0.0)
             tl.store(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
             if half == 1:
                 half_start = mid_rows
-                half_sn = CH
                 half_has_start = c >= 0  # always: the middle state exists (a mask-shaped True)
             else:
                 half_start = start_rows
-                half_sn = 1
                 half_has_start = has_start
             gu, gd = _bwd_half(
-                c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start, half_sn,
+                c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start,
                 half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
                 L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
                 HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
+                LANE_SUMS=LANE_SUMS, VEC_IO=VEC_IO,
             )  # fmt: skip
             dD_acc += gu
             dbias_acc += gd
@@ -348,6 +375,7 @@ def backward(
     cfg = configs.backward_config(p.L)
     sub, nsplit, cps = split(p, cfg, dev, strided=layout.strided(orders, p.spatial))  # as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))
+    ptx = cfg.ptx(dev, sub, num_warps)
     seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
     table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
@@ -408,7 +436,9 @@ def backward(
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
         SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
+        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus,
+        LANE_SUMS=ptx, VEC_IO=ptx and layout.vector_io(orders, p.spatial, u, delta, B, C, z_arg, gy, du, ddelta),
+        num_warps=num_warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .ptx import _ld16
+
 
 @triton.jit
 def _linear_combine(a1, x1, a2, x2):
@@ -20,15 +22,109 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_delta(d_rows, lin, tok, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _load_tile(rows, lin, tok, q0, T: tl.constexpr, VEC: tl.constexpr):
+    # The (T, SUB) fp32 tile rows[s] + lin[t] (0 where not tok). VEC: the T tokens are neighbours in memory from
+    # q0 (a multiple of T) on and all in range, and each thread's row comes by 16-byte loads.
+    if VEC:
+        return _vload_tile(rows + q0, T)
+    return tl.load(rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(rows, lin, tok, x):
+    # The inverse of _load_tile (x cast to the pointee type; plain stores: Triton coalesces them when lin is
+    # provably contiguous).
+    tl.store(rows[None, :] + lin[:, None], x, mask=tok)
+
+
+@triton.jit
+def _load_row(base, lin, valid, q0, like, T: tl.constexpr, VEC: tl.constexpr, MASKED: tl.constexpr = True):
+    # B_n or C_n of a chunk for every lane: the (T,) values base[lin], shaped to broadcast against (T, SUB) tiles
+    # ((T, 1), or (T, SUB) under VEC, where every lane loads the same 16-byte words: one transaction). like: any
+    # (SUB,) tensor. MASKED: zero where not valid (else the offsets must be in range).
+    if VEC:
+        return _vload_tile(base + q0 + tl.zeros_like(like), T)
+    if MASKED:
+        return tl.load(base + lin, mask=valid, other=0.0).to(tl.float32)[:, None]
+    return tl.load(base + lin).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _halves(w, ELT: tl.constexpr):
+    # The two 16-bit elements of each 32-bit word (the lower address in the low half) as fp32.
+    if ELT.is_bf16():
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    lo = w.to(tl.int16).to(ELT, bitcast=True).to(tl.float32)
+    hi = (w >> 16).to(tl.int16).to(ELT, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _word(lo, hi, ELT: tl.constexpr):
+    # Two fp32 values as one 32-bit word of 16-bit ELT elements (lo at the lower address).
+    a = lo.to(ELT).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+    b = hi.to(ELT).to(tl.int16, bitcast=True).to(tl.int32)
+    return a | (b << 16)
+
+
+@triton.jit
+def _vload8(p):
+    # 8 consecutive elements at each pointer of p (16-byte aligned), as eight fp32 vectors shaped like p.
+    ELT: tl.constexpr = p.dtype.element_ty
+    if ELT.primitive_bitwidth == 32:
+        a0, a1, a2, a3 = _ld16(p)
+        a4, a5, a6, a7 = _ld16(p + 4)
+        return (
+            a0.to(tl.float32, bitcast=True), a1.to(tl.float32, bitcast=True),
+            a2.to(tl.float32, bitcast=True), a3.to(tl.float32, bitcast=True),
+            a4.to(tl.float32, bitcast=True), a5.to(tl.float32, bitcast=True),
+            a6.to(tl.float32, bitcast=True), a7.to(tl.float32, bitcast=True),
+        )  # fmt: skip
+    w0, w1, w2, w3 = _ld16(p)
+    x0, x1 = _halves(w0, ELT)
+    x2, x3 = _halves(w1, ELT)
+    x4, x5 = _halves(w2, ELT)
+    x6, x7 = _halves(w3, ELT)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _vload_tile(p, T: tl.constexpr):
+    # The (T, S) fp32 tile p[s] + t for T = 8 or 16 neighbours per pointer of p (S,), by 16-byte loads.
+    S: tl.constexpr = p.shape[0]
+    x0, x1, x2, x3, x4, x5, x6, x7 = _vload8(p)
+    lo = _join8(x0, x1, x2, x3, x4, x5, x6, x7, S)
+    if T == 8:
+        return lo
+    tl.static_assert(T == 16, "tiles of 8 or 16 tokens")
+    y0, y1, y2, y3, y4, y5, y6, y7 = _vload8(p + 8)
+    hi = _join8(y0, y1, y2, y3, y4, y5, y6, y7, S)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (16, S))  # row 8·j + i
+
+
+@triton.jit
+def _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC: tl.constexpr):
+    # Offsets of tokens q of an order; VEC (raster order, full chunks): token q is at offset q.
+    if VEC:
+        return q
+    return _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+
+
+@triton.jit
+def _load_delta(
+    d_rows, lin, tok, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, q0=0, T: tl.constexpr = 16,
+    VEC: tl.constexpr = False,
+):  # fmt: skip
     # (delta + bias, Δ) of a (T, SUB) tile: Δ = softplus(delta + bias) if asked, 0 on padding tokens (exp(0·A) = 1
     # and Δ·u·B = 0: the scan's identity)
-    pre = tl.load(d_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+    pre = _load_tile(d_rows, lin, tok, q0, T, VEC)
     if HAS_BIAS:
         pre += bias[None, :]
     dt = pre
     if SOFTPLUS:
         dt = _softplus(pre)
+    if VEC:  # no padding tokens
+        return pre, dt
     return pre, tl.where(tok, dt, 0.0)
 
 

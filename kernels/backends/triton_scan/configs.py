@@ -35,6 +35,8 @@ class PassConfig:
             (SegMamba's slice order, column-major cross-scans): each token is a separate cache line there, so
             more programs in flight pay (``None``: ``fill``).
         maxnreg: cap on registers per thread (``None``: the compiler's choice).
+        inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
+            launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
     """
 
     sub: int = 2
@@ -43,6 +45,11 @@ class PassConfig:
     fill: int = 1
     fill_strided: int | None = None
     maxnreg: int | None = None
+    inline_ptx: bool = True
+
+    def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:
+        """Whether a launch with these settings takes the inline-PTX path."""
+        return self.inline_ptx and device.type == "cuda" and sub == 32 and num_warps == 1
 
 
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³

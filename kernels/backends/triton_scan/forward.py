@@ -34,11 +34,12 @@ import triton.language as tl
 from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
-from .common import _linear_combine, _load_delta, _order_row, _token_offsets
+from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
+from .tokens import _delta, _gate, _load16, _steps16, _store16
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 
-CARRY_CHANNELS = 32  # channels per program of the backward's carry pass (one warp, a lane per channel)
+CARRY_CHANNELS = 32  # channels per program of the carry passes (one warp, a lane per channel)
 
 
 @triton.jit
@@ -52,6 +53,7 @@ def _fwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
+    VEC_IO: tl.constexpr,
 ):  # fmt: skip
     # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
     # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
@@ -59,6 +61,10 @@ def _fwd_kernel(
     # its thread's registers); B_n and C_n of a chunk are loaded once per program and broadcast to its lanes.
     # END_ONLY: the segment pass — the segment's end state from zero and its Σ Δ, no output.
     tl.static_assert(BLOCK_T == 16, "the recurrence is written out for chunks of 16 tokens")
+    VEC_B: tl.constexpr = VEC_IO and END_ONLY
+    VEC_C: tl.constexpr = False
+    VEC_TOKENS: tl.constexpr = VEC_IO and not END_ONLY
+    zero_i = tl.zeros([SUB], dtype=tl.int32)
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -88,7 +94,10 @@ def _fwd_kernel(
     p_rows = pre_ptr + b * sp_b + k * sp_k + ch64 * sp_c
     B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
-    state_rows = state_ptr + (bk * CH + ch64) * n_state * N  # (SUB,)
+    # states (B, K, n_state, N, C), channels fastest: a state tile (N, SUB) is N coalesced rows, and its layout is
+    # the compute tiles' (lanes along channels; an N-fastest one made Triton move the tiles between layouts)
+    state_rows = state_ptr + bk.to(tl.int64) * n_state * N * CH + ch64  # (SUB,)
+    n_rows = nn[:, None] * CH
     if END_ONLY:
         h0 = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
     else:
@@ -97,53 +106,245 @@ def _fwd_kernel(
         else:
             start = seg
         # a segment after the first starts from the state the carry pass left at its start
-        h0 = tl.load(state_rows[None, :] + start * N + nn[:, None], mask=n_ok[:, None] & (first > 0), other=0.0)
+        h0 = tl.load(state_rows[None, :] + start * N * CH + n_rows, mask=n_ok[:, None] & (first > 0), other=0.0)
     dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for c in range(first, last):
         if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
-            tl.store(state_rows[None, :] + c * N + nn[:, None], h0, mask=n_ok[:, None] & (c > first))
-        q = c * BLOCK_T + t
-        valid = q < L
-        lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        tok = valid[:, None]
-        u = tl.load(u_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)  # (T, SUB)
-        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
-        dtu = dt * u
-        if END_ONLY:
-            total = tl.sum(dt, axis=0)  # (SUB,)
-            after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the chunk
-            dt_sum += total
-        else:
-            y = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)
+            tl.store(state_rows[None, :] + c * N * CH + n_rows, h0, mask=n_ok[:, None] & (c > first))
+        if VEC_TOKENS:  # raster call, full chunks: the tokens as per-channel vectors (tokens.py)
+            q0 = c * BLOCK_T
+            u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _load16(u_rows + q0)
+            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _load16(d_rows + q0)
+            d0 = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
+            d1 = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
+            d2 = _delta(r2, bias, HAS_BIAS, SOFTPLUS)
+            d3 = _delta(r3, bias, HAS_BIAS, SOFTPLUS)
+            d4 = _delta(r4, bias, HAS_BIAS, SOFTPLUS)
+            d5 = _delta(r5, bias, HAS_BIAS, SOFTPLUS)
+            d6 = _delta(r6, bias, HAS_BIAS, SOFTPLUS)
+            d7 = _delta(r7, bias, HAS_BIAS, SOFTPLUS)
+            d8 = _delta(r8, bias, HAS_BIAS, SOFTPLUS)
+            d9 = _delta(r9, bias, HAS_BIAS, SOFTPLUS)
+            d10 = _delta(r10, bias, HAS_BIAS, SOFTPLUS)
+            d11 = _delta(r11, bias, HAS_BIAS, SOFTPLUS)
+            d12 = _delta(r12, bias, HAS_BIAS, SOFTPLUS)
+            d13 = _delta(r13, bias, HAS_BIAS, SOFTPLUS)
+            d14 = _delta(r14, bias, HAS_BIAS, SOFTPLUS)
+            d15 = _delta(r15, bias, HAS_BIAS, SOFTPLUS)
+            x0 = d0 * u0
+            x1 = d1 * u1
+            x2 = d2 * u2
+            x3 = d3 * u3
+            x4 = d4 * u4
+            x5 = d5 * u5
+            x6 = d6 * u6
+            x7 = d7 * u7
+            x8 = d8 * u8
+            x9 = d9 * u9
+            x10 = d10 * u10
+            x11 = d11 * u11
+            x12 = d12 * u12
+            x13 = d13 * u13
+            x14 = d14 * u14
+            x15 = d15 * u15
+            zero_f = tl.zeros([SUB], dtype=tl.float32)
             if HAS_D:
-                y += Dv[None, :] * u
-        h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-        for n in tl.static_range(BLOCK_N):
-            A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
-            h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
-            B_n = tl.load(B_base + n * sB_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)  # (T,)
-            if END_ONLY:
-                # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
-                tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n[:, None])
-                h_end = tl.exp2(total * A_n) * h0_n + tl.sum(tail, axis=0)
+                y0 = Dv * u0
+                y1 = Dv * u1
+                y2 = Dv * u2
+                y3 = Dv * u3
+                y4 = Dv * u4
+                y5 = Dv * u5
+                y6 = Dv * u6
+                y7 = Dv * u7
+                y8 = Dv * u8
+                y9 = Dv * u9
+                y10 = Dv * u10
+                y11 = Dv * u11
+                y12 = Dv * u12
+                y13 = Dv * u13
+                y14 = Dv * u14
+                y15 = Dv * u15
             else:
-                a = tl.exp2(dt * A_n[None, :])
-                decay, h_local = tl.associative_scan((a, dtu * B_n[:, None]), 0, _linear_combine)
-                h = h_local + decay * h0_n[None, :]
-                C_n = tl.load(C_base + n * sC_n + lin, mask=valid & (n < N), other=0.0).to(tl.float32)
-                y += h * C_n[:, None]
-                # the state after the chunk's last token (padding tokens carry it unchanged)
-                h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
-            h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
-        h0 = h_next
-        if not END_ONLY:
+                y0 = zero_f
+                y1 = zero_f
+                y2 = zero_f
+                y3 = zero_f
+                y4 = zero_f
+                y5 = zero_f
+                y6 = zero_f
+                y7 = zero_f
+                y8 = zero_f
+                y9 = zero_f
+                y10 = zero_f
+                y11 = zero_f
+                y12 = zero_f
+                y13 = zero_f
+                y14 = zero_f
+                y15 = zero_f
+            h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+            for n in tl.static_range(BLOCK_N):
+                A_n = tl.load(A_rows + n) * 1.4426950408889634
+                h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)
+                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(
+                    B_base + n * sB_n + q0 + zero_i
+                )
+                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load16(
+                    C_base + n * sC_n + q0 + zero_i
+                )
+                h_end, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _steps16(
+                    h0_n,
+                    A_n,
+                    d0,
+                    d1,
+                    d2,
+                    d3,
+                    d4,
+                    d5,
+                    d6,
+                    d7,
+                    d8,
+                    d9,
+                    d10,
+                    d11,
+                    d12,
+                    d13,
+                    d14,
+                    d15,
+                    x0,
+                    x1,
+                    x2,
+                    x3,
+                    x4,
+                    x5,
+                    x6,
+                    x7,
+                    x8,
+                    x9,
+                    x10,
+                    x11,
+                    x12,
+                    x13,
+                    x14,
+                    x15,
+                    b0,
+                    b1,
+                    b2,
+                    b3,
+                    b4,
+                    b5,
+                    b6,
+                    b7,
+                    b8,
+                    b9,
+                    b10,
+                    b11,
+                    b12,
+                    b13,
+                    b14,
+                    b15,
+                    e0,
+                    e1,
+                    e2,
+                    e3,
+                    e4,
+                    e5,
+                    e6,
+                    e7,
+                    e8,
+                    e9,
+                    e10,
+                    e11,
+                    e12,
+                    e13,
+                    e14,
+                    e15,
+                    y0,
+                    y1,
+                    y2,
+                    y3,
+                    y4,
+                    y5,
+                    y6,
+                    y7,
+                    y8,
+                    y9,
+                    y10,
+                    y11,
+                    y12,
+                    y13,
+                    y14,
+                    y15,
+                )
+                h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
+            h0 = h_next
             if GATE:
-                zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+                z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _load16(z_rows + q0)
                 if STORE_PRE:
-                    tl.store(p_rows[None, :] + lin[:, None], y, mask=tok)
-                y = y * zz * tl.sigmoid(zz)
-            tl.store(o_rows[None, :] + lin[:, None], y, mask=tok)
+                    _store16(p_rows + q0, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+                y0 = _gate(y0, z0)
+                y1 = _gate(y1, z1)
+                y2 = _gate(y2, z2)
+                y3 = _gate(y3, z3)
+                y4 = _gate(y4, z4)
+                y5 = _gate(y5, z5)
+                y6 = _gate(y6, z6)
+                y7 = _gate(y7, z7)
+                y8 = _gate(y8, z8)
+                y9 = _gate(y9, z9)
+                y10 = _gate(y10, z10)
+                y11 = _gate(y11, z11)
+                y12 = _gate(y12, z12)
+                y13 = _gate(y13, z13)
+                y14 = _gate(y14, z14)
+                y15 = _gate(y15, z15)
+            _store16(o_rows + q0, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+        else:
+            q = c * BLOCK_T + t
+            valid = q < L
+            lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_IO)
+            tok = valid[:, None]
+            u = _load_tile(u_rows, lin, tok, c * BLOCK_T, BLOCK_T, VEC_IO)  # (T, SUB)
+            _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, c * BLOCK_T, BLOCK_T, VEC_IO)
+            dtu = dt * u
+            if END_ONLY:
+                total = tl.sum(dt, axis=0)  # (SUB,)
+                after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the chunk
+                dt_sum += total
+            else:
+                y = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)
+                if HAS_D:
+                    y += Dv[None, :] * u
+            h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+            for n in tl.static_range(BLOCK_N):
+                A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
+                h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
+                B_n = _load_row(B_base + n * sB_n, lin, valid & (n < N), c * BLOCK_T, ch, BLOCK_T, VEC_B, not VEC_IO)
+                if END_ONLY:
+                    # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
+                    tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n)
+                    h_end = tl.exp2(total * A_n) * h0_n + tl.sum(tail, axis=0)
+                else:
+                    a = tl.exp2(dt * A_n[None, :])
+                    decay, h_local = tl.associative_scan((a, dtu * B_n), 0, _linear_combine)
+                    h = h_local + decay * h0_n[None, :]
+                    C_n = _load_row(
+                        C_base + n * sC_n, lin, valid & (n < N), c * BLOCK_T, ch, BLOCK_T, VEC_C, not VEC_IO
+                    )
+                    y += h * C_n
+                    # the state after the chunk's last token (padding tokens carry it unchanged)
+                    h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+                h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
+            h0 = h_next
+            if not END_ONLY:
+                if GATE:
+                    zz = _load_tile(z_rows, lin, tok, c * BLOCK_T, BLOCK_T, VEC_IO)
+                    if STORE_PRE:
+                        _store_tile(p_rows, lin, tok, y)
+                    y = y * zz * tl.sigmoid(zz)
+                _store_tile(o_rows, lin, tok, y)
     if END_ONLY:
+        # (B, K, C, nsplit, N) and (B, K, C, nsplit): N fastest here compiles without layout moves
         seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
         tl.store(state_ptr + seg_row[None, :] * N + nn[:, None], h0, mask=n_ok[:, None])
         tl.store(seg_dt_ptr + seg_row, dt_sum)
@@ -155,23 +356,29 @@ def _fwd_kernel(
 def _fwd_carry_kernel(
     A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr,
     CH, N, K, nsplit, cps, n_state,
-    SAVE_STATES: tl.constexpr, BLOCK_N: tl.constexpr,
+    SAVE_STATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)  # (b·K + k)·CH + c
-    k = (row // CH) % K
-    c = row % CH
+    # Chains the segments' end states of BLOCK_C channels of one (b, k), first segment to last, into the chunk
+    # states (B, K, n_state, N, C).
+    bk = tl.program_id(1).to(tl.int64)
+    k = bk % K
+    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    A = tl.load(A_ptr + (k * CH + c) * N + n, mask=n_ok, other=0.0)
-    h = tl.zeros([BLOCK_N], dtype=tl.float32)
+    c_ok = ch < CH
+    ok = (n < N)[:, None] & c_ok[None, :]
+    A = tl.load(A_ptr + (k * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (BLOCK_N, BLOCK_C)
+    tile = n[:, None] * CH + ch[None, :]
+    h = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    seg_rows = (bk * CH + ch) * nsplit  # segment states (B, K, C, nsplit, N), Σ Δ (B, K, C, nsplit)
     for s in range(nsplit - 1):
-        dt_sum = tl.load(seg_dt_ptr + row * nsplit + s)
-        h = tl.exp(A * dt_sum) * h + tl.load(seg_state_ptr + (row * nsplit + s) * N + n, mask=n_ok, other=0.0)
+        dt_sum = tl.load(seg_dt_ptr + seg_rows + s, mask=c_ok, other=0.0)
+        seg_h = tl.load(seg_state_ptr + (seg_rows[None, :] + s) * N + n[:, None], mask=ok, other=0.0)
+        h = tl.exp(A * dt_sum[None, :]) * h + seg_h
         if SAVE_STATES:
             idx = (s + 1) * cps
         else:
             idx = s + 1
-        tl.store(state_ptr + (row * n_state + idx) * N + n, h, mask=n_ok)
+        tl.store(state_ptr + (bk * n_state + idx) * N * CH + tile, h, mask=ok)
 
 
 @triton.jit
@@ -259,7 +466,7 @@ class ForwardResult:
 
     out: torch.Tensor
     last_state: torch.Tensor
-    states: torch.Tensor | None  # (B, K, C, nchunks, N) fp32 chunk-start states (index 0 unused), if saved
+    states: torch.Tensor | None  # (B, K, nchunks, N, C) fp32 chunk-start states (chunk 0 unused), if saved
     pre_gate: torch.Tensor | None  # Σ_k y_k ("sum") or y_k ("stack") before the gate, if z and saved
     plan: Plan
 
@@ -315,7 +522,7 @@ def forward(
         pre = torch.empty_like(y) if (save and z is not None) else None
     pre_arg = pre if pre is not None else y
     n_state = p.nchunks if save else nsplit
-    states = torch.empty(p.batch, p.K, p.channels, n_state, p.N, device=dev, dtype=torch.float32)
+    states = torch.empty(p.batch, p.K, n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
     grid = (p.channels // sub, nsplit, p.batch * p.K)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps)
@@ -329,6 +536,8 @@ def forward(
     flags = {
         "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
+        "VEC_IO": cfg.ptx(dev, sub, num_warps) and p.block_n == p.N
+        and layout.vector_io(orders, p.spatial, u, delta, B, C, z_arg, y, pre_arg),
     }  # fmt: skip
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
@@ -337,9 +546,9 @@ def forward(
             u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, table, *common, nsplit, nsplit,
             *strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **flags,
         )  # fmt: skip
-        _fwd_carry_kernel[(p.batch * p.K * p.channels,)](
+        _fwd_carry_kernel[(triton.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, cps, n_state,
-            SAVE_STATES=save, BLOCK_N=p.block_n, num_warps=1,
+            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, num_warps=1,
         )  # fmt: skip
 
     _fwd_kernel[grid](

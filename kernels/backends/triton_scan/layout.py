@@ -28,9 +28,11 @@ __all__ = [
     "channel_blocking",
     "natural_spatial",
     "order_table",
+    "raster",
     "segments",
     "spatial3",
     "strided",
+    "vector_io",
 ]
 
 #: columns of one order-table row, in the order the kernels read them
@@ -69,6 +71,34 @@ def strided(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
     That is an order whose fastest axis is not the map's last one, e.g. SegMamba's slice order.
     """
     return any(fast_size > 1 and fast_stride != 1 for fast_size, _, fast_stride, *_ in order_rows(orders, spatial))
+
+
+def raster(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
+    """Whether every order reads token t at raster offset t (the natural flattening, not reversed).
+
+    Such a call's chunks are runs of neighbours in memory, which the kernels load as coalesced vectors.
+    """
+    L = math.prod(spatial3(spatial))
+    for fast, mid, st_fast, st_mid, st_slow, rev in order_rows(orders, spatial):
+        slow = L // (fast * mid)
+        if rev or (fast > 1 and st_fast != 1) or (mid > 1 and st_mid != fast) or (slow > 1 and st_slow != fast * mid):
+            return False
+    return True
+
+
+def vector_io(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> bool:
+    """Whether the kernels may move whole chunks by 16-byte vectors.
+
+    That needs raster orders only, every chunk full (``L`` a multiple of 16 tokens) and every row of ``tensors``
+    starting 16-byte aligned.
+    """
+    if not raster(orders, spatial) or math.prod(spatial3(spatial)) % 16:
+        return False
+    for x in tensors:
+        per = 16 // x.element_size()
+        if x.data_ptr() % 16 or any(st % per for st in x.stride()[: x.dim() - len(spatial)]):
+            return False
+    return True
 
 
 def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -1,0 +1,81 @@
+"""Warp-level PTX the Triton language does not expose, as inline assembly (GPU only; the interpreter cannot run it).
+
+Each helper is elementwise over tensors that hold one element (or one vector of `pack` elements) per thread,
+and every lane of the warp runs it on the same element, so warp-wide instructions (shuffles) are safe. The kernels
+take these paths behind a constexpr switch (``PassConfig.ptx``) and keep a plain-Triton twin that the CPU tests run.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lane_id(like):
+    # The hardware lane of the thread holding each element of `like` (one element per thread).
+    return tl.inline_asm_elementwise(
+        "mov.u32 $0, %laneid;", "=r,r", [like.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def _bfly(x, m):
+    # The value x has in lane (this lane xor m): one SHFL.BFLY (Triton has no shuffle; a warp-wide asm is safe
+    # because every lane runs it on the same element). x fp32, one element per thread.
+    got = tl.inline_asm_elementwise(
+        "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+        "=r,r,r",
+        [x.to(tl.int32, bitcast=True), m],
+        dtype=tl.int32,
+        is_pure=True,
+        pack=1,
+    )
+    return got.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _lane_sum8(x0, x1, x2, x3, x4, x5, x6, x7, lane):
+    # Reduce-scatter over the warp: 8 per-lane vectors (one element per thread) in, and lane l gets the sum over
+    # all 32 lanes of x_{(l >> 2) & 7}. Recursive halving: 4 + 2 + 1 exchanges, then 2 to finish the sum — 9
+    # shuffles where eight tl.sum butterflies take 40.
+    z = lane * 0
+    hi = (lane & 16) != 0  # keep tokens 4-7, send 0-3
+    y0 = tl.where(hi, x4, x0) + _bfly(tl.where(hi, x0, x4), z + 16)
+    y1 = tl.where(hi, x5, x1) + _bfly(tl.where(hi, x1, x5), z + 16)
+    y2 = tl.where(hi, x6, x2) + _bfly(tl.where(hi, x2, x6), z + 16)
+    y3 = tl.where(hi, x7, x3) + _bfly(tl.where(hi, x3, x7), z + 16)
+    hi = (lane & 8) != 0  # y_i: token i + 4·b4
+    w0 = tl.where(hi, y2, y0) + _bfly(tl.where(hi, y0, y2), z + 8)
+    w1 = tl.where(hi, y3, y1) + _bfly(tl.where(hi, y1, y3), z + 8)
+    hi = (lane & 4) != 0  # w_i: token i + 2·b3 + 4·b4
+    v = tl.where(hi, w1, w0) + _bfly(tl.where(hi, w0, w1), z + 4)
+    v += _bfly(v, z + 2)
+    return v + _bfly(v, z + 1)
+
+
+@triton.jit
+def _ld16(ptrs):
+    # The four 32-bit words at each pointer (16-byte aligned) by one 16-byte load, as four int32 tensors shaped like
+    # ptrs. Elementwise with one pointer per instance, so it is right whatever layout Triton gives ptrs.
+    return tl.inline_asm_elementwise(
+        "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];",
+        "=r,=r,=r,=r,l",
+        [ptrs],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _st16(ptrs, w0, w1, w2, w3):
+    # Stores the words w0..w3 at each pointer (16-byte aligned) by one 16-byte store.
+    tl.inline_asm_elementwise(
+        "st.global.v4.b32 [$1], {$2, $3, $4, $5};\n\tmov.u32 $0, 0;",
+        "=r,l,r,r,r,r",
+        [ptrs, w0, w1, w2, w3],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
