@@ -26,8 +26,10 @@ def _load_tile(rows, lin, tok, q0, T: tl.constexpr, VEC: tl.constexpr):
     # The (T, SUB) fp32 tile rows[s] + lin[t] (0 where not tok). VEC: the T tokens are neighbours in memory from
     # q0 (a multiple of T) on and all in range, and each thread's row comes by 16-byte loads.
     if VEC:
-        return _vload_tile(rows + q0, T)
-    return tl.load(rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        x = _vload_tile(rows + q0, T)
+    else:
+        x = tl.load(rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -43,19 +45,23 @@ def _load_row(base, lin, valid, q0, like, T: tl.constexpr, VEC: tl.constexpr, MA
     # ((T, 1), or (T, SUB) under VEC, where every lane loads the same 16-byte words: one transaction). like: any
     # (SUB,) tensor. MASKED: zero where not valid (else the offsets must be in range).
     if VEC:
-        return _vload_tile(base + q0 + tl.zeros_like(like), T)
-    if MASKED:
-        return tl.load(base + lin, mask=valid, other=0.0).to(tl.float32)[:, None]
-    return tl.load(base + lin).to(tl.float32)[:, None]
+        x = _vload_tile(base + q0 + tl.zeros_like(like), T)
+    elif MASKED:
+        x = tl.load(base + lin, mask=valid, other=0.0).to(tl.float32)[:, None]
+    else:
+        x = tl.load(base + lin).to(tl.float32)[:, None]
+    return x
 
 
 @triton.jit
 def _halves(w, ELT: tl.constexpr):
     # The two 16-bit elements of each 32-bit word (the lower address in the low half) as fp32.
     if ELT.is_bf16():
-        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
-    lo = w.to(tl.int16).to(ELT, bitcast=True).to(tl.float32)
-    hi = (w >> 16).to(tl.int16).to(ELT, bitcast=True).to(tl.float32)
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = w.to(tl.int16).to(ELT, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(ELT, bitcast=True).to(tl.float32)
     return lo, hi
 
 
@@ -74,17 +80,20 @@ def _vload8(p):
     if ELT.primitive_bitwidth == 32:
         a0, a1, a2, a3 = _ld16(p)
         a4, a5, a6, a7 = _ld16(p + 4)
-        return (
-            a0.to(tl.float32, bitcast=True), a1.to(tl.float32, bitcast=True),
-            a2.to(tl.float32, bitcast=True), a3.to(tl.float32, bitcast=True),
-            a4.to(tl.float32, bitcast=True), a5.to(tl.float32, bitcast=True),
-            a6.to(tl.float32, bitcast=True), a7.to(tl.float32, bitcast=True),
-        )  # fmt: skip
-    w0, w1, w2, w3 = _ld16(p)
-    x0, x1 = _halves(w0, ELT)
-    x2, x3 = _halves(w1, ELT)
-    x4, x5 = _halves(w2, ELT)
-    x6, x7 = _halves(w3, ELT)
+        x0 = a0.to(tl.float32, bitcast=True)
+        x1 = a1.to(tl.float32, bitcast=True)
+        x2 = a2.to(tl.float32, bitcast=True)
+        x3 = a3.to(tl.float32, bitcast=True)
+        x4 = a4.to(tl.float32, bitcast=True)
+        x5 = a5.to(tl.float32, bitcast=True)
+        x6 = a6.to(tl.float32, bitcast=True)
+        x7 = a7.to(tl.float32, bitcast=True)
+    else:
+        w0, w1, w2, w3 = _ld16(p)
+        x0, x1 = _halves(w0, ELT)
+        x2, x3 = _halves(w1, ELT)
+        x4, x5 = _halves(w2, ELT)
+        x6, x7 = _halves(w3, ELT)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
@@ -95,19 +104,23 @@ def _vload_tile(p, T: tl.constexpr):
     x0, x1, x2, x3, x4, x5, x6, x7 = _vload8(p)
     lo = _join8(x0, x1, x2, x3, x4, x5, x6, x7, S)
     if T == 8:
-        return lo
-    tl.static_assert(T == 16, "tiles of 8 or 16 tokens")
-    y0, y1, y2, y3, y4, y5, y6, y7 = _vload8(p + 8)
-    hi = _join8(y0, y1, y2, y3, y4, y5, y6, y7, S)
-    return tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (16, S))  # row 8·j + i
+        x = lo
+    else:
+        tl.static_assert(T == 16, "tiles of 8 or 16 tokens")
+        y0, y1, y2, y3, y4, y5, y6, y7 = _vload8(p + 8)
+        hi = _join8(y0, y1, y2, y3, y4, y5, y6, y7, S)
+        x = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (16, S))  # row 8·j + i
+    return x
 
 
 @triton.jit
 def _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC: tl.constexpr):
     # Offsets of tokens q of an order; VEC (raster order, full chunks): token q is at offset q.
     if VEC:
-        return q
-    return _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+        lin = q
+    else:
+        lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    return lin
 
 
 @triton.jit
@@ -123,9 +136,9 @@ def _load_delta(
     dt = pre
     if SOFTPLUS:
         dt = _softplus(pre)
-    if VEC:  # no padding tokens
-        return pre, dt
-    return pre, tl.where(tok, dt, 0.0)
+    if not VEC:  # padding tokens (VEC has none)
+        dt = tl.where(tok, dt, 0.0)
+    return pre, dt
 
 
 @triton.jit
