@@ -3,7 +3,9 @@
 Exposes ``scan(...)`` with the common backend signature (kernels/scan.py) and ``unavailable_reason(device)``.
 The algorithm, the numbers and how to reproduce them: ``kernels/README.md``. Modules: ``forward.py`` and
 ``backward.py`` (kernels and launchers), ``autograd.py`` (the Function), ``layout.py`` (stride tables, blocking,
-segments), ``configs.py`` (block sizes), ``common.py`` (scan operators and addressing shared by the kernels).
+segments), ``configs.py`` (block sizes), ``common.py`` (scan operators, addressing and tile loads shared by the
+kernels), ``ptx.py`` (inline PTX of the GPU path: 16-byte loads and stores, warp shuffles), ``tokens.py`` (the
+forward's per-token path on the GPU).
 """
 
 from __future__ import annotations
