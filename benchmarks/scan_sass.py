@@ -38,13 +38,13 @@ def compile_sm90(kernel: str, dtype: str, ptx: bool = True) -> str:
     if kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
-                 "LANE_SUMS": ptx, "VEC_IO": ptx}  # fmt: skip
+                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx)}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
                  "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
-                 "VEC_IO": ptx}  # fmt: skip
+                 "VEC_MODE": int(ptx)}  # fmt: skip
     names = fn.arg_names
     sig = {}
     for name in names:

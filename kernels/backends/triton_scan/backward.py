@@ -55,10 +55,10 @@ def _bwd_half(
     c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, has_start,
     rho_rows,
     dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
-    L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
+    L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev, neighbours,
     HALF: tl.constexpr, SUB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, VEC_IO: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr,
 ):  # fmt: skip
     # One half-chunk of HALF tokens, from its start state (start_ptr, states CH apart; zero unless has_start)
     # with the adjoint ρ of the tokens after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens. Per-state
@@ -66,13 +66,16 @@ def _bwd_half(
     q0 = (c * 2 + half) * HALF
     q = q0 + tl.arange(0, HALF)
     valid = q < L
-    lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_IO)
+    lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE == 1)
     tok = valid[:, None]
-    u = _load_tile(u_rows, lin, tok, q0, HALF, VEC_IO)  # (HALF, SUB)
-    pre, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, q0, HALF, VEC_IO)
-    gy = _load_tile(g_rows, lin, tok, q0, HALF, VEC_IO)
+    VEC: tl.constexpr = VEC_MODE != 0
+    MIXED: tl.constexpr = VEC_MODE == 2
+    base = tl.where(rev != 0, L - HALF - q0, q0)  # the half's lowest offset when its tokens are neighbours
+    u = _load_tile(u_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)  # (HALF, SUB)
+    pre, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, HALF, VEC, neighbours, rev, MIXED)
+    gy = _load_tile(g_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
     if HAS_Z:
-        zz = _load_tile(z_rows, lin, tok, q0, HALF, VEC_IO)
+        zz = _load_tile(z_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
         gy = gy * zz * tl.sigmoid(zz)
     dtu = dt * u
     if LANE_SUMS:
@@ -152,7 +155,7 @@ def _bwd_kernel(
     sz_b, sz_c, sg_b, sg_k, sg_c,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, VEC_IO: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
@@ -171,6 +174,7 @@ def _bwd_kernel(
     blk_in_grp = (c0 % CPG) // SUB
     bpg = CPG // SUB
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
+    neighbours = (st_fast == 1) & (st_mid == fast) & (st_slow == fast * mid)  # as in the forward
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
@@ -213,10 +217,13 @@ def _bwd_kernel(
         # the state after the first half, from the chunk-start state
         q = c * BLOCK_T + th
         valid = q < L
-        lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_IO)
+        lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE == 1)
         tok = valid[:, None]
-        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, c * BLOCK_T, HALF, VEC_IO)
-        dtu = dt * _load_tile(u_rows, lin, tok, c * BLOCK_T, HALF, VEC_IO)
+        base = tl.where(rev != 0, L - HALF - c * BLOCK_T, c * BLOCK_T)
+        VEC: tl.constexpr = VEC_MODE != 0
+        MIXED: tl.constexpr = VEC_MODE == 2
+        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, HALF, VEC, neighbours, rev, MIXED)
+        dtu = dt * _load_tile(u_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
         total = tl.sum(dt, axis=0)
         after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the half
         for n in range(N):
@@ -236,9 +243,9 @@ def _bwd_kernel(
             gu, gd = _bwd_half(
                 c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start,
                 half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
-                L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev,
+                L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev, neighbours,
                 HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
-                LANE_SUMS=LANE_SUMS, VEC_IO=VEC_IO,
+                LANE_SUMS=LANE_SUMS, VEC_MODE=VEC_MODE,
             )  # fmt: skip
             dD_acc += gu
             dbias_acc += gd
@@ -437,7 +444,7 @@ def backward(
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
         SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus,
-        LANE_SUMS=ptx, VEC_IO=ptx and layout.vector_io(orders, p.spatial, u, delta, B, C, z_arg, gy, du, ddelta),
+        LANE_SUMS=ptx, VEC_MODE=cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy, du, ddelta),
         num_warps=num_warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip

@@ -22,11 +22,22 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_tile(rows, lin, tok, q0, T: tl.constexpr, VEC: tl.constexpr):
+def _load_tile(rows, lin, tok, base, T: tl.constexpr, VEC: tl.constexpr, neighbours=True, rev=0,
+               MIXED: tl.constexpr = False):  # fmt: skip
     # The (T, SUB) fp32 tile rows[s] + lin[t] (0 where not tok). VEC: the T tokens are neighbours in memory from
-    # q0 (a multiple of T) on and all in range, and each thread's row comes by 16-byte loads.
+    # `base` on (a multiple of T) and all in range, and each thread's row comes by 16-byte loads, in token order
+    # (a reversed order's rows flipped). MIXED: whether they are is decided at run time (neighbours, rev).
     if VEC:
-        x = _vload_tile(rows + q0, T)
+        if MIXED:
+            if neighbours:
+                if rev != 0:
+                    x = _vload_tile(rows + base, T, True)
+                else:
+                    x = _vload_tile(rows + base, T, False)
+            else:
+                x = tl.load(rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        else:
+            x = _vload_tile(rows + base, T, False)
     else:
         x = tl.load(rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
     return x
@@ -98,15 +109,19 @@ def _vload8(p):
 
 
 @triton.jit
-def _vload_tile(p, T: tl.constexpr):
-    # The (T, S) fp32 tile p[s] + t for T = 8 or 16 neighbours per pointer of p (S,), by 16-byte loads.
+def _vload_tile(p, T: tl.constexpr, REV: tl.constexpr = False):
+    # The (T, S) fp32 tile p[s] + t for T = 8 or 16 neighbours per pointer of p (S,), by 16-byte loads (REV, T = 8:
+    # row t is p[s] + 7 - t).
     S: tl.constexpr = p.shape[0]
     x0, x1, x2, x3, x4, x5, x6, x7 = _vload8(p)
-    lo = _join8(x0, x1, x2, x3, x4, x5, x6, x7, S)
+    if REV:
+        lo = _join8(x7, x6, x5, x4, x3, x2, x1, x0, S)
+    else:
+        lo = _join8(x0, x1, x2, x3, x4, x5, x6, x7, S)
     if T == 8:
         x = lo
     else:
-        tl.static_assert(T == 16, "tiles of 8 or 16 tokens")
+        tl.static_assert(T == 16 and not REV, "tiles of 8 or 16 tokens, 16 only ascending")
         y0, y1, y2, y3, y4, y5, y6, y7 = _vload8(p + 8)
         hi = _join8(y0, y1, y2, y3, y4, y5, y6, y7, S)
         x = tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 1)), (16, S))  # row 8·j + i
@@ -126,11 +141,11 @@ def _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC: tl.const
 @triton.jit
 def _load_delta(
     d_rows, lin, tok, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, q0=0, T: tl.constexpr = 16,
-    VEC: tl.constexpr = False,
+    VEC: tl.constexpr = False, neighbours=True, rev=0, MIXED: tl.constexpr = False,
 ):  # fmt: skip
     # (delta + bias, Δ) of a (T, SUB) tile: Δ = softplus(delta + bias) if asked, 0 on padding tokens (exp(0·A) = 1
     # and Δ·u·B = 0: the scan's identity)
-    pre = _load_tile(d_rows, lin, tok, q0, T, VEC)
+    pre = _load_tile(d_rows, lin, tok, q0, T, VEC, neighbours, rev, MIXED)
     if HAS_BIAS:
         pre += bias[None, :]
     dt = pre

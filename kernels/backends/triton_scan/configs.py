@@ -10,10 +10,14 @@ exercise chunking, segments and sub-blocks on tiny inputs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from medmamba.kernels.orders import ScanOrder
+
+from . import layout
 
 __all__ = ["CHUNK", "PassConfig", "backward_config", "forward_config", "override", "target_programs"]
 
@@ -37,6 +41,9 @@ class PassConfig:
         maxnreg: cap on registers per thread (``None``: the compiler's choice).
         inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
             launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
+        mixed_vectors: take that path also for calls that mix raster or reversed orders with others (SegMamba's
+            three orders), deciding per order in the kernel; else only calls whose orders are all raster. Off by
+            default: it compiles for sm_90a but has not yet been run on a GPU (kernels/README.md).
     """
 
     sub: int = 2
@@ -46,10 +53,20 @@ class PassConfig:
     fill_strided: int | None = None
     maxnreg: int | None = None
     inline_ptx: bool = True
+    mixed_vectors: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:
         """Whether a launch with these settings takes the inline-PTX path."""
         return self.inline_ptx and device.type == "cuda" and sub == 32 and num_warps == 1
+
+    def vector_mode(
+        self, ptx: bool, orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor
+    ) -> int:
+        """The kernels' ``VEC_MODE`` for a launch (see layout.vector_mode); 0 off the inline-PTX path."""
+        if not ptx:
+            return 0
+        mode = layout.vector_mode(orders, spatial, *tensors)
+        return 0 if (mode == 2 and not self.mixed_vectors) else mode
 
 
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³

@@ -35,11 +35,67 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
-from .tokens import _delta, _gate, _load16, _steps16, _store16
+from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 
 CARRY_CHANNELS = 32  # channels per program of the carry passes (one warp, a lane per channel)
+
+
+@triton.jit
+def _chunk_tiles(
+    h0, dt_sum, c, base, rev, L, N, sB_n, sC_n, t, nn, ch, bias, Dv, u_rows, d_rows, z_rows, o_rows, p_rows, A_rows,
+    B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, GATE: tl.constexpr, STORE_PRE: tl.constexpr, END_ONLY: tl.constexpr, VEC: tl.constexpr,
+):  # fmt: skip
+    # One chunk as (T, SUB) tiles: the tokens in each thread's registers, the scan along them inside the thread.
+    # VEC (the segment pass of a call whose order reads the chunk as 16 neighbours from `base`, descending if rev):
+    # tiles by 16-byte loads, rows in memory order. Returns the state after the chunk and the running Σ Δ.
+    q = c * BLOCK_T + t
+    valid = q < L
+    lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC)
+    tok = valid[:, None]
+    u = _load_tile(u_rows, lin, tok, base, BLOCK_T, VEC)  # (T, SUB)
+    _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, BLOCK_T, VEC)
+    dtu = dt * u
+    if END_ONLY:
+        total = tl.sum(dt, axis=0)  # (SUB,)
+        upto = tl.cumsum(dt, axis=0)
+        if VEC:  # rows in memory order: a reversed order's later tokens are the earlier rows
+            after = tl.where(rev != 0, upto - dt, total[None, :] - upto)
+        else:
+            after = total[None, :] - upto  # Σ_{j>t} Δ_j within the chunk
+        dt_sum += total
+    else:
+        y = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)
+        if HAS_D:
+            y += Dv[None, :] * u
+    h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+    for n in tl.static_range(BLOCK_N):
+        A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
+        h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
+        B_n = _load_row(B_base + n * sB_n, lin, valid & (n < N), base, ch, BLOCK_T, VEC, not VEC)
+        if END_ONLY:
+            # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
+            tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n)
+            h_end = tl.exp2(total * A_n) * h0_n + tl.sum(tail, axis=0)
+        else:
+            a = tl.exp2(dt * A_n[None, :])
+            decay, h_local = tl.associative_scan((a, dtu * B_n), 0, _linear_combine)
+            h = h_local + decay * h0_n[None, :]
+            y += h * _load_row(C_base + n * sC_n, lin, valid & (n < N), base, ch, BLOCK_T, False, True)
+            # the state after the chunk's last token (padding tokens carry it unchanged)
+            h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
+        h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
+    if not END_ONLY:
+        if GATE:
+            zz = _load_tile(z_rows, lin, tok, base, BLOCK_T, VEC)
+            if STORE_PRE:
+                _store_tile(p_rows, lin, tok, y)
+            y = y * zz * tl.sigmoid(zz)
+        _store_tile(o_rows, lin, tok, y)
+    return h_next, dt_sum
 
 
 @triton.jit
@@ -53,17 +109,18 @@ def _fwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
-    VEC_IO: tl.constexpr,
+    VEC_MODE: tl.constexpr,
 ):  # fmt: skip
     # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
     # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
     # needs no exchange. The states are a loop unrolled at compile time (the state vector of a channel stays in
     # its thread's registers); B_n and C_n of a chunk are loaded once per program and broadcast to its lanes.
     # END_ONLY: the segment pass — the segment's end state from zero and its Σ Δ, no output.
+    # VEC_MODE (the GPU path, rows 16-byte aligned, whole chunks): the main pass runs token by token (tokens.py)
+    # and chunks that are 16 neighbours in memory move by 16-byte loads — 1: every order is the raster one; 2: some
+    # orders are raster or reversed (decided per program from the order's strides), the others load token by token
+    # and take tiles in the segment pass; 0: tiles only.
     tl.static_assert(BLOCK_T == 16, "the recurrence is written out for chunks of 16 tokens")
-    VEC_B: tl.constexpr = VEC_IO and END_ONLY
-    VEC_C: tl.constexpr = False
-    VEC_TOKENS: tl.constexpr = VEC_IO and not END_ONLY
     zero_i = tl.zeros([SUB], dtype=tl.int32)
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
@@ -73,6 +130,8 @@ def _fwd_kernel(
     c0 = pid_blk * SUB
     grp = (c0 // CPG).to(tl.int64)
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
+    # token t at offset t (or L - 1 - t when reversed): chunks are 16 neighbours in memory
+    neighbours = (st_fast == 1) & (st_mid == fast) & (st_slow == fast * mid)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
 
@@ -83,6 +142,7 @@ def _fwd_kernel(
     ch64 = ch.to(tl.int64)
     A_rows = A_ptr + (k * CH + ch64) * N
     bias = tl.zeros([SUB], dtype=tl.float32)
+    Dv = tl.zeros([SUB], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + k * CH + ch)
     if HAS_D:
@@ -111,238 +171,33 @@ def _fwd_kernel(
     for c in range(first, last):
         if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
             tl.store(state_rows[None, :] + c * N * CH + n_rows, h0, mask=n_ok[:, None] & (c > first))
-        if VEC_TOKENS:  # raster call, full chunks: the tokens as per-channel vectors (tokens.py)
-            q0 = c * BLOCK_T
-            u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _load16(u_rows + q0)
-            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _load16(d_rows + q0)
-            d0 = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
-            d1 = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
-            d2 = _delta(r2, bias, HAS_BIAS, SOFTPLUS)
-            d3 = _delta(r3, bias, HAS_BIAS, SOFTPLUS)
-            d4 = _delta(r4, bias, HAS_BIAS, SOFTPLUS)
-            d5 = _delta(r5, bias, HAS_BIAS, SOFTPLUS)
-            d6 = _delta(r6, bias, HAS_BIAS, SOFTPLUS)
-            d7 = _delta(r7, bias, HAS_BIAS, SOFTPLUS)
-            d8 = _delta(r8, bias, HAS_BIAS, SOFTPLUS)
-            d9 = _delta(r9, bias, HAS_BIAS, SOFTPLUS)
-            d10 = _delta(r10, bias, HAS_BIAS, SOFTPLUS)
-            d11 = _delta(r11, bias, HAS_BIAS, SOFTPLUS)
-            d12 = _delta(r12, bias, HAS_BIAS, SOFTPLUS)
-            d13 = _delta(r13, bias, HAS_BIAS, SOFTPLUS)
-            d14 = _delta(r14, bias, HAS_BIAS, SOFTPLUS)
-            d15 = _delta(r15, bias, HAS_BIAS, SOFTPLUS)
-            x0 = d0 * u0
-            x1 = d1 * u1
-            x2 = d2 * u2
-            x3 = d3 * u3
-            x4 = d4 * u4
-            x5 = d5 * u5
-            x6 = d6 * u6
-            x7 = d7 * u7
-            x8 = d8 * u8
-            x9 = d9 * u9
-            x10 = d10 * u10
-            x11 = d11 * u11
-            x12 = d12 * u12
-            x13 = d13 * u13
-            x14 = d14 * u14
-            x15 = d15 * u15
-            zero_f = tl.zeros([SUB], dtype=tl.float32)
-            if HAS_D:
-                y0 = Dv * u0
-                y1 = Dv * u1
-                y2 = Dv * u2
-                y3 = Dv * u3
-                y4 = Dv * u4
-                y5 = Dv * u5
-                y6 = Dv * u6
-                y7 = Dv * u7
-                y8 = Dv * u8
-                y9 = Dv * u9
-                y10 = Dv * u10
-                y11 = Dv * u11
-                y12 = Dv * u12
-                y13 = Dv * u13
-                y14 = Dv * u14
-                y15 = Dv * u15
+        q0 = c * BLOCK_T
+        base = tl.where(rev != 0, L - BLOCK_T - q0, q0)  # the chunk's lowest offset when its tokens are neighbours
+        if VEC_MODE != 0 and not END_ONLY:  # token by token (tokens.py)
+            h0 = _chunk16(
+                h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
+                u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
+                VEC_MODE == 2, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, BLOCK_N,
+            )  # fmt: skip
+        elif VEC_MODE == 2:  # the segment pass of a mixed call
+            if neighbours:
+                h0, dt_sum = _chunk_tiles(
+                    h0, dt_sum, c, base, rev, L, N, sB_n, sC_n, t, nn, ch, bias, Dv, u_rows, d_rows, z_rows, o_rows,
+                    p_rows, A_rows, B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
+                    SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, END_ONLY, True,
+                )  # fmt: skip
             else:
-                y0 = zero_f
-                y1 = zero_f
-                y2 = zero_f
-                y3 = zero_f
-                y4 = zero_f
-                y5 = zero_f
-                y6 = zero_f
-                y7 = zero_f
-                y8 = zero_f
-                y9 = zero_f
-                y10 = zero_f
-                y11 = zero_f
-                y12 = zero_f
-                y13 = zero_f
-                y14 = zero_f
-                y15 = zero_f
-            h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-            for n in tl.static_range(BLOCK_N):
-                A_n = tl.load(A_rows + n) * 1.4426950408889634
-                h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)
-                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(
-                    B_base + n * sB_n + q0 + zero_i
-                )
-                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load16(
-                    C_base + n * sC_n + q0 + zero_i
-                )
-                h_end, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _steps16(
-                    h0_n,
-                    A_n,
-                    d0,
-                    d1,
-                    d2,
-                    d3,
-                    d4,
-                    d5,
-                    d6,
-                    d7,
-                    d8,
-                    d9,
-                    d10,
-                    d11,
-                    d12,
-                    d13,
-                    d14,
-                    d15,
-                    x0,
-                    x1,
-                    x2,
-                    x3,
-                    x4,
-                    x5,
-                    x6,
-                    x7,
-                    x8,
-                    x9,
-                    x10,
-                    x11,
-                    x12,
-                    x13,
-                    x14,
-                    x15,
-                    b0,
-                    b1,
-                    b2,
-                    b3,
-                    b4,
-                    b5,
-                    b6,
-                    b7,
-                    b8,
-                    b9,
-                    b10,
-                    b11,
-                    b12,
-                    b13,
-                    b14,
-                    b15,
-                    e0,
-                    e1,
-                    e2,
-                    e3,
-                    e4,
-                    e5,
-                    e6,
-                    e7,
-                    e8,
-                    e9,
-                    e10,
-                    e11,
-                    e12,
-                    e13,
-                    e14,
-                    e15,
-                    y0,
-                    y1,
-                    y2,
-                    y3,
-                    y4,
-                    y5,
-                    y6,
-                    y7,
-                    y8,
-                    y9,
-                    y10,
-                    y11,
-                    y12,
-                    y13,
-                    y14,
-                    y15,
-                )
-                h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
-            h0 = h_next
-            if GATE:
-                z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _load16(z_rows + q0)
-                if STORE_PRE:
-                    _store16(p_rows + q0, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
-                y0 = _gate(y0, z0)
-                y1 = _gate(y1, z1)
-                y2 = _gate(y2, z2)
-                y3 = _gate(y3, z3)
-                y4 = _gate(y4, z4)
-                y5 = _gate(y5, z5)
-                y6 = _gate(y6, z6)
-                y7 = _gate(y7, z7)
-                y8 = _gate(y8, z8)
-                y9 = _gate(y9, z9)
-                y10 = _gate(y10, z10)
-                y11 = _gate(y11, z11)
-                y12 = _gate(y12, z12)
-                y13 = _gate(y13, z13)
-                y14 = _gate(y14, z14)
-                y15 = _gate(y15, z15)
-            _store16(o_rows + q0, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+                h0, dt_sum = _chunk_tiles(
+                    h0, dt_sum, c, base, rev, L, N, sB_n, sC_n, t, nn, ch, bias, Dv, u_rows, d_rows, z_rows, o_rows,
+                    p_rows, A_rows, B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
+                    SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, END_ONLY, False,
+                )  # fmt: skip
         else:
-            q = c * BLOCK_T + t
-            valid = q < L
-            lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_IO)
-            tok = valid[:, None]
-            u = _load_tile(u_rows, lin, tok, c * BLOCK_T, BLOCK_T, VEC_IO)  # (T, SUB)
-            _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, c * BLOCK_T, BLOCK_T, VEC_IO)
-            dtu = dt * u
-            if END_ONLY:
-                total = tl.sum(dt, axis=0)  # (SUB,)
-                after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the chunk
-                dt_sum += total
-            else:
-                y = tl.zeros([BLOCK_T, SUB], dtype=tl.float32)
-                if HAS_D:
-                    y += Dv[None, :] * u
-            h_next = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-            for n in tl.static_range(BLOCK_N):
-                A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
-                h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
-                B_n = _load_row(B_base + n * sB_n, lin, valid & (n < N), c * BLOCK_T, ch, BLOCK_T, VEC_B, not VEC_IO)
-                if END_ONLY:
-                    # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
-                    tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n)
-                    h_end = tl.exp2(total * A_n) * h0_n + tl.sum(tail, axis=0)
-                else:
-                    a = tl.exp2(dt * A_n[None, :])
-                    decay, h_local = tl.associative_scan((a, dtu * B_n), 0, _linear_combine)
-                    h = h_local + decay * h0_n[None, :]
-                    C_n = _load_row(
-                        C_base + n * sC_n, lin, valid & (n < N), c * BLOCK_T, ch, BLOCK_T, VEC_C, not VEC_IO
-                    )
-                    y += h * C_n
-                    # the state after the chunk's last token (padding tokens carry it unchanged)
-                    h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
-                h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
-            h0 = h_next
-            if not END_ONLY:
-                if GATE:
-                    zz = _load_tile(z_rows, lin, tok, c * BLOCK_T, BLOCK_T, VEC_IO)
-                    if STORE_PRE:
-                        _store_tile(p_rows, lin, tok, y)
-                    y = y * zz * tl.sigmoid(zz)
-                _store_tile(o_rows, lin, tok, y)
+            h0, dt_sum = _chunk_tiles(
+                h0, dt_sum, c, q0, rev, L, N, sB_n, sC_n, t, nn, ch, bias, Dv, u_rows, d_rows, z_rows, o_rows,
+                p_rows, A_rows, B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
+                SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, END_ONLY, VEC_MODE == 1,
+            )  # fmt: skip
     if END_ONLY:
         # (B, K, C, nsplit, N) and (B, K, C, nsplit): N fastest here compiles without layout moves
         seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
@@ -536,8 +391,8 @@ def forward(
     flags = {
         "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
-        "VEC_IO": cfg.ptx(dev, sub, num_warps) and p.block_n == p.N
-        and layout.vector_io(orders, p.spatial, u, delta, B, C, z_arg, y, pre_arg),
+        "VEC_MODE": cfg.vector_mode(cfg.ptx(dev, sub, num_warps) and p.block_n == p.N, orders, p.spatial, u, delta,
+                                    B, C, z_arg, y, pre_arg),
     }  # fmt: skip
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)

@@ -26,6 +26,7 @@ from medmamba.kernels.orders import ScanOrder
 __all__ = [
     "ORDER_COLUMNS",
     "channel_blocking",
+    "directions",
     "natural_spatial",
     "order_table",
     "raster",
@@ -33,6 +34,7 @@ __all__ = [
     "spatial3",
     "strided",
     "vector_io",
+    "vector_mode",
 ]
 
 #: columns of one order-table row, in the order the kernels read them
@@ -73,32 +75,57 @@ def strided(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
     return any(fast_size > 1 and fast_stride != 1 for fast_size, _, fast_stride, *_ in order_rows(orders, spatial))
 
 
-def raster(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
-    """Whether every order reads token t at raster offset t (the natural flattening, not reversed).
+def directions(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> list[int]:
+    """Per order: 1 if it reads token t at raster offset t, -1 at offset L - 1 - t (the reversed raster order), else 0.
 
-    Such a call's chunks are runs of neighbours in memory, which the kernels load as coalesced vectors.
+    Such orders read each chunk as neighbours in memory, which the kernels can load as 16-byte vectors.
     """
     L = math.prod(spatial3(spatial))
+    out = []
     for fast, mid, st_fast, st_mid, st_slow, rev in order_rows(orders, spatial):
         slow = L // (fast * mid)
-        if rev or (fast > 1 and st_fast != 1) or (mid > 1 and st_mid != fast) or (slow > 1 and st_slow != fast * mid):
-            return False
-    return True
+        natural = (fast == 1 or st_fast == 1) and (mid == 1 or st_mid == fast) and (slow == 1 or st_slow == fast * mid)
+        out.append((-1 if rev else 1) if natural else 0)
+    return out
 
 
-def vector_io(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> bool:
-    """Whether the kernels may move whole chunks by 16-byte vectors.
+def raster(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
+    """Whether every order reads token t at raster offset t (the natural flattening, not reversed)."""
+    return all(d == 1 for d in directions(orders, spatial))
 
-    That needs raster orders only, every chunk full (``L`` a multiple of 16 tokens) and every row of ``tensors``
-    starting 16-byte aligned.
-    """
-    if not raster(orders, spatial) or math.prod(spatial3(spatial)) % 16:
+
+def _aligned(spatial: Sequence[int], tensors: Sequence[torch.Tensor]) -> bool:
+    # whole chunks (L a multiple of 16 tokens) and every row of every tensor starting 16-byte aligned
+    if math.prod(spatial3(spatial)) % 16:
         return False
     for x in tensors:
         per = 16 // x.element_size()
         if x.data_ptr() % 16 or any(st % per for st in x.stride()[: x.dim() - len(spatial)]):
             return False
     return True
+
+
+def vector_io(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> bool:
+    """Whether the kernels may move whole chunks by 16-byte vectors for every order of the call.
+
+    That needs raster orders only, every chunk full (``L`` a multiple of 16 tokens) and every row of ``tensors``
+    starting 16-byte aligned.
+    """
+    return raster(orders, spatial) and _aligned(spatial, tensors)
+
+
+def vector_mode(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> int:
+    """The kernels' ``VEC_MODE``.
+
+    1: every order is the raster one; 2: some are raster or reversed raster (the kernels decide per order); 0: none,
+    or rows not aligned.
+    """
+    if not _aligned(spatial, tensors):
+        return 0
+    dirs = directions(orders, spatial)
+    if all(d == 1 for d in dirs):
+        return 1
+    return 2 if any(dirs) else 0
 
 
 def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _halves, _softplus, _word
+from .common import _halves, _softplus, _token_offsets, _word
 from .ptx import _ld16, _st16
 
 
@@ -199,3 +199,226 @@ def _steps16(
     h = tl.exp2(d15 * A) * h + x15 * b15
     y15 += c15 * h
     return h, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15
+
+
+# fmt: off
+@triton.jit
+def _gather16(rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i):
+    # rows[o_t] for 16 tokens at any offsets (one load per token; rows may be one pointer for every lane)
+    x0 = tl.load(rows + o0 + zero_i).to(tl.float32)
+    x1 = tl.load(rows + o1 + zero_i).to(tl.float32)
+    x2 = tl.load(rows + o2 + zero_i).to(tl.float32)
+    x3 = tl.load(rows + o3 + zero_i).to(tl.float32)
+    x4 = tl.load(rows + o4 + zero_i).to(tl.float32)
+    x5 = tl.load(rows + o5 + zero_i).to(tl.float32)
+    x6 = tl.load(rows + o6 + zero_i).to(tl.float32)
+    x7 = tl.load(rows + o7 + zero_i).to(tl.float32)
+    x8 = tl.load(rows + o8 + zero_i).to(tl.float32)
+    x9 = tl.load(rows + o9 + zero_i).to(tl.float32)
+    x10 = tl.load(rows + o10 + zero_i).to(tl.float32)
+    x11 = tl.load(rows + o11 + zero_i).to(tl.float32)
+    x12 = tl.load(rows + o12 + zero_i).to(tl.float32)
+    x13 = tl.load(rows + o13 + zero_i).to(tl.float32)
+    x14 = tl.load(rows + o14 + zero_i).to(tl.float32)
+    x15 = tl.load(rows + o15 + zero_i).to(tl.float32)
+    return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
+
+
+@triton.jit
+def _scatter16(rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    # rows[o_t] = x_t (cast to the pointee type)
+    tl.store(rows + o0, x0)
+    tl.store(rows + o1, x1)
+    tl.store(rows + o2, x2)
+    tl.store(rows + o3, x3)
+    tl.store(rows + o4, x4)
+    tl.store(rows + o5, x5)
+    tl.store(rows + o6, x6)
+    tl.store(rows + o7, x7)
+    tl.store(rows + o8, x8)
+    tl.store(rows + o9, x9)
+    tl.store(rows + o10, x10)
+    tl.store(rows + o11, x11)
+    tl.store(rows + o12, x12)
+    tl.store(rows + o13, x13)
+    tl.store(rows + o14, x14)
+    tl.store(rows + o15, x15)
+
+
+@triton.jit
+def _offsets16(q0, L, fast, mid, st_fast, st_mid, st_slow, rev):
+    # the offsets of tokens q0 .. q0 + 15 of an order (scalars)
+    o0 = _token_offsets(q0 + 0, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o1 = _token_offsets(q0 + 1, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o2 = _token_offsets(q0 + 2, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o3 = _token_offsets(q0 + 3, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o4 = _token_offsets(q0 + 4, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o5 = _token_offsets(q0 + 5, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o6 = _token_offsets(q0 + 6, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o7 = _token_offsets(q0 + 7, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o8 = _token_offsets(q0 + 8, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o9 = _token_offsets(q0 + 9, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o10 = _token_offsets(q0 + 10, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o11 = _token_offsets(q0 + 11, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o12 = _token_offsets(q0 + 12, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o13 = _token_offsets(q0 + 13, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o14 = _token_offsets(q0 + 14, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    o15 = _token_offsets(q0 + 15, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    return o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15
+
+
+@triton.jit
+def _chunk16(
+    h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
+    u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
+    ANY: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, GATE: tl.constexpr,
+    STORE_PRE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One chunk of 16 tokens from the (BLOCK_N, SUB) chunk-start state h0; writes y (and the pre-gate output) and
+    # returns the state after the chunk. The 16 values of each quantity are "slots": for an order whose chunk is 16
+    # neighbours in memory from offset `base` on (16-byte loads), slot i is memory position i and a reversed order
+    # runs the recurrence from slot 15 down; for any other order (ANY: the call may have some), slot i is token
+    # q0 + i, loaded one token at a time. ANY = False: every order is the raster one.
+    if ANY:
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _offsets16(q0, L, fast, mid, st_fast, st_mid, st_slow, rev)
+        backwards = neighbours & (rev != 0)
+    else:
+        backwards = False
+    if ANY and not neighbours:
+        u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _gather16(u_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+    else:
+        u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _load16(u_rows + base + zero_i)
+    if ANY and not neighbours:
+        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _gather16(d_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+    else:
+        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _load16(d_rows + base + zero_i)
+    d0 = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
+    d1 = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
+    d2 = _delta(r2, bias, HAS_BIAS, SOFTPLUS)
+    d3 = _delta(r3, bias, HAS_BIAS, SOFTPLUS)
+    d4 = _delta(r4, bias, HAS_BIAS, SOFTPLUS)
+    d5 = _delta(r5, bias, HAS_BIAS, SOFTPLUS)
+    d6 = _delta(r6, bias, HAS_BIAS, SOFTPLUS)
+    d7 = _delta(r7, bias, HAS_BIAS, SOFTPLUS)
+    d8 = _delta(r8, bias, HAS_BIAS, SOFTPLUS)
+    d9 = _delta(r9, bias, HAS_BIAS, SOFTPLUS)
+    d10 = _delta(r10, bias, HAS_BIAS, SOFTPLUS)
+    d11 = _delta(r11, bias, HAS_BIAS, SOFTPLUS)
+    d12 = _delta(r12, bias, HAS_BIAS, SOFTPLUS)
+    d13 = _delta(r13, bias, HAS_BIAS, SOFTPLUS)
+    d14 = _delta(r14, bias, HAS_BIAS, SOFTPLUS)
+    d15 = _delta(r15, bias, HAS_BIAS, SOFTPLUS)
+    x0 = d0 * u0
+    x1 = d1 * u1
+    x2 = d2 * u2
+    x3 = d3 * u3
+    x4 = d4 * u4
+    x5 = d5 * u5
+    x6 = d6 * u6
+    x7 = d7 * u7
+    x8 = d8 * u8
+    x9 = d9 * u9
+    x10 = d10 * u10
+    x11 = d11 * u11
+    x12 = d12 * u12
+    x13 = d13 * u13
+    x14 = d14 * u14
+    x15 = d15 * u15
+    zero = tl.zeros_like(bias)
+    if HAS_D:
+        y0 = Dv * u0
+        y1 = Dv * u1
+        y2 = Dv * u2
+        y3 = Dv * u3
+        y4 = Dv * u4
+        y5 = Dv * u5
+        y6 = Dv * u6
+        y7 = Dv * u7
+        y8 = Dv * u8
+        y9 = Dv * u9
+        y10 = Dv * u10
+        y11 = Dv * u11
+        y12 = Dv * u12
+        y13 = Dv * u13
+        y14 = Dv * u14
+        y15 = Dv * u15
+    else:
+        y0 = zero
+        y1 = zero
+        y2 = zero
+        y3 = zero
+        y4 = zero
+        y5 = zero
+        y6 = zero
+        y7 = zero
+        y8 = zero
+        y9 = zero
+        y10 = zero
+        y11 = zero
+        y12 = zero
+        y13 = zero
+        y14 = zero
+        y15 = zero
+    h_next = tl.zeros_like(h0)
+    for n in tl.static_range(BLOCK_N):
+        A_n = tl.load(A_rows + n) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
+        h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)
+        if ANY and not neighbours:
+            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _gather16(B_base + n * sB_n, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        else:
+            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(B_base + n * sB_n + base + zero_i)
+        if ANY and not neighbours:
+            e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _gather16(C_base + n * sC_n, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        else:
+            e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load16(C_base + n * sC_n + base + zero_i)
+        if backwards:
+            h_end, y15, y14, y13, y12, y11, y10, y9, y8, y7, y6, y5, y4, y3, y2, y1, y0 = _steps16(
+                h0_n, A_n,
+                d15, d14, d13, d12, d11, d10, d9, d8, d7, d6, d5, d4, d3, d2, d1, d0,
+                x15, x14, x13, x12, x11, x10, x9, x8, x7, x6, x5, x4, x3, x2, x1, x0,
+                b15, b14, b13, b12, b11, b10, b9, b8, b7, b6, b5, b4, b3, b2, b1, b0,
+                e15, e14, e13, e12, e11, e10, e9, e8, e7, e6, e5, e4, e3, e2, e1, e0,
+                y15, y14, y13, y12, y11, y10, y9, y8, y7, y6, y5, y4, y3, y2, y1, y0,
+            )
+        else:
+            h_end, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _steps16(
+                h0_n, A_n,
+                d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, d14, d15,
+                x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,
+                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15,
+            )
+        h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
+    if GATE:
+        if ANY and not neighbours:
+            z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _gather16(z_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        else:
+            z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _load16(z_rows + base + zero_i)
+        if STORE_PRE:
+            if ANY and not neighbours:
+                _scatter16(p_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+            else:
+                _store16(p_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+        y0 = _gate(y0, z0)
+        y1 = _gate(y1, z1)
+        y2 = _gate(y2, z2)
+        y3 = _gate(y3, z3)
+        y4 = _gate(y4, z4)
+        y5 = _gate(y5, z5)
+        y6 = _gate(y6, z6)
+        y7 = _gate(y7, z7)
+        y8 = _gate(y8, z8)
+        y9 = _gate(y9, z9)
+        y10 = _gate(y10, z10)
+        y11 = _gate(y11, z11)
+        y12 = _gate(y12, z12)
+        y13 = _gate(y13, z13)
+        y14 = _gate(y14, z14)
+        y15 = _gate(y15, z15)
+    if ANY and not neighbours:
+        _scatter16(o_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+    else:
+        _store16(o_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+    return h_next
+# fmt: on
