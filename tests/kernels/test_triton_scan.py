@@ -281,6 +281,27 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
     assert not layout.vector_io((RASTER,), (32,), torch.zeros(2, 1, 64, 36, dtype=torch.bfloat16)[..., :32])  # 72 B
 
 
+@pytest.mark.parametrize(
+    ("spatial", "orders", "dtype", "mode"),
+    [
+        ((48,), (RASTER,), torch.float32, 1),  # 3 chunks over 2 segments
+        ((48,), (RASTER,), torch.bfloat16, 1),
+        ((2, 4, 4), (REVERSED,), torch.float16, 2),
+        ((4, 4, 4), (RASTER, REVERSED, SLICE), torch.float32, 2),  # neighbours forwards, backwards, gathered
+    ],
+    ids=["raster-fp32", "raster-bf16", "reversed-fp16", "segmamba-fp32"],
+)
+def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spatial, orders, dtype, mode):
+    # the GPU path (16-byte chunk moves, the per-token forward, the warp reduce-scatter of dB/dC, per-order
+    # decisions of a mixed call) with its inline PTX emulated (ptx.INTERPRETING): its logic, not its speed
+    low, ref = make_inputs(spatial, len(orders), channels=32, N=16, dtype=dtype, seed=11)
+    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True)
+    canonical = [x.unsqueeze(1) if len(orders) == 1 else x for x in (low[0], low[3])]
+    assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
+    with configs.override(forward=cfg, backward=cfg):
+        assert_matches_reference(low, ref, orders, dtype=dtype)
+
+
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None

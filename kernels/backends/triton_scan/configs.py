@@ -10,6 +10,7 @@ exercise chunking, segments and sub-blocks on tiny inputs.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,8 @@ class PassConfig:
         mixed_vectors: take that path also for calls that mix raster or reversed orders with others (SegMamba's
             three orders), deciding per order in the kernel; else only calls whose orders are all raster. Off by
             default: it compiles for sm_90a but has not yet been run on a GPU (kernels/README.md).
+        emulate_ptx: under ``TRITON_INTERPRET=1`` on the CPU, take the GPU path too, its inline PTX emulated by plain
+            loads and gathers (ptx.py): the tests check its logic without a GPU.
     """
 
     sub: int = 2
@@ -54,10 +57,12 @@ class PassConfig:
     maxnreg: int | None = None
     inline_ptx: bool = True
     mixed_vectors: bool = False
+    emulate_ptx: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:
         """Whether a launch with these settings takes the inline-PTX path."""
-        return self.inline_ptx and device.type == "cuda" and sub == 32 and num_warps == 1
+        emulated = self.emulate_ptx and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        return self.inline_ptx and (device.type == "cuda" or emulated) and sub == 32 and num_warps == 1
 
     def vector_mode(
         self, ptx: bool, orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor

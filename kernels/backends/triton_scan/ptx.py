@@ -1,37 +1,52 @@
-"""Warp-level PTX the Triton language does not expose, as inline assembly (GPU only; the interpreter cannot run it).
+"""Warp-level PTX the Triton language does not expose, as inline assembly, with an emulation for the interpreter.
 
-Each helper is elementwise over tensors that hold one element (or one vector of `pack` elements) per thread,
-and every lane of the warp runs it on the same element, so warp-wide instructions (shuffles) are safe. The kernels
-take these paths behind a constexpr switch (``PassConfig.ptx``) and keep a plain-Triton twin that the CPU tests run.
+Each helper is elementwise over tensors that hold one element per thread, and every lane of the warp runs it on the
+same element, so warp-wide instructions (shuffles) are safe and the result does not depend on the layout Triton
+picks. The kernels take these paths behind a constexpr switch (``PassConfig.ptx``) and keep a plain-Triton twin.
+Under ``TRITON_INTERPRET=1`` (``INTERPRETING``) the helpers become plain loads, stores and ``tl.gather`` with the
+same meaning — one lane per channel of a 32-channel block — so the CPU tests check the GPU path's logic
+(``PassConfig.emulate_ptx``); its speed and its machine code are the GPU's and scan_sass.py's business.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
 def _lane_id(like):
     # The hardware lane of the thread holding each element of `like` (one element per thread).
-    return tl.inline_asm_elementwise(
-        "mov.u32 $0, %laneid;", "=r,r", [like.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1
-    )
+    if INTERPRETING:
+        lane = tl.arange(0, like.shape[0]) % 32
+    else:
+        lane = tl.inline_asm_elementwise(
+            "mov.u32 $0, %laneid;", "=r,r", [like.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return lane
 
 
 @triton.jit
 def _bfly(x, m):
     # The value x has in lane (this lane xor m): one SHFL.BFLY (Triton has no shuffle; a warp-wide asm is safe
     # because every lane runs it on the same element). x fp32, one element per thread.
-    got = tl.inline_asm_elementwise(
-        "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
-        "=r,r,r",
-        [x.to(tl.int32, bitcast=True), m],
-        dtype=tl.int32,
-        is_pure=True,
-        pack=1,
-    )
-    return got.to(tl.float32, bitcast=True)
+    if INTERPRETING:
+        got = tl.gather(x, tl.arange(0, x.shape[0]) ^ m, 0)
+    else:
+        bits = tl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, 0xffffffff;",
+            "=r,r,r",
+            [x.to(tl.int32, bitcast=True), m],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+        got = bits.to(tl.float32, bitcast=True)
+    return got
 
 
 @triton.jit
@@ -55,27 +70,64 @@ def _lane_sum8(x0, x1, x2, x3, x4, x5, x6, x7, lane):
 
 
 @triton.jit
+def _word_at(p, i):
+    # (interpreter) the i-th 32-bit word at p, from the pointee elements
+    ELT: tl.constexpr = p.dtype.element_ty
+    if ELT.primitive_bitwidth == 32:
+        w = tl.load(p + i).to(tl.int32, bitcast=True)
+    else:
+        lo = tl.load(p + 2 * i).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        hi = tl.load(p + 2 * i + 1).to(tl.int16, bitcast=True).to(tl.int32)
+        w = lo | (hi << 16)
+    return w
+
+
+@triton.jit
+def _put_word(p, i, w):
+    # (interpreter) stores the 32-bit word w as the i-th word at p
+    ELT: tl.constexpr = p.dtype.element_ty
+    if ELT.primitive_bitwidth == 32:
+        tl.store(p + i, w.to(ELT, bitcast=True))
+    else:
+        tl.store(p + 2 * i, w.to(tl.int16).to(ELT, bitcast=True))
+        tl.store(p + 2 * i + 1, (w >> 16).to(tl.int16).to(ELT, bitcast=True))
+
+
+@triton.jit
 def _ld16(ptrs):
     # The four 32-bit words at each pointer (16-byte aligned) by one 16-byte load, as four int32 tensors shaped like
     # ptrs. Elementwise with one pointer per instance, so it is right whatever layout Triton gives ptrs.
-    return tl.inline_asm_elementwise(
-        "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];",
-        "=r,=r,=r,=r,l",
-        [ptrs],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-        is_pure=True,
-        pack=1,
-    )
+    if INTERPRETING:
+        w0 = _word_at(ptrs, 0)
+        w1 = _word_at(ptrs, 1)
+        w2 = _word_at(ptrs, 2)
+        w3 = _word_at(ptrs, 3)
+    else:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,l",
+            [ptrs],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True,
+            pack=1,
+        )
+    return w0, w1, w2, w3
 
 
 @triton.jit
 def _st16(ptrs, w0, w1, w2, w3):
     # Stores the words w0..w3 at each pointer (16-byte aligned) by one 16-byte store.
-    tl.inline_asm_elementwise(
-        "st.global.v4.b32 [$1], {$2, $3, $4, $5};\n\tmov.u32 $0, 0;",
-        "=r,l,r,r,r,r",
-        [ptrs, w0, w1, w2, w3],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+    if INTERPRETING:
+        _put_word(ptrs, 0, w0)
+        _put_word(ptrs, 1, w1)
+        _put_word(ptrs, 2, w2)
+        _put_word(ptrs, 3, w3)
+    else:
+        tl.inline_asm_elementwise(
+            "st.global.v4.b32 [$1], {$2, $3, $4, $5};\n\tmov.u32 $0, 0;",
+            "=r,l,r,r,r,r",
+            [ptrs, w0, w1, w2, w3],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
