@@ -268,28 +268,48 @@ def _offsets16(q0, L, fast, mid, st_fast, st_mid, st_slow, rev):
 
 
 @triton.jit
+def _load16r(p):
+    # _load16 for an order whose 16 tokens sit at descending offsets from p + 15 down to p: token order
+    x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(p)
+    return x15, x14, x13, x12, x11, x10, x9, x8, x7, x6, x5, x4, x3, x2, x1, x0
+
+
+@triton.jit
+def _store16r(p, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
+    # the inverse of _load16r
+    _store16(p, x15, x14, x13, x12, x11, x10, x9, x8, x7, x6, x5, x4, x3, x2, x1, x0)
+
+
+@triton.jit
 def _chunk16(
     h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
     u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
     ANY: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, GATE: tl.constexpr,
     STORE_PRE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One chunk of 16 tokens from the (BLOCK_N, SUB) chunk-start state h0; writes y (and the pre-gate output) and
-    # returns the state after the chunk. The 16 values of each quantity are "slots": for an order whose chunk is 16
-    # neighbours in memory from offset `base` on (16-byte loads), slot i is memory position i and a reversed order
-    # runs the recurrence from slot 15 down; for any other order (ANY: the call may have some), slot i is token
-    # q0 + i, loaded one token at a time. ANY = False: every order is the raster one.
+    # One chunk of 16 tokens (q0 ..) from the (BLOCK_N, SUB) chunk-start state h0; writes y (and the pre-gate output)
+    # and returns the state after the chunk. Each quantity is 16 per-channel vectors, one per token. An order whose
+    # chunk is 16 neighbours in memory from offset `base` on moves it by 16-byte loads (a reversed order reads them
+    # in reverse); any other order (ANY: the call may have some) loads one token at a time. ANY = False: every
+    # order is the raster one.
     if ANY:
         o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _offsets16(q0, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        backwards = neighbours & (rev != 0)
-    else:
-        backwards = False
-    if ANY and not neighbours:
-        u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _gather16(u_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+    if ANY:
+        if not neighbours:
+            u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _gather16(u_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        elif rev != 0:
+            u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _load16r(u_rows + base + zero_i)
+        else:
+            u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _load16(u_rows + base + zero_i)
     else:
         u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _load16(u_rows + base + zero_i)
-    if ANY and not neighbours:
-        r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _gather16(d_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+    if ANY:
+        if not neighbours:
+            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _gather16(d_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        elif rev != 0:
+            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _load16r(d_rows + base + zero_i)
+        else:
+            r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _load16(d_rows + base + zero_i)
     else:
         r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _load16(d_rows + base + zero_i)
     d0 = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
@@ -363,41 +383,51 @@ def _chunk16(
     for n in tl.static_range(BLOCK_N):
         A_n = tl.load(A_rows + n) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
         h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)
-        if ANY and not neighbours:
-            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _gather16(B_base + n * sB_n, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        if ANY:
+            if not neighbours:
+                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _gather16(B_base + n * sB_n, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+            elif rev != 0:
+                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16r(B_base + n * sB_n + base + zero_i)
+            else:
+                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(B_base + n * sB_n + base + zero_i)
         else:
             b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _load16(B_base + n * sB_n + base + zero_i)
-        if ANY and not neighbours:
-            e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _gather16(C_base + n * sC_n, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        if ANY:
+            if not neighbours:
+                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _gather16(C_base + n * sC_n, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+            elif rev != 0:
+                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load16r(C_base + n * sC_n + base + zero_i)
+            else:
+                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load16(C_base + n * sC_n + base + zero_i)
         else:
             e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _load16(C_base + n * sC_n + base + zero_i)
-        if backwards:
-            h_end, y15, y14, y13, y12, y11, y10, y9, y8, y7, y6, y5, y4, y3, y2, y1, y0 = _steps16(
-                h0_n, A_n,
-                d15, d14, d13, d12, d11, d10, d9, d8, d7, d6, d5, d4, d3, d2, d1, d0,
-                x15, x14, x13, x12, x11, x10, x9, x8, x7, x6, x5, x4, x3, x2, x1, x0,
-                b15, b14, b13, b12, b11, b10, b9, b8, b7, b6, b5, b4, b3, b2, b1, b0,
-                e15, e14, e13, e12, e11, e10, e9, e8, e7, e6, e5, e4, e3, e2, e1, e0,
-                y15, y14, y13, y12, y11, y10, y9, y8, y7, y6, y5, y4, y3, y2, y1, y0,
-            )
-        else:
-            h_end, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _steps16(
-                h0_n, A_n,
-                d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, d14, d15,
-                x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
-                b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
-                e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,
-                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15,
-            )
+        h_end, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _steps16(
+            h0_n, A_n,
+            d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, d14, d15,
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+            b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
+            e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,
+            y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15,
+        )
         h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
     if GATE:
-        if ANY and not neighbours:
-            z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _gather16(z_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+        if ANY:
+            if not neighbours:
+                z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _gather16(z_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
+            elif rev != 0:
+                z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _load16r(z_rows + base + zero_i)
+            else:
+                z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _load16(z_rows + base + zero_i)
         else:
             z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _load16(z_rows + base + zero_i)
         if STORE_PRE:
-            if ANY and not neighbours:
-                _scatter16(p_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+            if ANY:
+                if not neighbours:
+                    _scatter16(p_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+                elif rev != 0:
+                    _store16r(p_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+                else:
+                    _store16(p_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
             else:
                 _store16(p_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
         y0 = _gate(y0, z0)
@@ -416,8 +446,13 @@ def _chunk16(
         y13 = _gate(y13, z13)
         y14 = _gate(y14, z14)
         y15 = _gate(y15, z15)
-    if ANY and not neighbours:
-        _scatter16(o_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+    if ANY:
+        if not neighbours:
+            _scatter16(o_rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+        elif rev != 0:
+            _store16r(o_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
+        else:
+            _store16(o_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
     else:
         _store16(o_rows + base, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15)
     return h_next
