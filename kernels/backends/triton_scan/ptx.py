@@ -131,3 +131,40 @@ def _st16(ptrs, w0, w1, w2, w3):
             is_pure=False,
             pack=1,
         )
+
+
+@triton.jit
+def _ld1(ptrs):
+    # One element at each pointer, as fp32, by an asm load: Triton's coalescing pass (whose cost grows with the
+    # number of loads and stores in a kernel) skips it — a token-by-token gather of 16 tokens × 16 states made
+    # that pass take ~100 s.
+    ELT: tl.constexpr = ptrs.dtype.element_ty
+    if INTERPRETING:
+        x = tl.load(ptrs).to(tl.float32)
+    elif ELT.primitive_bitwidth == 32:
+        x = tl.inline_asm_elementwise(
+            "ld.global.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32, is_pure=True, pack=1
+        ).to(ELT, bitcast=True)
+    else:
+        x = tl.inline_asm_elementwise(
+            "ld.global.b16 $0, [$1];", "=h,l", [ptrs], dtype=tl.int16, is_pure=True, pack=1
+        ).to(ELT, bitcast=True)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _st1(ptrs, x):
+    # tl.store(ptrs, x) (x cast to the pointee type) by an asm store, for the reason of _ld1.
+    ELT: tl.constexpr = ptrs.dtype.element_ty
+    if INTERPRETING:
+        tl.store(ptrs, x)
+    elif ELT.primitive_bitwidth == 32:
+        tl.inline_asm_elementwise(
+            "st.global.b32 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r", [ptrs, x.to(ELT).to(tl.int32, bitcast=True)],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        tl.inline_asm_elementwise(
+            "st.global.b16 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,h", [ptrs, x.to(ELT).to(tl.int16, bitcast=True)],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import _halves, _softplus, _token_offsets, _word
-from .ptx import _ld16, _st16
+from .ptx import _ld1, _ld16, _st1, _st16
 
 
 @triton.jit
@@ -205,44 +205,44 @@ def _steps16(
 @triton.jit
 def _gather16(rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i):
     # rows[o_t] for 16 tokens at any offsets (one load per token; rows may be one pointer for every lane)
-    x0 = tl.load(rows + o0 + zero_i).to(tl.float32)
-    x1 = tl.load(rows + o1 + zero_i).to(tl.float32)
-    x2 = tl.load(rows + o2 + zero_i).to(tl.float32)
-    x3 = tl.load(rows + o3 + zero_i).to(tl.float32)
-    x4 = tl.load(rows + o4 + zero_i).to(tl.float32)
-    x5 = tl.load(rows + o5 + zero_i).to(tl.float32)
-    x6 = tl.load(rows + o6 + zero_i).to(tl.float32)
-    x7 = tl.load(rows + o7 + zero_i).to(tl.float32)
-    x8 = tl.load(rows + o8 + zero_i).to(tl.float32)
-    x9 = tl.load(rows + o9 + zero_i).to(tl.float32)
-    x10 = tl.load(rows + o10 + zero_i).to(tl.float32)
-    x11 = tl.load(rows + o11 + zero_i).to(tl.float32)
-    x12 = tl.load(rows + o12 + zero_i).to(tl.float32)
-    x13 = tl.load(rows + o13 + zero_i).to(tl.float32)
-    x14 = tl.load(rows + o14 + zero_i).to(tl.float32)
-    x15 = tl.load(rows + o15 + zero_i).to(tl.float32)
+    x0 = _ld1(rows + o0 + zero_i)
+    x1 = _ld1(rows + o1 + zero_i)
+    x2 = _ld1(rows + o2 + zero_i)
+    x3 = _ld1(rows + o3 + zero_i)
+    x4 = _ld1(rows + o4 + zero_i)
+    x5 = _ld1(rows + o5 + zero_i)
+    x6 = _ld1(rows + o6 + zero_i)
+    x7 = _ld1(rows + o7 + zero_i)
+    x8 = _ld1(rows + o8 + zero_i)
+    x9 = _ld1(rows + o9 + zero_i)
+    x10 = _ld1(rows + o10 + zero_i)
+    x11 = _ld1(rows + o11 + zero_i)
+    x12 = _ld1(rows + o12 + zero_i)
+    x13 = _ld1(rows + o13 + zero_i)
+    x14 = _ld1(rows + o14 + zero_i)
+    x15 = _ld1(rows + o15 + zero_i)
     return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
 
 
 @triton.jit
 def _scatter16(rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15):
     # rows[o_t] = x_t (cast to the pointee type)
-    tl.store(rows + o0, x0)
-    tl.store(rows + o1, x1)
-    tl.store(rows + o2, x2)
-    tl.store(rows + o3, x3)
-    tl.store(rows + o4, x4)
-    tl.store(rows + o5, x5)
-    tl.store(rows + o6, x6)
-    tl.store(rows + o7, x7)
-    tl.store(rows + o8, x8)
-    tl.store(rows + o9, x9)
-    tl.store(rows + o10, x10)
-    tl.store(rows + o11, x11)
-    tl.store(rows + o12, x12)
-    tl.store(rows + o13, x13)
-    tl.store(rows + o14, x14)
-    tl.store(rows + o15, x15)
+    _st1(rows + o0, x0)
+    _st1(rows + o1, x1)
+    _st1(rows + o2, x2)
+    _st1(rows + o3, x3)
+    _st1(rows + o4, x4)
+    _st1(rows + o5, x5)
+    _st1(rows + o6, x6)
+    _st1(rows + o7, x7)
+    _st1(rows + o8, x8)
+    _st1(rows + o9, x9)
+    _st1(rows + o10, x10)
+    _st1(rows + o11, x11)
+    _st1(rows + o12, x12)
+    _st1(rows + o13, x13)
+    _st1(rows + o14, x14)
+    _st1(rows + o15, x15)
 
 
 @triton.jit
