@@ -272,13 +272,16 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
     assert not layout.raster((ScanOrder((1, 0)),), (5, 3))
     u = torch.zeros(2, 1, 64, 4, 8)
     B = torch.zeros(2, 1, 1, 16, 4, 8)
-    assert layout.vector_io((RASTER,), (4, 8), u, B)
-    assert not layout.vector_io((RASTER,), (4, 6), u[..., :6], B[..., :6])  # 24 tokens: a partial chunk
+    assert layout.vector_mode((RASTER,), (4, 8), u, B) == 1
+    assert layout.vector_mode((RASTER,), (4, 6), u[..., :6], B[..., :6]) == 0  # 24 tokens: a partial chunk
     shifted = torch.zeros(u.numel() + 1)[1:].view(u.shape)  # every row 4 bytes off a 16-byte boundary
-    assert not layout.vector_io((RASTER,), (4, 8), shifted, B)
+    assert layout.vector_mode((RASTER,), (4, 8), shifted, B) == 0
     odd = torch.zeros(2, 1, 64, 36)[..., :32]  # rows 36 elements apart: 144 bytes, 16-byte aligned
-    assert layout.vector_io((RASTER,), (32,), odd)
-    assert not layout.vector_io((RASTER,), (32,), torch.zeros(2, 1, 64, 36, dtype=torch.bfloat16)[..., :32])  # 72 B
+    assert layout.vector_mode((RASTER,), (32,), odd) == 1
+    cube = torch.zeros(1, 3, 32, 4, 4, 4)
+    assert layout.vector_mode((RASTER, REVERSED, SLICE), (4, 4, 4), cube) == 2  # decided per order
+    assert layout.vector_mode((SLICE,), (4, 4, 4), cube[:, :1]) == 0
+    assert layout.vector_mode((RASTER,), (32,), torch.zeros(2, 1, 64, 36, dtype=torch.bfloat16)[..., :32]) == 0  # 72 B
 
 
 @pytest.mark.parametrize(
@@ -375,7 +378,7 @@ def test_gpu_vector_path_matches_torch_backend(dtype):
     low, ref = make_inputs((8, 16, 48), 1, batch=2, channels=64, N=16, dtype=dtype, seed=5, device="cuda")
     u, B = low[0], low[3]
     assert configs.forward_config(0).ptx(u.device, 32, 1)
-    assert layout.vector_io((RASTER,), (8, 16, 48), u.unsqueeze(1), B.unsqueeze(1))
+    assert layout.vector_mode((RASTER,), (8, 16, 48), u.unsqueeze(1), B.unsqueeze(1)) == 1
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
     assert_matches_reference(low, ref, (RASTER,), dtype=dtype, other="torch")
 

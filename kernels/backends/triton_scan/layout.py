@@ -33,7 +33,6 @@ __all__ = [
     "segments",
     "spatial3",
     "strided",
-    "vector_io",
     "vector_mode",
 ]
 
@@ -103,15 +102,6 @@ def _aligned(spatial: Sequence[int], tensors: Sequence[torch.Tensor]) -> bool:
         if x.data_ptr() % 16 or any(st % per for st in x.stride()[: x.dim() - len(spatial)]):
             return False
     return True
-
-
-def vector_io(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> bool:
-    """Whether the kernels may move whole chunks by 16-byte vectors for every order of the call.
-
-    That needs raster orders only, every chunk full (``L`` a multiple of 16 tokens) and every row of ``tensors``
-    starting 16-byte aligned.
-    """
-    return raster(orders, spatial) and _aligned(spatial, tensors)
 
 
 def vector_mode(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> int:

@@ -11,40 +11,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import _halves, _softplus, _token_offsets, _word
-from .ptx import _ld1, _ld16, _st1, _st16
-
-
-@triton.jit
-def _f32x4(p):
-    # 4 fp32 at each pointer of p (16-byte aligned)
-    w0, w1, w2, w3 = _ld16(p)
-    return (
-        w0.to(tl.float32, bitcast=True), w1.to(tl.float32, bitcast=True),
-        w2.to(tl.float32, bitcast=True), w3.to(tl.float32, bitcast=True),
-    )  # fmt: skip
+from .common import _softplus, _token_offsets, _vload8, _word
+from .ptx import _ld1, _st1, _st16
 
 
 @triton.jit
 def _load16(p):
     # The 16 elements at each pointer of p (16-byte aligned), as 16 fp32 vectors shaped like p.
-    ELT: tl.constexpr = p.dtype.element_ty
-    if ELT.primitive_bitwidth == 32:
-        x0, x1, x2, x3 = _f32x4(p)
-        x4, x5, x6, x7 = _f32x4(p + 4)
-        x8, x9, x10, x11 = _f32x4(p + 8)
-        x12, x13, x14, x15 = _f32x4(p + 12)
-    else:
-        w0, w1, w2, w3 = _ld16(p)
-        w4, w5, w6, w7 = _ld16(p + 8)
-        x0, x1 = _halves(w0, ELT)
-        x2, x3 = _halves(w1, ELT)
-        x4, x5 = _halves(w2, ELT)
-        x6, x7 = _halves(w3, ELT)
-        x8, x9 = _halves(w4, ELT)
-        x10, x11 = _halves(w5, ELT)
-        x12, x13 = _halves(w6, ELT)
-        x14, x15 = _halves(w7, ELT)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _vload8(p)
+    x8, x9, x10, x11, x12, x13, x14, x15 = _vload8(p + 8)
     return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
 
 
