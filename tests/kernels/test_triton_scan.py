@@ -152,6 +152,20 @@ def test_segments_groups_and_channel_blocks():
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("block_s", [2, 4])
+def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s):
+    # 6 segments (5 boundaries) chained 2 or 4 at a time by the carry passes' associative scan: the state and the
+    # adjoint must cross block boundaries into a partial last block
+    from medmamba.kernels.backends.triton_scan import forward
+
+    monkeypatch.setattr(forward, "CARRY_SEGMENTS", block_s)
+    assert forward.carry_segments(6) == block_s
+    low, ref = make_inputs((4, 6, 8), 2, batch=2, channels=4, seed=3)  # 12 chunks of 16 tokens
+    cfg = P(sub=2, num_warps=1, segments=6)
+    with configs.override(cfg, cfg):
+        assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
+
+
 def test_channels_per_group_not_a_power_of_two_with_default_blocking():
     # 3 channels per group: one channel per step; found by the GPU shape fuzzing (channels 3 and 6 were left
     # unwritten when the forward grid counted channel blocks of the backward's size)

@@ -36,6 +36,7 @@ from . import configs, layout
 from .common import (
     _chunk_offsets,
     _join8,
+    _linear_combine,
     _load_delta,
     _load_row,
     _load_tile,
@@ -44,7 +45,7 @@ from .common import (
     _store_tile,
     _token_offsets,
 )
-from .forward import CARRY_CHANNELS, Plan, split
+from .forward import CARRY_CHANNELS, CARRY_WARPS, Plan, carry_segments, split
 from .ptx import _lane_id, _lane_sum8
 
 __all__ = ["backward"]
@@ -316,9 +317,11 @@ def _bwd_segment_kernel(
 
 @triton.jit
 def _bwd_carry_kernel(
-    A_ptr, seg_rho_ptr, seg_dt_ptr, last_ptr, rho_ptr, CH, N, K, nsplit, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+    A_ptr, seg_rho_ptr, seg_dt_ptr, last_ptr, rho_ptr, CH, N, K, nsplit,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    # Chains the segments' adjoints of BLOCK_C channels of one (b, k) from the last segment backwards.
+    # Chains the segments' adjoints of BLOCK_C channels of one (b, k) from the last segment backwards, BLOCK_S
+    # segments at a time (an associative scan, as forward._fwd_carry_kernel): r_{s-1} = ρ_s + exp(A·ΣΔ_s)·r_s.
     bk = tl.program_id(1).to(tl.int64)
     k = bk % K
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -326,13 +329,20 @@ def _bwd_carry_kernel(
     c_ok = ch < CH
     ok = (n < N)[:, None] & c_ok[None, :]
     A = tl.load(A_ptr + (k * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (BLOCK_N, BLOCK_C)
-    tile = n[:, None] * CH + ch[None, :]
+    tile = (n[:, None] * CH + ch[None, :])[None, :, :]
     r = tl.load(last_ptr + (bk * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (B, K, C, N)
-    for i in range(nsplit - 1):
-        s = nsplit - 1 - i
-        dt_sum = tl.load(seg_dt_ptr + (bk * nsplit + s) * CH + ch, mask=c_ok, other=0.0)
-        r = tl.load(seg_rho_ptr + (bk * nsplit + s) * N * CH + tile, mask=ok, other=0.0) + tl.exp(A * dt_sum) * r
-        tl.store(rho_ptr + (bk * nsplit + s - 1) * N * CH + tile, r, mask=ok)
+    sb = tl.arange(0, BLOCK_S)
+    for i0 in range(0, nsplit - 1, BLOCK_S):
+        s = nsplit - 1 - (i0 + sb)  # segments nsplit-1 down to 1, latest first
+        s_ok = s >= 1
+        m = s_ok[:, None, None] & ok[None, :, :]
+        row = bk * nsplit + s
+        dt_sum = tl.load(seg_dt_ptr + row[:, None] * CH + ch[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
+        rho = tl.load(seg_rho_ptr + row[:, None, None] * N * CH + tile, mask=m, other=0.0)
+        decay, local = tl.associative_scan((tl.exp(A[None, :, :] * dt_sum[:, None, :]), rho), 0, _linear_combine)
+        rs = local + decay * r[None, :, :]  # the adjoint before each segment of the block
+        tl.store(rho_ptr + (row - 1)[:, None, None] * N * CH + tile, rs, mask=m)
+        r = tl.sum(tl.where((sb == BLOCK_S - 1)[:, None, None], rs, 0.0), axis=0)
 
 
 @triton.jit
@@ -430,7 +440,7 @@ def backward(
         )  # fmt: skip
         _bwd_carry_kernel[(triton.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
             A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
-            BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, num_warps=1,
+            BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
         )  # fmt: skip
 
     mid = torch.empty_like(rho)

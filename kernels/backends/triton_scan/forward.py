@@ -39,7 +39,14 @@ from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 
-CARRY_CHANNELS = 32  # channels per program of the carry passes (one warp, a lane per channel)
+CARRY_CHANNELS = 16  # channels per program of the carry passes
+CARRY_SEGMENTS = 32  # segments chained at a time by the carry passes (an associative scan over them)
+CARRY_WARPS = 8
+
+
+def carry_segments(nsplit: int) -> int:
+    """``BLOCK_S`` of the carry passes for ``nsplit`` segments (their ``nsplit - 1`` boundaries)."""
+    return min(CARRY_SEGMENTS, triton.next_power_of_2(max(1, nsplit - 1)))
 
 
 @triton.jit
@@ -211,10 +218,11 @@ def _fwd_kernel(
 def _fwd_carry_kernel(
     A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr,
     CH, N, K, nsplit, cps, n_state,
-    SAVE_STATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SAVE_STATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     # Chains the segments' end states of BLOCK_C channels of one (b, k), first segment to last, into the chunk
-    # states (B, K, n_state, N, C).
+    # states (B, K, n_state, N, C). BLOCK_S segments at a time by an associative scan over the affine maps
+    # h -> exp(A·ΣΔ)·h + h_seg: a token-by-token chain of thousands of segments was latency-bound.
     bk = tl.program_id(1).to(tl.int64)
     k = bk % K
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -222,18 +230,25 @@ def _fwd_carry_kernel(
     c_ok = ch < CH
     ok = (n < N)[:, None] & c_ok[None, :]
     A = tl.load(A_ptr + (k * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (BLOCK_N, BLOCK_C)
-    tile = n[:, None] * CH + ch[None, :]
     h = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     seg_rows = (bk * CH + ch) * nsplit  # segment states (B, K, C, nsplit, N), Σ Δ (B, K, C, nsplit)
-    for s in range(nsplit - 1):
-        dt_sum = tl.load(seg_dt_ptr + seg_rows + s, mask=c_ok, other=0.0)
-        seg_h = tl.load(seg_state_ptr + (seg_rows[None, :] + s) * N + n[:, None], mask=ok, other=0.0)
-        h = tl.exp(A * dt_sum[None, :]) * h + seg_h
+    sb = tl.arange(0, BLOCK_S)
+    for s0 in range(0, nsplit - 1, BLOCK_S):
+        s = s0 + sb
+        s_ok = (s < nsplit - 1)[:, None, None] & ok[None, :, :]
+        dt_sum = tl.load(seg_dt_ptr + seg_rows[None, :] + s[:, None], mask=(s < nsplit - 1)[:, None] & c_ok[None, :],
+                         other=0.0)  # fmt: skip
+        seg_h = tl.load(seg_state_ptr + ((seg_rows[None, None, :] + s[:, None, None]) * N + n[None, :, None]),
+                        mask=s_ok, other=0.0)  # fmt: skip
+        decay, local = tl.associative_scan((tl.exp(A[None, :, :] * dt_sum[:, None, :]), seg_h), 0, _linear_combine)
+        hs = local + decay * h[None, :, :]  # the state after each segment of the block
         if SAVE_STATES:
             idx = (s + 1) * cps
         else:
             idx = s + 1
-        tl.store(state_ptr + (bk * n_state + idx) * N * CH + tile, h, mask=ok)
+        tile = (bk * n_state + idx)[:, None, None] * N * CH + (n[:, None] * CH + ch[None, :])[None, :, :]
+        tl.store(state_ptr + tile, hs, mask=s_ok)
+        h = tl.sum(tl.where((sb == BLOCK_S - 1)[:, None, None], hs, 0.0), axis=0)
 
 
 @triton.jit
@@ -403,7 +418,8 @@ def forward(
         )  # fmt: skip
         _fwd_carry_kernel[(triton.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, cps, n_state,
-            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, num_warps=1,
+            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit),
+            num_warps=CARRY_WARPS,
         )  # fmt: skip
 
     _fwd_kernel[grid](
