@@ -26,6 +26,7 @@ from medmamba.kernels import (
 )
 from medmamba.kernels.backends import triton_scan
 from medmamba.kernels.backends.triton_scan import configs, layout
+from medmamba.kernels.backends.triton_scan import forward as triton_forward
 from tests.helpers import TOLERANCES, generator
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -317,6 +318,37 @@ def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spat
     assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
     with configs.override(forward=cfg, backward=cfg):
         assert_matches_reference(low, ref, orders, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("spatial", "orders", "dtype", "expected"),
+    [
+        ((16, 2, 8), (RASTER, REVERSED, SLICE), torch.float32, (8, 16)),  # SegMamba's orders: lines along D
+        ((16, 1, 16), (SLICE,), torch.bfloat16, (16, 16)),
+        ((32, 16), (ScanOrder((1, 0)), RASTER), torch.float16, (16, 32)),  # a column-major 2D cross-scan order
+    ],
+)
+def test_strided_orders_run_line_by_line(spatial, orders, dtype, expected):
+    # one segment per line, neighbouring lines across a program's lanes (layout.lines): shifted lane pointers,
+    # per-lane B/C, per-lane segment states and last states; forward and all gradients against float64
+    assert layout.lines(orders, spatial, torch.tensor([], dtype=dtype).element_size(), 32) == expected
+    low, ref = make_inputs(spatial, len(orders), channels=8, N=3, dtype=dtype, seed=13)
+    cfg = P(sub=32, num_warps=1, lines=True)
+    u, A, B = (x.unsqueeze(axis) if len(orders) == 1 else x for x, axis in ((low[0], 1), (low[2], 0), (low[3], 1)))
+    p = triton_forward.plan(u, A, B)
+    assert triton_forward.lines_of(p, cfg, orders, low[0]) == expected
+    with configs.override(forward=cfg, backward=cfg):
+        assert_matches_reference(low, ref, orders, dtype=dtype)
+
+
+def test_orders_that_cannot_run_line_by_line():
+    assert layout.lines((RASTER, REVERSED), (16, 8, 8), 4, 32) == (1, 0)  # no strided order
+    assert layout.lines((SLICE,), (16, 2, 4), 4, 32) == (1, 0)  # 4 lines per row: not 8 neighbours
+    assert layout.lines((SLICE,), (12, 2, 8), 4, 32) == (1, 0)  # lines of 12 tokens: not whole chunks
+    assert layout.lines((ScanOrder((1, 2, 0), True),), (16, 2, 8), 4, 32) == (1, 0)  # reversed slice order
+    assert layout.lines((ScanOrder((2, 1, 0)),), (16, 8, 8), 4, 32) == (1, 0)  # second axis strided too
+    assert layout.lines((SLICE, ScanOrder((0, 2, 1))), (16, 32, 8), 4, 32) == (1, 0)  # lines of 16 and of 32
+    assert layout.lines((SLICE,), (16, 2, 8), 4, 4) == (1, 0)  # 4 lanes cannot hold 8 lines
 
 
 def test_availability_and_spatial_limit():

@@ -45,6 +45,8 @@ class PassConfig:
         mixed_vectors: take that path also for calls that mix raster or reversed orders with others (SegMamba's
             three orders), deciding per order in the kernel; else only calls whose orders are all raster. Off by
             default: it compiles for sm_90a but has not yet been run on a GPU (kernels/README.md).
+        lines: run calls with a strided order as one segment per line, neighbouring lines across a program's lanes
+            (layout.lines), where the launch has one warp of 32 lanes.
         emulate_ptx: under ``TRITON_INTERPRET=1`` on the CPU, take the GPU path too, its inline PTX emulated by plain
             loads and gathers (ptx.py): the tests check its logic without a GPU.
     """
@@ -57,6 +59,7 @@ class PassConfig:
     maxnreg: int | None = None
     inline_ptx: bool = True
     mixed_vectors: bool = False
+    lines: bool = True
     emulate_ptx: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:

@@ -55,10 +55,12 @@ def _chunk_tiles(
     B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, GATE: tl.constexpr, STORE_PRE: tl.constexpr, END_ONLY: tl.constexpr, VEC: tl.constexpr,
+    LINES: tl.constexpr = 1,
 ):  # fmt: skip
     # One chunk as (T, SUB) tiles: the tokens in each thread's registers, the scan along them inside the thread.
     # VEC (the segment pass of a call whose order reads the chunk as 16 neighbours from `base`, descending if rev):
-    # tiles by 16-byte loads, rows in memory order. Returns the state after the chunk and the running Σ Δ.
+    # tiles by 16-byte loads, rows in memory order. LINES > 1: B_base and C_base are per-lane pointers (each lane
+    # its own line). Returns the state after the chunk and the running Σ Δ.
     q = c * BLOCK_T + t
     valid = q < L
     lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC)
@@ -82,7 +84,10 @@ def _chunk_tiles(
     for n in tl.static_range(BLOCK_N):
         A_n = tl.load(A_rows + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
         h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)  # (SUB,): a register pick after unrolling
-        B_n = _load_row(B_base + n * sB_n, lin, valid & (n < N), base, ch, BLOCK_T, VEC, not VEC)
+        if LINES > 1:
+            B_n = _load_tile(B_base + n * sB_n, lin, tok & (n < N), base, BLOCK_T, False)
+        else:
+            B_n = _load_row(B_base + n * sB_n, lin, valid & (n < N), base, ch, BLOCK_T, VEC, not VEC)
         if END_ONLY:
             # only the end state: h_end = exp(A·ΣΔ)·h_0 + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t, no scan
             tail = tl.exp2(after * A_n[None, :]) * (dtu * B_n)
@@ -91,7 +96,11 @@ def _chunk_tiles(
             a = tl.exp2(dt * A_n[None, :])
             decay, h_local = tl.associative_scan((a, dtu * B_n), 0, _linear_combine)
             h = h_local + decay * h0_n[None, :]
-            y += h * _load_row(C_base + n * sC_n, lin, valid & (n < N), base, ch, BLOCK_T, False, True)
+            if LINES > 1:
+                C_n = _load_tile(C_base + n * sC_n, lin, tok & (n < N), base, BLOCK_T, False)
+            else:
+                C_n = _load_row(C_base + n * sC_n, lin, valid & (n < N), base, ch, BLOCK_T, False, True)
+            y += h * C_n
             # the state after the chunk's last token (padding tokens carry it unchanged)
             h_end = tl.sum(tl.where(t[:, None] == BLOCK_T - 1, h, 0.0), axis=0)
         h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
@@ -116,7 +125,7 @@ def _fwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
-    VEC_MODE: tl.constexpr,
+    VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1,
 ):  # fmt: skip
     # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
     # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
@@ -127,25 +136,43 @@ def _fwd_kernel(
     # and chunks that are 16 neighbours in memory move by 16-byte loads — 1: every order is the raster one; 2: some
     # orders are raster or reversed (decided per program from the order's strides), the others load token by token
     # and take tiles in the segment pass; 0: tiles only.
+    # LINES > 1 (layout.lines): a segment per line of cps chunks, and lane l runs segment LINES·pid(1) + l % LINES
+    # of channel c0 + l // LINES: the lanes' pointers are shifted by the distance between neighbouring segments.
     tl.static_assert(BLOCK_T == 16, "the recurrence is written out for chunks of 16 tokens")
+    tl.static_assert(LINES == 1 or VEC_MODE == 0, "lines run on tiles")
     zero_i = tl.zeros([SUB], dtype=tl.int32)
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
     b = (bk // K).to(tl.int64)
     k = bk % K
-    c0 = pid_blk * SUB
+    c0 = pid_blk * (SUB // LINES)
     grp = (c0 // CPG).to(tl.int64)
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     # token t at offset t (or L - 1 - t when reversed): chunks are 16 neighbours in memory
     neighbours = (st_fast == 1) & (st_mid == fast) & (st_slow == fast * mid)
-    first = seg * cps
+    lane = tl.arange(0, SUB)
+    seg0 = seg * LINES
+    first = seg0 * cps  # the first lane's chunks; lane l's are line·cps further
     last = tl.minimum(first + cps, nchunks)
+    if LINES > 1:  # offset of a lane's tokens from the first lane's
+        line = lane % LINES  # the lane's segment after the program's first
+        shift = (line * tl.where(neighbours, tl.where(rev != 0, -cps * BLOCK_T, cps * BLOCK_T), st_mid)).to(tl.int64)
+        lane_first = seg0 + line > 0
+        if SAVE_STATES:
+            lane_state = line * cps
+        else:
+            lane_state = line
+    else:
+        line = 0
+        shift = 0
+        lane_first = first > 0
+        lane_state = 0
 
     t = tl.arange(0, BLOCK_T)
     nn = tl.arange(0, BLOCK_N)
     n_ok = nn < N
-    ch = c0 + tl.arange(0, SUB)
+    ch = c0 + lane // LINES
     ch64 = ch.to(tl.int64)
     A_rows = A_ptr + (k * CH + ch64) * N
     bias = tl.zeros([SUB], dtype=tl.float32)
@@ -154,16 +181,19 @@ def _fwd_kernel(
         bias = tl.load(bias_ptr + k * CH + ch)
     if HAS_D:
         Dv = tl.load(D_ptr + k * CH + ch)
-    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c
-    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
-    o_rows = out_ptr + b * so_b + k * so_k + ch64 * so_c
-    z_rows = z_ptr + b * sz_b + ch64 * sz_c
-    p_rows = pre_ptr + b * sp_b + k * sp_k + ch64 * sp_c
+    u_rows = u_ptr + b * su_b + k * su_k + ch64 * su_c + shift
+    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c + shift
+    o_rows = out_ptr + b * so_b + k * so_k + ch64 * so_c + shift
+    z_rows = z_ptr + b * sz_b + ch64 * sz_c + shift
+    p_rows = pre_ptr + b * sp_b + k * sp_k + ch64 * sp_c + shift
     B_base = B_ptr + b * sB_b + k * sB_k + grp * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
+    if LINES > 1:
+        B_base += shift
+        C_base += shift
     # states (B, K, n_state, N, C), channels fastest: a state tile (N, SUB) is N coalesced rows, and its layout is
     # the compute tiles' (lanes along channels; an N-fastest one made Triton move the tiles between layouts)
-    state_rows = state_ptr + bk.to(tl.int64) * n_state * N * CH + ch64  # (SUB,)
+    state_rows = state_ptr + (bk.to(tl.int64) * n_state + lane_state) * N * CH + ch64  # (SUB,)
     n_rows = nn[:, None] * CH
     if END_ONLY:
         h0 = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
@@ -171,9 +201,9 @@ def _fwd_kernel(
         if SAVE_STATES:
             start = first
         else:
-            start = seg
+            start = seg0
         # a segment after the first starts from the state the carry pass left at its start
-        h0 = tl.load(state_rows[None, :] + start * N * CH + n_rows, mask=n_ok[:, None] & (first > 0), other=0.0)
+        h0 = tl.load(state_rows[None, :] + start * N * CH + n_rows, mask=n_ok[:, None] & lane_first, other=0.0)
     dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for c in range(first, last):
         if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
@@ -203,15 +233,19 @@ def _fwd_kernel(
             h0, dt_sum = _chunk_tiles(
                 h0, dt_sum, c, q0, rev, L, N, sB_n, sC_n, t, nn, ch, bias, Dv, u_rows, d_rows, z_rows, o_rows,
                 p_rows, A_rows, B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
-                SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, END_ONLY, VEC_MODE == 1,
+                SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, END_ONLY, VEC_MODE == 1, LINES,
             )  # fmt: skip
     if END_ONLY:
         # (B, K, C, nsplit, N) and (B, K, C, nsplit): N fastest here compiles without layout moves
-        seg_row = (bk * CH + ch64) * nsplit + seg  # (SUB,)
+        seg_row = (bk * CH + ch64) * nsplit + seg0 + line  # (SUB,)
         tl.store(state_ptr + seg_row[None, :] * N + nn[:, None], h0, mask=n_ok[:, None])
         tl.store(seg_dt_ptr + seg_row, dt_sum)
     else:
-        tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + nn[:, None], h0, mask=n_ok[:, None] & (last == nchunks))
+        if LINES > 1:
+            is_last = ((seg0 + line + 1) * cps >= nchunks)[None, :]  # the lane ran the row's last segment
+        else:
+            is_last = last == nchunks
+        tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + nn[:, None], h0, mask=n_ok[:, None] & is_last)
 
 
 @triton.jit
@@ -330,6 +364,14 @@ def split(p: Plan, cfg: configs.PassConfig, device: torch.device, *, strided: bo
     return sub, nsplit, per
 
 
+def lines_of(p: Plan, cfg: configs.PassConfig, orders: Sequence[ScanOrder], u: torch.Tensor) -> tuple[int, int]:
+    """``(LINES, line length)`` of a pass (layout.lines) with programs of one warp, ``(1, 0)``: segments of chunks."""
+    if not cfg.lines or cfg.num_warps != 1 or cfg.sub != 32:
+        return 1, 0
+    lines, length = layout.lines(orders, p.spatial, u.element_size(), 32)
+    return (lines, length) if lines > 1 and p.cpg % (32 // lines) == 0 else (1, 0)
+
+
 @dataclass
 class ForwardResult:
     """Outputs of :func:`forward` and what the backward needs."""
@@ -377,6 +419,9 @@ def forward(
     cfg = configs.forward_config(p.L)
     sub, nsplit, cps = split(p, cfg, dev, strided=layout.strided(orders, p.spatial))  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
+    lines, line_len = lines_of(p, cfg, orders, u)
+    if lines > 1:  # 32 lanes: 32 / lines channels × lines neighbouring lines
+        sub, num_warps, nsplit, cps = 32, 1, p.L // line_len, line_len // p.block_t
     table = layout.order_table(orders, p.spatial, dev)
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -394,7 +439,7 @@ def forward(
     n_state = p.nchunks if save else nsplit
     states = torch.empty(p.batch, p.K, n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
-    grid = (p.channels // sub, nsplit, p.batch * p.K)
+    grid = (p.channels * lines // sub, nsplit // lines, p.batch * p.K)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps)
 
     strides = (
@@ -406,8 +451,9 @@ def forward(
     flags = {
         "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
-        "VEC_MODE": cfg.vector_mode(cfg.ptx(dev, sub, num_warps) and p.block_n == p.N, orders, p.spatial, u, delta,
-                                    B, C, z_arg, y, pre_arg),
+        "VEC_MODE": 0 if lines > 1 else cfg.vector_mode(cfg.ptx(dev, sub, num_warps) and p.block_n == p.N, orders,
+                                                        p.spatial, u, delta, B, C, z_arg, y, pre_arg),
+        "LINES": lines,
     }  # fmt: skip
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)

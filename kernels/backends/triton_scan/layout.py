@@ -27,6 +27,7 @@ __all__ = [
     "ORDER_COLUMNS",
     "channel_blocking",
     "directions",
+    "lines",
     "natural_spatial",
     "order_table",
     "raster",
@@ -86,6 +87,30 @@ def directions(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> list[int]
         natural = (fast == 1 or st_fast == 1) and (mid == 1 or st_mid == fast) and (slow == 1 or st_slow == fast * mid)
         out.append((-1 if rev else 1) if natural else 0)
     return out
+
+
+def lines(orders: Sequence[ScanOrder], spatial: Sequence[int], element_size: int, lanes: int) -> tuple[int, int]:
+    """``(G, F)``: one segment per line of ``F`` tokens, ``G`` neighbouring lines per program; ``(1, 0)``: no.
+
+    An order that scans an axis of stride > 1 first (SegMamba's slice order, Vivim's temporal one, a column-major
+    cross-scan) reads a new 32-byte sector per token and uses 2 or 4 bytes of it. When its second axis has stride 1,
+    its lines (one pass along the first axis) are neighbours in memory: token j of line i + 1 sits next to token j
+    of line i. Cutting the sequence into one segment per line (the carry pass chains them) and giving G = 32 bytes /
+    element size neighbouring lines to the lanes of a program makes each load of G lanes one full sector. Every
+    other order of the call must be the raster or reversed raster one (segment s + 1 then starts ±F tokens after
+    segment s), and the strided orders must share F (a multiple of the 16-token chunk).
+    """
+    G = 32 // element_size
+    if lanes % G:
+        return 1, 0
+    F = 0
+    for (fast, mid, _, st_mid, _, rev), d in zip(order_rows(orders, spatial), directions(orders, spatial), strict=True):
+        if d != 0:
+            continue
+        if rev or st_mid != 1 or fast % 16 or mid % G or (F and fast != F):
+            return 1, 0
+        F = fast
+    return (G, F) if F else (1, 0)
 
 
 def raster(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
