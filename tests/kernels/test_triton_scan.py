@@ -296,6 +296,12 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
     cube = torch.zeros(1, 3, 32, 4, 4, 4)
     assert layout.vector_mode((RASTER, REVERSED, SLICE), (4, 4, 4), cube) == 2  # decided per order
     assert layout.vector_mode((SLICE,), (4, 4, 4), cube[:, :1]) == 0
+    # by default the per-order path runs for raster and reversed orders only; with a strided order, on request
+    pair = cube[:, :2]
+    assert P().vector_mode(True, (RASTER, REVERSED), (4, 4, 4), pair) == 2
+    assert P().vector_mode(True, (RASTER, REVERSED, SLICE), (4, 4, 4), cube) == 0
+    assert P(mixed_vectors=True).vector_mode(True, (RASTER, REVERSED, SLICE), (4, 4, 4), cube) == 2
+    assert P().vector_mode(False, (RASTER,), (4, 4, 4), cube[:, :1]) == 0  # off the inline-PTX path
     assert layout.vector_mode((RASTER,), (32,), torch.zeros(2, 1, 64, 36, dtype=torch.bfloat16)[..., :32]) == 0  # 72 B
 
 

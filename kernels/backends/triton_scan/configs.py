@@ -42,11 +42,14 @@ class PassConfig:
         maxnreg: cap on registers per thread (``None``: the compiler's choice).
         inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
             launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
-        mixed_vectors: take that path also for calls that mix raster or reversed orders with others (SegMamba's
-            three orders), deciding per order in the kernel; else only calls whose orders are all raster. Off by
-            default: it compiles for sm_90a but has not yet been run on a GPU (kernels/README.md).
-        lines: run calls with a strided order as one segment per line, neighbouring lines across a program's lanes
-            (layout.lines), where the launch has one warp of 32 lanes.
+        mixed_vectors: take the per-order path (``VEC_MODE`` 2) also for calls that mix raster or reversed orders
+            with strided ones (SegMamba's three orders). Calls whose orders are all raster or reversed (a
+            bidirectional scan) take it anyway. Off by default: on an H100 the three-order layer ran 10.75 / 41.2 ms
+            with it and 10.35 / 40.6 ms without, its slice order dominating either way (benchmarks/RESULTS.md).
+        lines: run calls with a strided order as one segment per line, neighbouring lines across a program's 32
+            lanes (layout.lines), in the forward. Off by default: correct, but on an H100 no faster (SegMamba's
+            slice order at 64³, bf16: 4.83 ms forward with it, 4.16 without); its B/C loads stay one instruction
+            per value (kernels/README.md).
         emulate_ptx: under ``TRITON_INTERPRET=1`` on the CPU, take the GPU path too, its inline PTX emulated by plain
             loads and gathers (ptx.py): the tests check its logic without a GPU.
     """
@@ -59,7 +62,7 @@ class PassConfig:
     maxnreg: int | None = None
     inline_ptx: bool = True
     mixed_vectors: bool = False
-    lines: bool = True
+    lines: bool = False
     emulate_ptx: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:
@@ -74,7 +77,9 @@ class PassConfig:
         if not ptx:
             return 0
         mode = layout.vector_mode(orders, spatial, *tensors)
-        return 0 if (mode == 2 and not self.mixed_vectors) else mode
+        if mode == 2 and not self.mixed_vectors and not all(layout.directions(orders, spatial)):
+            return 0
+        return mode
 
 
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³
