@@ -44,7 +44,7 @@ def compile_sm90(kernel: str, dtype: str, ptx: bool = True) -> str:
         end = kernel == "segment"
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
                  "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
-                 "VEC_MODE": int(ptx)}  # fmt: skip
+                 "VEC_MODE": int(ptx), "LINES": 1}  # fmt: skip
     names = fn.arg_names
     sig = {}
     for name in names:
