@@ -436,6 +436,31 @@ def test_gpu_vector_path_matches_torch_backend(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("orders", "options", "mode"),
+    [
+        ((RASTER, REVERSED), {}, 2),  # bidirectional: the per-order path by default
+        ((RASTER, REVERSED, SLICE), {"mixed_vectors": True}, 2),  # opt-in with a strided order
+        ((RASTER, REVERSED, SLICE), {"lines": True}, 0),  # line mode (forward; tiles), plain backward
+    ],
+    ids=["bidirectional", "mixed-opt-in", "lines-opt-in"],
+)
+def test_gpu_per_order_and_line_paths_match_torch_backend(orders, options, mode):
+    # (16, 16, 32) bf16: whole chunks, aligned rows, lines of 16 tokens with 32 neighbours per row
+    spatial = (16, 16, 32)
+    low, ref = make_inputs(spatial, len(orders), batch=2, channels=64, N=16, dtype=torch.bfloat16, seed=8,
+                           device="cuda")  # fmt: skip
+    cfg = P(sub=32, num_warps=1, fill=8, fill_strided=32, **options)
+    assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, low[0], low[3]) == mode
+    if cfg.lines:
+        p = triton_forward.plan(low[0], low[2], low[3])
+        assert triton_forward.lines_of(p, cfg, orders, low[0]) == (16, 16)
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    with configs.override(forward=cfg, backward=cfg):
+        assert_matches_reference(low, ref, orders, dtype=torch.bfloat16, other="torch")
+
+
+@pytest.mark.gpu
 def test_gpu_long_sequence_uses_segments_and_matches_torch_backend():
     low, ref = make_inputs((40_000,), 1, batch=1, channels=8, N=16, seed=4, device="cuda")
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
