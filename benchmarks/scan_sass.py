@@ -38,7 +38,7 @@ def compile_sm90(kernel: str, dtype: str, ptx: bool = True) -> str:
     if kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
-                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx)}  # fmt: skip
+                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"

@@ -357,6 +357,28 @@ def test_orders_that_cannot_run_line_by_line():
     assert layout.lines((SLICE,), (16, 2, 8), 4, 4) == (1, 0)  # 4 lanes cannot hold 8 lines
 
 
+@pytest.mark.parametrize(
+    ("spatial", "order", "cfg", "channels", "N", "dtype"),
+    [
+        ((3, 4, 5), SLICE, P(sub=2, num_warps=1, segments=3, save_pre_gate=False), 4, 3, torch.float32),
+        ((48,), RASTER, P(sub=32, num_warps=1, segments=2, emulate_ptx=True, save_pre_gate=False), 32, 16,
+         torch.bfloat16),
+    ],
+    ids=["tiles", "gpu-path-logic"],
+)  # fmt: skip
+def test_one_order_gate_gradient_without_a_saved_pre_gate_output(spatial, order, cfg, channels, N, dtype):
+    # PassConfig(save_pre_gate=False): the forward keeps no pre-gate output and the backward rebuilds
+    # y = Σ_n C·h + D·u for dz in its per-state loop (backward.GATE_GRAD)
+    low, ref = make_inputs(spatial, 1, channels=channels, N=N, dtype=dtype, seed=21)
+    u, A, B = low[0].unsqueeze(1), low[2][None], low[3].unsqueeze(1)
+    D, z, bias = low[5][None], low[6], low[7][None]
+    with configs.override(forward=cfg, backward=cfg):
+        res = triton_forward.forward(u, low[1].unsqueeze(1), A, B, low[4].unsqueeze(1), D, z, bias, orders=(order,),
+                                     delta_softplus=True, merge="sum", save=True)  # fmt: skip
+        assert res.pre_gate is None and res.states is not None
+        assert_matches_reference(low, ref, (order,), dtype=dtype)
+
+
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None

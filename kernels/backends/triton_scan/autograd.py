@@ -15,7 +15,8 @@ class TritonScan(torch.autograd.Function):
 
     Saved for backward: the inputs as given (no copies), the fp32 chunk-start states ``(B, K, nchunks, N, C)``
     (``N/BLOCK_T`` of an fp32 copy of u: one full copy at N = 16, BLOCK_T = 16) and, with a gate, the pre-gate
-    output in the input dtype (``(B, C, *S)`` for ``merge="sum"``, ``(B, K, C, *S)`` for ``"stack"``).
+    output in the input dtype (``(B, C, *S)`` for ``merge="sum"``, ``(B, K, C, *S)`` for ``"stack"``; with one
+    order and ``PassConfig(save_pre_gate=False)`` none: the backward rebuilds it).
     """
 
     @staticmethod

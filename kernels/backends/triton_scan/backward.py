@@ -55,15 +55,16 @@ __all__ = ["backward"]
 def _bwd_half(
     c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, has_start,
     rho_rows,
-    dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
+    dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dz_ptr, part_row, bias, Dv,
     L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev, neighbours,
     HALF: tl.constexpr, SUB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr,
 ):  # fmt: skip
     # One half-chunk of HALF tokens, from its start state (start_ptr, states CH apart; zero unless has_start)
     # with the adjoint ρ of the tokens after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens. Per-state
-    # slots are CH apart.
+    # slots are CH apart. GATE_GRAD (one order): dz from y = Σ_n C·h + D·u rebuilt here, so that the forward
+    # need not store the pre-gate output and no separate pass reads it back.
     q0 = (c * 2 + half) * HALF
     q = q0 + tl.arange(0, HALF)
     valid = q < L
@@ -77,7 +78,10 @@ def _bwd_half(
     gy = _load_tile(g_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
     if HAS_Z:
         zz = _load_tile(z_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
-        gy = gy * zz * tl.sigmoid(zz)
+        sig = tl.sigmoid(zz)
+        if GATE_GRAD:  # ∂out/∂z = y·silu'(z) = y·σ(z)·(1 + z·(1 − σ(z)))
+            g_dz = gy * sig * (1.0 + zz * (1.0 - sig))
+        gy = gy * zz * sig
     dtu = dt * u
     if LANE_SUMS:
         # dB/dC by a reduce-scatter over the warp: lane l sums token (l >> 2) & 7, lanes l % 4 == 0 store it
@@ -89,6 +93,8 @@ def _bwd_half(
         g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy, SUB)
     lam_B = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·B
     lam_hA = tl.zeros([HALF, SUB], dtype=tl.float32)  # Σ_n λ·(h − Δ·u·B)·A
+    if GATE_GRAD:
+        y = tl.zeros([HALF, SUB], dtype=tl.float32)  # the pre-gate output, rebuilt
     for n in range(N):
         A_n = tl.load(A_rows + n)
         # no masks: offsets are clamped in range and padding tokens have Δ = 0 and g = 0 (the masks cost ~15 %
@@ -119,6 +125,8 @@ def _bwd_half(
         l1 = v1 + a2 * l2
         l0 = v0 + a1 * l1
         lam = _join8(l0, l1, l2, l3, l4, l5, l6, l7, SUB)
+        if GATE_GRAD:
+            y += h * C_n
         # each thread reads and writes only its own channel's ρ and dA: no barrier needed
         tl.store(rho_rows + n * CH, a0 * l0)
         lam_B += lam * B_n
@@ -136,6 +144,10 @@ def _bwd_half(
     du = dt * lam_B
     if HAS_D:
         du += Dv[None, :] * gy
+    if GATE_GRAD:
+        if HAS_D:
+            y += Dv[None, :] * u
+        _store_tile(dz_ptr + tok_rows, lin, tok, g_dz * y)
     ddt = u * lam_B + lam_hA
     if SOFTPLUS:
         ddt = ddt * tl.sigmoid(pre)
@@ -149,14 +161,14 @@ def _bwd_half(
 def _bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, last_ptr,
     rho_ptr, mid_ptr, dA_slot_ptr, order_ptr,
-    du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dz_ptr,
     L, CH, N, K, G, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
     sz_b, sz_c, sg_b, sg_k, sg_c,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
@@ -243,10 +255,10 @@ def _bwd_kernel(
                 half_has_start = has_start
             gu, gd = _bwd_half(
                 c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start,
-                half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, part_row, bias, Dv,
+                half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dz_ptr, part_row, bias, Dv,
                 L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev, neighbours,
                 HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
-                LANE_SUMS=LANE_SUMS, VEC_MODE=VEC_MODE,
+                LANE_SUMS=LANE_SUMS, VEC_MODE=VEC_MODE, GATE_GRAD=GATE_GRAD,
             )  # fmt: skip
             dD_acc += gu
             dbias_acc += gd
@@ -445,9 +457,11 @@ def backward(
 
     mid = torch.empty_like(rho)
     dA_slot = torch.empty_like(rho)
+    gate_grad = z is not None and pre_gate is None  # dz in the kernel (PassConfig.save_pre_gate, one order)
+    dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype) if z is not None else None
     _bwd_kernel[grid](
         u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, table,
-        du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
+        du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
         p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit,
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
@@ -455,7 +469,7 @@ def backward(
         SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
         HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus,
         LANE_SUMS=ptx, VEC_MODE=cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy, du, ddelta),
-        num_warps=num_warps,
+        GATE_GRAD=gate_grad, num_warps=num_warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
 
@@ -464,9 +478,7 @@ def backward(
     dbias = dbias_part.sum(dim=(0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     dB = (dB_part[:, :, :, 0] if bpg == 1 else dB_part.sum(dim=3)).to(B.dtype)
     dC = (dC_part[:, :, :, 0] if bpg == 1 else dC_part.sum(dim=3)).to(C.dtype)
-    dz = None
-    if z is not None:
-        dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype)
+    if z is not None and not gate_grad:
         pre = pre_gate  # (B, C, *S) summed or (B, K, C, *S) stacked, spatial contiguous
         k_terms = 1 if merge == "sum" else p.K
         pre_k = pre.stride(1) if merge != "sum" else 0

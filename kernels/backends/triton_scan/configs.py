@@ -50,6 +50,12 @@ class PassConfig:
             lanes (layout.lines), in the forward. Off by default: correct, but on an H100 no faster (SegMamba's
             slice order at 64³, bf16: 4.83 ms forward with it, 4.16 without); its B/C loads stay one instruction
             per value (kernels/README.md).
+        save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
+            one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
+            where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
+            fp32) and a pass over gy, y, z and dz, but adds 11-14 % to the backward's per-state loop (sm_90a,
+            triton 3.6). The compute-bound loop costs more than the saved memory traffic, so this is off by default:
+            a memory option.
         emulate_ptx: under ``TRITON_INTERPRET=1`` on the CPU, take the GPU path too, its inline PTX emulated by plain
             loads and gathers (ptx.py): the tests check its logic without a GPU.
     """
@@ -63,6 +69,7 @@ class PassConfig:
     inline_ptx: bool = True
     mixed_vectors: bool = False
     lines: bool = False
+    save_pre_gate: bool = True
     emulate_ptx: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:

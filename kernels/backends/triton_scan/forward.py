@@ -379,7 +379,8 @@ class ForwardResult:
     out: torch.Tensor
     last_state: torch.Tensor
     states: torch.Tensor | None  # (B, K, nchunks, N, C) fp32 chunk-start states (chunk 0 unused), if saved
-    pre_gate: torch.Tensor | None  # Σ_k y_k ("sum") or y_k ("stack") before the gate, if z and saved
+    pre_gate: torch.Tensor | None  # Σ_k y_k ("sum") or y_k ("stack") before the gate, if z and saved (see
+    # PassConfig.save_pre_gate)
     plan: Plan
 
 
@@ -434,7 +435,8 @@ def forward(
         pre = None
     else:
         y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
-        pre = torch.empty_like(y) if (save and z is not None) else None
+        keep = cfg.save_pre_gate or p.K > 1  # else the backward rebuilds it (backward.GATE_GRAD)
+        pre = torch.empty_like(y) if (save and z is not None and keep) else None
     pre_arg = pre if pre is not None else y
     n_state = p.nchunks if save else nsplit
     states = torch.empty(p.batch, p.K, n_state, p.N, p.channels, device=dev, dtype=torch.float32)
