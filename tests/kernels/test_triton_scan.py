@@ -464,11 +464,13 @@ def test_gpu_vector_path_matches_torch_backend(dtype):
         ((RASTER, REVERSED), {}, 2),  # bidirectional: the per-order path by default
         ((RASTER, REVERSED, SLICE), {"mixed_vectors": True}, 2),  # opt-in with a strided order
         ((RASTER, REVERSED, SLICE), {"lines": True}, 0),  # line mode (forward; tiles), plain backward
+        ((RASTER,), {"save_pre_gate": False}, 1),  # dz from the rebuilt pre-gate output
     ],
-    ids=["bidirectional", "mixed-opt-in", "lines-opt-in"],
+    ids=["bidirectional", "mixed-opt-in", "lines-opt-in", "no-saved-pre-gate"],
 )
-def test_gpu_per_order_and_line_paths_match_torch_backend(orders, options, mode):
-    # (16, 16, 32) bf16: whole chunks, aligned rows, lines of 16 tokens with 32 neighbours per row
+def test_gpu_bidirectional_and_opt_in_paths_match_torch_backend(orders, options, mode):
+    # the bidirectional default and the opt-in settings; (16, 16, 32) bf16: whole chunks, aligned rows, lines of 16
+    # tokens with 32 neighbours per row
     spatial = (16, 16, 32)
     low, ref = make_inputs(spatial, len(orders), batch=2, channels=64, N=16, dtype=torch.bfloat16, seed=8,
                            device="cuda")  # fmt: skip
