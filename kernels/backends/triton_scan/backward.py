@@ -450,7 +450,7 @@ def backward(
             SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
             HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=4,
         )  # fmt: skip
-        _bwd_carry_kernel[(triton.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
+        _bwd_carry_kernel[(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
             A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
             BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
         )  # fmt: skip
@@ -483,8 +483,8 @@ def backward(
         k_terms = 1 if merge == "sum" else p.K
         pre_k = pre.stride(1) if merge != "sum" else 0
         pre_c = pre.stride(2) if merge != "sum" else pre.stride(1)
-        block = min(1024, triton.next_power_of_2(p.L))
-        _gate_grad_kernel[(p.batch * p.channels, triton.cdiv(p.L, block))](
+        block = min(1024, layout.next_power_of_2(p.L))
+        _gate_grad_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
             gy, pre, z, dz, p.L, p.channels, k_terms,
             g_b, g_k, g_c, pre.stride(0), pre_k, pre_c, z.stride(0), z.stride(1),
             BLOCK=block, num_warps=4,

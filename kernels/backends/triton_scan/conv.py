@@ -110,7 +110,7 @@ def _conv_bwd_kernel(
 def _launch_shape(x4: torch.Tensor) -> tuple[int, int, int, int, int]:
     batch, K, channels = x4.shape[:3]
     L = x4[0, 0, 0].numel()
-    sub = min(32, triton.next_power_of_2(channels))
+    sub = min(32, layout.next_power_of_2(channels))
     return batch, K, channels, L, sub
 
 
@@ -129,7 +129,7 @@ class _CausalConv(torch.autograd.Function):
         w = weight.float().contiguous()
         b = bias.float().contiguous() if bias is not None else w
         y = torch.empty(batch, K, channels, *spatial, device=x4.device, dtype=x4.dtype)
-        grid = (triton.cdiv(channels, sub), triton.cdiv(L, _BLOCK_T), batch * K)
+        grid = (layout.cdiv(channels, sub), layout.cdiv(L, _BLOCK_T), batch * K)
         _conv_fwd_kernel[grid](
             x4, w, b, y, table, L, channels, K, x4.stride(0), x4.stride(1), x4.stride(2),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=silu, SUB=sub, BLOCK_T=_BLOCK_T, num_warps=4,
@@ -148,11 +148,11 @@ class _CausalConv(torch.autograd.Function):
         w = weight.float().contiguous()
         b = bias.float().contiguous() if bias is not None else w
         dy = dy.contiguous()
-        ntiles = triton.cdiv(L, _BLOCK_T)
+        ntiles = layout.cdiv(L, _BLOCK_T)
         dx = torch.empty(batch, K, channels, *spatial, device=x4.device, dtype=x4.dtype)
         dw = torch.empty(batch, K, channels, ntiles, weight.shape[-1], device=x4.device, dtype=torch.float32)
         db = torch.empty(batch, K, channels, ntiles, device=x4.device, dtype=torch.float32)
-        grid = (triton.cdiv(channels, sub), ntiles, batch * K)
+        grid = (layout.cdiv(channels, sub), ntiles, batch * K)
         _conv_bwd_kernel[grid](
             x4, w, b, dy, dx, dw, db, table, L, channels, K, ntiles, x4.stride(0), x4.stride(1), x4.stride(2),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=ctx.silu, SUB=sub, BLOCK_T=_BLOCK_T, num_warps=4,

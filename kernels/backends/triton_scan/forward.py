@@ -46,7 +46,7 @@ CARRY_WARPS = 8
 
 def carry_segments(nsplit: int) -> int:
     """``BLOCK_S`` of the carry passes for ``nsplit`` segments (their ``nsplit - 1`` boundaries)."""
-    return min(CARRY_SEGMENTS, triton.next_power_of_2(max(1, nsplit - 1)))
+    return min(CARRY_SEGMENTS, layout.next_power_of_2(max(1, nsplit - 1)))
 
 
 @triton.jit
@@ -343,8 +343,8 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
         L,
         spatial,
         configs.CHUNK,
-        triton.next_power_of_2(N),
-        triton.cdiv(L, configs.CHUNK),
+        layout.next_power_of_2(N),
+        layout.cdiv(L, configs.CHUNK),
     )
 
 
@@ -357,8 +357,8 @@ def split(p: Plan, cfg: configs.PassConfig, device: torch.device, *, strided: bo
     sub = layout.channel_blocking(p.channels, p.groups, cfg.sub)
     rows = p.batch * p.K * (p.channels // sub)
     if cfg.segments is not None:
-        per = triton.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
-        return sub, triton.cdiv(p.nchunks, per), per
+        per = layout.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
+        return sub, layout.cdiv(p.nchunks, per), per
     fill = cfg.fill_strided if (strided and cfg.fill_strided is not None) else cfg.fill
     nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device))
     return sub, nsplit, per
@@ -464,7 +464,7 @@ def forward(
             u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, table, *common, nsplit, nsplit,
             *strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **flags,
         )  # fmt: skip
-        _fwd_carry_kernel[(triton.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
+        _fwd_carry_kernel[(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, cps, n_state,
             SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit),
             num_warps=CARRY_WARPS,
@@ -479,8 +479,8 @@ def forward(
     if fused_merge:
         out = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=u.dtype)
         pre = torch.empty_like(out) if (save and z is not None) else None
-        block = min(1024, triton.next_power_of_2(p.L))
-        _merge_kernel[(p.batch * p.channels, triton.cdiv(p.L, block))](
+        block = min(1024, layout.next_power_of_2(p.L))
+        _merge_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
             y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
             HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=block, num_warps=4,
         )  # fmt: skip

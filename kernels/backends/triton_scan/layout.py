@@ -25,10 +25,12 @@ from medmamba.kernels.orders import ScanOrder
 
 __all__ = [
     "ORDER_COLUMNS",
+    "cdiv",
     "channel_blocking",
     "directions",
     "lines",
     "natural_spatial",
+    "next_power_of_2",
     "order_table",
     "raster",
     "segments",
@@ -41,6 +43,16 @@ __all__ = [
 ORDER_COLUMNS = ("fast_size", "mid_size", "fast_stride", "mid_stride", "slow_stride", "reverse")
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (``triton.cdiv`` costs a JIT-function call on the host in triton 3.8)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ≥ ``n`` (≥ 1), in plain Python, like :func:`cdiv`."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def spatial3(spatial: Sequence[int]) -> tuple[int, int, int]:
