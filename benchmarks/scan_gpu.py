@@ -7,7 +7,8 @@ checks the Triton forward against the torch backend on the same inputs, then tim
 saved) and forward+backward with CUDA events (median after warm-up; random inputs as in the spec's method, never
 zeros) and reports them beside the upstream mamba_ssm numbers measured on the same card kind, with the achieved
 "floor bytes / time" (kernels.md §3), the distance to the physical floor (max of the DRAM and exp terms) and the
-peak extra device memory beyond inputs and outputs. ``--sweep`` times block-size variants, ``--layer`` times
+peak extra device memory beyond inputs and outputs. ``--sweep`` compares the default settings with each opt-in
+path of configs.PassConfig, ``--layer`` times
 MambaLayer (SegMamba's stage-0 mixer pair) on both backends. Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
 """
 
@@ -252,38 +253,53 @@ def bench_torch_backend(card):
     return out
 
 
-def sweep():
-    """(forward, backward) block-size variants at S1 and the three-order layer, bf16 with z."""
+def sweep_variants() -> list[tuple[str, configs.PassConfig | None]]:
+    """The settings ``--sweep`` compares: the defaults, then each opt-in path of configs.PassConfig."""
     P = configs.PassConfig
-    variants = [
-        (P(sub=32, num_warps=1, fill=8), P(sub=32, num_warps=1, fill=8)),
-        (P(sub=64, num_warps=2, fill=4), P(sub=32, num_warps=1, fill=16)),
-        (P(sub=128, num_warps=4, fill=2), P(sub=64, num_warps=2, fill=4)),
-        (P(sub=32, num_warps=1, fill=16), P(sub=32, num_warps=1, fill=4)),
+    base = {"sub": 32, "num_warps": 1, "fill": 8, "fill_strided": 32}
+    return [
+        ("default", None),
+        ("mixed_vectors", P(**base, mixed_vectors=True)),
+        ("lines", P(**base, lines=True)),
+        ("save_pre_gate=False", P(**base, save_pre_gate=False)),
+        ("fill_strided=64", P(**{**base, "fill_strided": 64})),
+        ("fill_strided=96", P(**{**base, "fill_strided": 96})),
     ]
-    rows = [
-        ("S1", 2, 768, (32768,), (RASTER,), "bf16", True),
-        ("SegMamba 3-order layer 64³", 2, 96, (64, 64, 64), SEGMAMBA, "bf16", True),
-    ]
+
+
+SWEEP_ROWS = [
+    ("S1", 2, 768, (32768,), (RASTER,), "bf16", True),
+    ("U-Mamba s1 64³", 2, 128, (64, 64, 64), (RASTER,), "fp32", True),
+    ("SegMamba slice order 64³", 2, 96, (64, 64, 64), (SLICE,), "bf16", True),
+    ("SegMamba 3-order layer 64³", 2, 96, (64, 64, 64), SEGMAMBA, "bf16", True),
+]
+
+
+def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5)) -> list[dict]:
+    """Forward and forward+backward of each row under each of :func:`sweep_variants` (the same setting for both
+    passes), after a check against the torch backend's output."""
     results = []
     for row in rows:
         name, batch, d, spatial, orders, dtname, z = row
         args = make_inputs(batch, d, spatial, orders, DTYPES[dtname], z)
         grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=DTYPES[dtname])
-        for fwd_cfg, bwd_cfg in variants:
-            with configs.override(fwd_cfg, bwd_cfg):
-                ms, _ = cuda_time(lambda args=args, orders=orders: scan_call(args, orders, "triton"), 10)
-                fb = float("nan")
-                if bwd_cfg is not None:
+        with torch.no_grad():
+            want = scan_call(args, orders, "torch").float()
+        for label, cfg in sweep_variants():
+            with configs.override(cfg, cfg) if cfg is not None else configs.override():
+                with torch.no_grad():
+                    got = scan_call(args, orders, "triton").float()
+                err = ((got - want).norm() / want.norm()).item()
+                ms, _ = cuda_time(lambda args=args, orders=orders: scan_call(args, orders, "triton"), reps[0])
 
-                    def step(args=args, orders=orders, grad_out=grad_out):
-                        o, _ = scan_call(args, orders, "triton", grad=True)
-                        o.backward(grad_out)
+                def step(args=args, orders=orders, grad_out=grad_out):
+                    o, _ = scan_call(args, orders, "triton", grad=True)
+                    o.backward(grad_out)
 
-                    fb, _ = cuda_time(step, 5)
-            results.append({"shape": name, "dtype": dtname, "config": f"{fwd_cfg} / {bwd_cfg}", "fwd_ms": ms,
-                            "fwd_bwd_ms": fb})  # fmt: skip
-            print(f"sweep {name} {dtname} {fwd_cfg} / {bwd_cfg}: fwd {ms:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+                fb, _ = cuda_time(step, reps[1])
+            results.append({"shape": name, "dtype": dtname, "config": label, "fwd_ms": ms, "fwd_bwd_ms": fb,
+                            "rel_err_vs_torch": err})  # fmt: skip
+            print(f"sweep {name} {dtname} {label}: fwd {ms:.3f} ms, fwd+bwd {fb:.3f} ms, err {err:.1e}", flush=True)
         torch.cuda.empty_cache()
     return results
 
@@ -363,9 +379,10 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows) -> str:
                 lines.append(f"| ssm_fp32={r['ssm_fp32']} | {r['backend']} | {r['fwd_ms']:.2f} | "
                              f"{r['fwd_bwd_ms']:.2f} | {r['peak_MiB']:.0f} |")  # fmt: skip
     if sweep_rows:
-        lines += ["", "| sweep | dtype | forward / backward config | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|"]
+        lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch |", "|---|---|---|---|---|---|"]
         for r in sweep_rows:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
+                         f"| {r['rel_err_vs_torch']:.1e} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -385,7 +402,8 @@ def dry_run(args) -> int:
         rows = [bench_shape(("S1", 1, 4, (40,), (RASTER,), "fp32", True), 1e12, "H100", 1, 1),
                 bench_shape(("SegMamba 3-order layer 64³", 1, 2, (3, 4, 5), SEGMAMBA, "bf16", True), 1e12, "H100",
                             1, 1)]  # fmt: skip
-    print(markdown(info, rows, [], [], []))
+    sweep_rows = sweep([("SegMamba 3-order layer 64³", 1, 4, (16, 1, 8), SEGMAMBA, "fp32", True)], reps=(1, 1))
+    print(markdown(info, rows, [], sweep_rows, []))
     return 0
 
 
