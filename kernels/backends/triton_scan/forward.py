@@ -256,7 +256,7 @@ def _fwd_carry_kernel(
 ):  # fmt: skip
     # Chains the segments' end states of BLOCK_C channels of one (b, k), first segment to last, into the chunk
     # states (B, K, n_state, N, C). BLOCK_S segments at a time by an associative scan over the affine maps
-    # h -> exp(A·ΣΔ)·h + h_seg: a token-by-token chain of thousands of segments was latency-bound.
+    # h -> exp(A·ΣΔ)·h + h_seg: a chain of one segment per step was latency-bound.
     bk = tl.program_id(1).to(tl.int64)
     k = bk % K
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
