@@ -281,10 +281,10 @@ def test_strided_orders_get_more_segments():
 def test_raster_calls_qualify_for_16_byte_chunk_moves():
     # the GPU's vector path needs token t at offset t (any number of axes, size-1 axes ignored), whole chunks and
     # 16-byte aligned rows
-    assert layout.raster((RASTER,), (4, 5, 6)) and layout.raster((RASTER,), (7,))
-    assert layout.raster((SLICE,), (1, 8, 8))  # depth fastest over one slice is the raster order
-    assert not layout.raster((REVERSED,), (64,)) and not layout.raster((RASTER, SLICE), (4, 4, 4))
-    assert not layout.raster((ScanOrder((1, 0)),), (5, 3))
+    assert layout.directions((RASTER,), (4, 5, 6)) == [1] and layout.directions((RASTER,), (7,)) == [1]
+    assert layout.directions((SLICE,), (1, 8, 8)) == [1]  # depth fastest over one slice is the raster order
+    assert layout.directions((REVERSED,), (64,)) == [-1] and layout.directions((RASTER, SLICE), (4, 4, 4)) == [1, 0]
+    assert layout.directions((ScanOrder((1, 0)),), (5, 3)) == [0]
     u = torch.zeros(2, 1, 64, 4, 8)
     B = torch.zeros(2, 1, 1, 16, 4, 8)
     assert layout.vector_mode((RASTER,), (4, 8), u, B) == 1

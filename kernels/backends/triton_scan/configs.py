@@ -83,10 +83,7 @@ class PassConfig:
         """The kernels' ``VEC_MODE`` for a launch (see layout.vector_mode); 0 off the inline-PTX path."""
         if not ptx:
             return 0
-        mode = layout.vector_mode(orders, spatial, *tensors)
-        if mode == 2 and not self.mixed_vectors and not all(layout.directions(orders, spatial)):
-            return 0
-        return mode
+        return layout.vector_mode(orders, spatial, *tensors, with_strided=self.mixed_vectors)
 
 
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³

@@ -15,6 +15,7 @@ so a 1D or 2D map is the 3D case with leading axes of size one. One row of the t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,7 +33,6 @@ __all__ = [
     "natural_spatial",
     "next_power_of_2",
     "order_table",
-    "raster",
     "segments",
     "spatial3",
     "strided",
@@ -67,6 +67,12 @@ def spatial3(spatial: Sequence[int]) -> tuple[int, int, int]:
 
 def order_rows(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> list[tuple[int, ...]]:
     """One table row per order (see the module docstring); plain ints, for the host and for tests."""
+    return list(_order_rows(tuple(orders), tuple(int(s) for s in spatial)))
+
+
+@functools.lru_cache(maxsize=256)
+def _order_rows(orders: tuple[ScanOrder, ...], spatial: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    # cached: a launch asks for them several times (strided, directions, lines, the device table)
     nd = len(spatial)
     shape = spatial3(spatial)
     natural = (shape[1] * shape[2], shape[2], 1)
@@ -76,7 +82,7 @@ def order_rows(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> list[tupl
         perm = tuple(range(lead)) + tuple(lead + a for a in order.resolve(nd))
         p0, p1, p2 = perm
         rows.append((shape[p2], shape[p1], natural[p2], natural[p1], natural[p0], int(order.reverse)))
-    return rows
+    return tuple(rows)
 
 
 def strided(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
@@ -125,11 +131,6 @@ def lines(orders: Sequence[ScanOrder], spatial: Sequence[int], element_size: int
     return (G, F) if F else (1, 0)
 
 
-def raster(orders: Sequence[ScanOrder], spatial: Sequence[int]) -> bool:
-    """Whether every order reads token t at raster offset t (the natural flattening, not reversed)."""
-    return all(d == 1 for d in directions(orders, spatial))
-
-
 def _aligned(spatial: Sequence[int], tensors: Sequence[torch.Tensor]) -> bool:
     # whole chunks (L a multiple of 16 tokens) and every row of every tensor starting 16-byte aligned
     if math.prod(spatial3(spatial)) % 16:
@@ -141,18 +142,20 @@ def _aligned(spatial: Sequence[int], tensors: Sequence[torch.Tensor]) -> bool:
     return True
 
 
-def vector_mode(orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor) -> int:
+def vector_mode(
+    orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor, with_strided: bool = True
+) -> int:
     """The kernels' ``VEC_MODE``.
 
-    1: every order is the raster one; 2: some are raster or reversed raster (the kernels decide per order); 0: none,
-    or rows not aligned.
+    1: every order is the raster one; 2: some are raster or reversed raster (the kernels decide per order), and the
+    others too unless ``with_strided`` is False (then 0 for such a call); 0: none, or rows not aligned.
     """
     if not _aligned(spatial, tensors):
         return 0
     dirs = directions(orders, spatial)
     if all(d == 1 for d in dirs):
         return 1
-    return 2 if any(dirs) else 0
+    return 2 if any(dirs) and (with_strided or all(dirs)) else 0
 
 
 def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:
