@@ -262,8 +262,8 @@ def sweep_variants() -> list[tuple[str, configs.PassConfig | None]]:
         ("mixed_vectors", P(**base, mixed_vectors=True)),
         ("lines", P(**base, lines=True)),
         ("save_pre_gate=False", P(**base, save_pre_gate=False)),
-        ("fill_strided=64", P(**{**base, "fill_strided": 64})),
-        ("fill_strided=96", P(**{**base, "fill_strided": 96})),
+        ("line_segments=False", P(**base, line_segments=False)),
+        ("no line segments, fill_strided=48", P(**{**base, "fill_strided": 48}, line_segments=False)),
     ]
 
 

@@ -272,10 +272,40 @@ def test_strided_orders_get_more_segments():
 
     p = Plan(batch=2, K=3, channels=96, groups=1, N=16, L=64**3, spatial=(64, 64, 64), block_t=16, block_n=16,
              nchunks=64**3 // 16)  # fmt: skip
-    cfg = P(sub=32, num_warps=1, fill=2, fill_strided=8)
+    cfg = P(sub=32, num_warps=1, fill=2, fill_strided=8, line_segments=False)
     cpu = torch.device("cpu")  # target_programs: 8
-    assert split(p, cfg, cpu, strided=True)[1] > split(p, cfg, cpu, strided=False)[1]
-    assert split(p, P(sub=32, num_warps=1, fill=2), cpu, strided=True) == split(p, cfg, cpu, strided=False)
+    raster, three = (RASTER, REVERSED), (RASTER, REVERSED, SLICE)
+    assert split(p, cfg, cpu, three)[1] > split(p, cfg, cpu, raster)[1]
+    assert split(p, P(sub=32, num_warps=1, fill=2, line_segments=False), cpu, three) == split(p, cfg, cpu, raster)
+
+
+def test_strided_calls_are_cut_into_segments_of_whole_lines():
+    # every segment starts at the same place along the strided order's lines (64 tokens = 4 chunks at 64³)
+    three = (RASTER, REVERSED, SLICE)
+    assert layout.line_chunks(three, (64, 64, 64), chunk=16) == 4
+    assert layout.line_chunks(three, (32, 32, 32), chunk=16) == 2
+    assert layout.line_chunks(three, (8, 8, 8), chunk=16) == 1  # two lines per chunk
+    assert layout.line_chunks(three, (24, 5, 5), chunk=16) == 3  # 48 tokens: two lines of 24
+    assert layout.line_chunks(three, (100, 4, 4), chunk=16) == 0  # 25 chunks: more than 8
+    assert layout.line_chunks((RASTER, REVERSED), (64, 64, 64), chunk=16) == 1  # nothing strided
+    vivim = (ScanOrder((1, 2, 0)),)  # time fastest, T = 12 frames: 3 chunks = 4 lines
+    assert layout.line_chunks(vivim, (12, 16, 16), chunk=16) == 3
+    assert layout.line_chunks((SLICE, ScanOrder((0, 2, 1))), (3, 24, 32), chunk=16) == 3  # lcm(3, 24 / 8)
+    assert layout.line_chunks((SLICE, ScanOrder((1, 0, 2))), (3, 24, 32), chunk=16) == 6  # W fastest, D mid: lcm(3, 2)
+    assert layout.segments(nchunks=16384, rows=18, target_programs=8448, align=4) == (4096, 4)
+    assert layout.segments(nchunks=256, rows=18, target_programs=8448, align=1) == (128, 2)  # at least 2 chunks
+    assert layout.segments(nchunks=300, rows=18, target_programs=8448, align=3) == (100, 3)
+    assert layout.segments(nchunks=1, rows=18, target_programs=8448, align=4) == (1, 1)
+    assert layout.segments(nchunks=16384, rows=9000, target_programs=8448, align=4) == (1, 16384)  # rows fill it
+    from medmamba.kernels.backends.triton_scan.forward import Plan, split
+
+    p = Plan(batch=2, K=3, channels=96, groups=1, N=16, L=64**3, spatial=(64, 64, 64), block_t=16, block_n=16,
+             nchunks=64**3 // 16)  # fmt: skip
+    cpu = torch.device("cpu")
+    assert split(p, P(sub=32, num_warps=1, fill=8, fill_strided=32), cpu, three) == (32, 4096, 4)
+    assert split(p, P(sub=32, num_warps=1, fill=8, fill_strided=32), cpu, (RASTER,)) == split(
+        p, P(sub=32, num_warps=1, fill=8, fill_strided=32, line_segments=False), cpu, (RASTER,)
+    )
 
 
 def test_raster_calls_qualify_for_16_byte_chunk_moves():

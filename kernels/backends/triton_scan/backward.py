@@ -402,7 +402,7 @@ def backward(
     dev = u.device
     nd = len(p.spatial)
     cfg = configs.backward_config(p.L)
-    sub, nsplit, cps = split(p, cfg, dev, strided=layout.strided(orders, p.spatial))  # as the forward
+    sub, nsplit, cps = split(p, cfg, dev, orders)  # as the forward
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     ptx = cfg.ptx(dev, sub, num_warps)
     seg_sub = layout.channel_blocking(p.channels, p.groups, 32)

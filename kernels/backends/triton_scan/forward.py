@@ -348,19 +348,22 @@ def plan(u: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> Plan:
     )
 
 
-def split(p: Plan, cfg: configs.PassConfig, device: torch.device, *, strided: bool) -> tuple[int, int, int]:
+def split(p: Plan, cfg: configs.PassConfig, device: torch.device, orders: Sequence[ScanOrder]) -> tuple[int, int, int]:
     """``(SUB, nsplit, chunks_per_segment)`` for a pass with settings ``cfg``.
 
-    Segments are cut until about ``cfg.fill`` (``cfg.fill_strided`` when ``strided``: an order of the call reads
-    consecutive tokens from different cache lines) times :func:`configs.target_programs` programs run.
+    Segments are cut until about ``cfg.fill`` times :func:`configs.target_programs` programs run; for a call with a
+    strided order (consecutive tokens in different cache lines), ``cfg.fill_strided`` decides whether to cut, and
+    with ``cfg.line_segments`` segments are whole lines of it (layout.line_chunks).
     """
     sub = layout.channel_blocking(p.channels, p.groups, cfg.sub)
     rows = p.batch * p.K * (p.channels // sub)
     if cfg.segments is not None:
         per = layout.cdiv(p.nchunks, max(1, min(cfg.segments, p.nchunks)))
         return sub, layout.cdiv(p.nchunks, per), per
+    strided = layout.strided(orders, p.spatial)
     fill = cfg.fill_strided if (strided and cfg.fill_strided is not None) else cfg.fill
-    nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device))
+    align = layout.line_chunks(orders, p.spatial, p.block_t) if (strided and cfg.line_segments) else 0
+    nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device), align=align)
     return sub, nsplit, per
 
 
@@ -418,7 +421,7 @@ def forward(
     p = plan(u, A, B)
     dev = u.device
     cfg = configs.forward_config(p.L)
-    sub, nsplit, cps = split(p, cfg, dev, strided=layout.strided(orders, p.spatial))  # one thread per channel
+    sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     lines, line_len = lines_of(p, cfg, orders, u)
     if lines > 1:  # 32 lanes: 32 / lines channels × lines neighbouring lines

@@ -29,6 +29,7 @@ __all__ = [
     "cdiv",
     "channel_blocking",
     "directions",
+    "line_chunks",
     "lines",
     "natural_spatial",
     "next_power_of_2",
@@ -131,6 +132,24 @@ def lines(orders: Sequence[ScanOrder], spatial: Sequence[int], element_size: int
     return (G, F) if F else (1, 0)
 
 
+def line_chunks(orders: Sequence[ScanOrder], spatial: Sequence[int], chunk: int, most: int = 8) -> int:
+    """Chunks per segment that start every segment at the same position along each strided order's lines; 0: none.
+
+    A strided order (SegMamba's slice order: depth fastest, H·W elements between tokens) reads each token from a new
+    32-byte sector, shared with the neighbouring lines (the next w) that other segments read. Segments in flight
+    together are neighbours, so when each starts at the same place in its line (its length a multiple of the line
+    length F) they read the same sectors at about the same time and most reads hit in L2. With segments cut at
+    arbitrary places the phases drift apart: on an H100 the three-order call at 64³ ran 10.4 / 41 ms against
+    8.0 / 28.8 ms with one line per segment (benchmarks/RESULTS.md). The answer is the least multiple of
+    ``F / gcd(F, chunk)`` over the call's strided orders, or 0 when that exceeds ``most`` chunks.
+    """
+    align = 1
+    for (fast, *_), d in zip(order_rows(orders, spatial), directions(orders, spatial), strict=True):
+        if d == 0 and fast > 1:
+            align = math.lcm(align, fast // math.gcd(fast, chunk))
+    return align if align <= most else 0
+
+
 def _aligned(spatial: Sequence[int], tensors: Sequence[torch.Tensor]) -> bool:
     # whole chunks (L a multiple of 16 tokens) and every row of every tensor starting 16-byte aligned
     if math.prod(spatial3(spatial)) % 16:
@@ -198,14 +217,21 @@ def channel_blocking(channels: int, groups: int, sub: int) -> int:
     return 1 << (sub.bit_length() - 1)
 
 
-def segments(nchunks: int, rows: int, target_programs: int, min_fill: float = 0.6) -> tuple[int, int]:
+def segments(
+    nchunks: int, rows: int, target_programs: int, min_fill: float = 0.6, *, align: int = 0
+) -> tuple[int, int]:
     """``(nsplit, chunks_per_segment)``: how many independent segments each row's sequence is cut into.
 
     A row (batch, order, channel block) walks its chunks in order. When rows alone do not fill the GPU, the
     sequence is cut into segments whose start states come from a cheaper state-only pass and a carry pass.
+    With ``align`` (see :func:`line_chunks`), segments are the shortest multiple of ``align`` chunks of at least
+    two chunks, however many that makes.
     """
     if rows >= min_fill * target_programs or nchunks == 1:
         return 1, nchunks
+    if align:
+        per = min(nchunks, align * math.ceil(2 / align))
+        return math.ceil(nchunks / per), per
     want = min(nchunks, math.ceil(2 * target_programs / rows))
     per = math.ceil(nchunks / want)
     return math.ceil(nchunks / per), per
