@@ -106,6 +106,26 @@ def test_layer_equals_mamba_ssm_block_written_out(backend, orders, spatial, merg
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("d_model", [8, 48])  # dt_rank 1 and 3: the padded dt_proj (MambaLayer._dt_proj)
+def test_layer_gradients_equal_the_written_out_block(d_model):
+    torch.manual_seed(2)
+    orders = (RASTER, REVERSED, SLICE)
+    layer = MambaLayer(d_model, orders=orders, d_state=4, residual=True).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, d_model, 2, 3, 3, dtype=torch.float64)
+    weights = torch.randn_like(x)
+    params = list(layer.parameters())
+    with use_backend("torch"):
+        got = torch.autograd.grad((layer(x) * weights).sum(), params)
+    y = sum(mamba_block_reference(layer, x, k) for k in range(len(orders)))
+    expected_out = x + layer.out_proj(y).transpose(1, 2).reshape(x.shape)
+    expected = torch.autograd.grad((expected_out * weights).sum(), params)
+    for name, g, e in zip([n for n, _ in layer.named_parameters()], got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize(("order", "later"), [(RASTER, "after"), (REVERSED, "before"), (SLICE, "slice")])
 def test_the_mixer_is_causal_along_its_scan_order(order, later):
     torch.manual_seed(1)

@@ -181,6 +181,15 @@ def _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev):
 
 
 @triton.jit
+def _token_of_offset(p, L, fast, mid, st_fast, st_mid, st_slow, rev):
+    # Inverse of _token_offsets: the token index of raster offset p in an order. Each axis' coordinate is
+    # (p // its natural stride) % its size.
+    slow = L // (fast * mid)
+    t = (((p // st_slow) % slow) * mid + (p // st_mid) % mid) * fast + (p // st_fast) % fast
+    return tl.where(rev != 0, L - 1 - t, t)
+
+
+@triton.jit
 def _split_cube(y):
     # (S, 2, 2, 2) -> its eight (S,) vectors in the order 4i + 2j + k of y[:, i, j, k]
     k0, k1 = tl.split(y)
