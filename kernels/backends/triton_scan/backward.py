@@ -359,23 +359,25 @@ def _bwd_carry_kernel(
 
 @triton.jit
 def _gate_grad_kernel(
-    gy_ptr, pre_ptr, z_ptr, dz_ptr, L, CH, KT,
-    sg_b, sg_k, sg_c, sp_b, sp_k, sp_c, sz_b, sz_c,
+    gy_ptr, pre_ptr, z_ptr, dz_ptr, geff_ptr, L, CH, KT,
+    sg_b, sg_k, sg_c, sp_b, sp_k, sp_c, sz_b, sz_c, se_b, se_k, se_c,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # dz = (Σ_k g_k·y_k) · silu'(z) in one pass (y_k before the gate; one term when the orders were summed)
+    # dz = (Σ_k g_k·y_k) · silu'(z) in one pass (y_k before the gate; one term when the orders were summed), and
+    # the gradient at the scan's output, g_k·silu(z) in fp32, so that the scan passes need not load z
     row = tl.program_id(0).to(tl.int64)  # b·CH + c
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
     b = row // CH
     c = row % CH
+    zz = tl.load(z_ptr + b * sz_b + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(zz)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(KT):
         g = tl.load(gy_ptr + b * sg_b + k * sg_k + c * sg_c + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(pre_ptr + b * sp_b + k * sp_k + c * sp_c + offs, mask=mask, other=0.0).to(tl.float32)
         acc += g * y
-    zz = tl.load(z_ptr + b * sz_b + c * sz_c + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(zz)
+        tl.store(geff_ptr + b * se_b + k * se_k + c * se_c + offs, g * zz * sig, mask=mask)
     tl.store(dz_ptr + row * L + offs, acc * sig * (1.0 + zz * (1.0 - sig)), mask=mask)
 
 
@@ -419,6 +421,11 @@ def backward(
             dtype=u.dtype,
         )
     gy = layout.natural_spatial(grad_out, nd)
+    gate_grad = z is not None and pre_gate is None  # dz in the kernel (PassConfig.save_pre_gate, one order)
+    dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype) if z is not None else None
+    if z is not None and not gate_grad:  # dz, and the scan passes' output gradient g·silu(z), in one pass
+        gy = _gate(gy, pre_gate, z, dz, p, merge)
+    scan_z = gate_grad  # the scan passes load z only to rebuild dz
     if merge == "sum":  # every order sees the same output gradient
         g_b, g_k, g_c = gy.stride(0), 0, gy.stride(1)
     else:
@@ -448,7 +455,7 @@ def backward(
             delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
             z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
             SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
-            HAS_Z=z is not None, SOFTPLUS=delta_softplus, num_warps=4,
+            HAS_Z=scan_z, SOFTPLUS=delta_softplus, num_warps=4,
         )  # fmt: skip
         _bwd_carry_kernel[(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
             A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
@@ -457,8 +464,6 @@ def backward(
 
     mid = torch.empty_like(rho)
     dA_slot = torch.empty_like(rho)
-    gate_grad = z is not None and pre_gate is None  # dz in the kernel (PassConfig.save_pre_gate, one order)
-    dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype) if z is not None else None
     _bwd_kernel[grid](
         u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
@@ -467,7 +472,7 @@ def backward(
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
         SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, HAS_Z=z is not None, SOFTPLUS=delta_softplus,
+        HAS_BIAS=delta_bias is not None, HAS_Z=scan_z, SOFTPLUS=delta_softplus,
         LANE_SUMS=ptx, VEC_MODE=cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy, du, ddelta),
         GATE_GRAD=gate_grad, num_warps=num_warps,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
@@ -478,15 +483,31 @@ def backward(
     dbias = dbias_part.sum(dim=(0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
     dB = (dB_part[:, :, :, 0] if bpg == 1 else dB_part.sum(dim=3)).to(B.dtype)
     dC = (dC_part[:, :, :, 0] if bpg == 1 else dC_part.sum(dim=3)).to(C.dtype)
-    if z is not None and not gate_grad:
-        pre = pre_gate  # (B, C, *S) summed or (B, K, C, *S) stacked, spatial contiguous
-        k_terms = 1 if merge == "sum" else p.K
-        pre_k = pre.stride(1) if merge != "sum" else 0
-        pre_c = pre.stride(2) if merge != "sum" else pre.stride(1)
-        block = min(1024, layout.next_power_of_2(p.L))
-        _gate_grad_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
-            gy, pre, z, dz, p.L, p.channels, k_terms,
-            g_b, g_k, g_c, pre.stride(0), pre_k, pre_c, z.stride(0), z.stride(1),
-            BLOCK=block, num_warps=4,
-        )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+def _gate(gy: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, p: Plan, merge: str) -> torch.Tensor:
+    """Fill ``dz`` and return the gradient at the scan's output, ``gy·silu(z)`` in fp32, shaped like ``gy``.
+
+    ``pre`` is the saved pre-gate output: ``(B, C, *S)`` summed or ``(B, K, C, *S)`` stacked, spatial contiguous.
+    """
+    k_terms = 1 if merge == "sum" else p.K
+    geff = torch.empty(gy.shape, device=gy.device, dtype=torch.float32)
+    if merge == "sum":
+        g_k, pre_k, e_k, g_c, pre_c, e_c = 0, 0, 0, gy.stride(1), pre.stride(1), geff.stride(1)
+    else:
+        g_k, pre_k, e_k, g_c, pre_c, e_c = (
+            gy.stride(1),
+            pre.stride(1),
+            geff.stride(1),
+            gy.stride(2),
+            pre.stride(2),
+            geff.stride(2),
+        )
+    block = min(1024, layout.next_power_of_2(p.L))
+    _gate_grad_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
+        gy, pre, z, dz, geff, p.L, p.channels, k_terms,
+        gy.stride(0), g_k, g_c, pre.stride(0), pre_k, pre_c, z.stride(0), z.stride(1), geff.stride(0), e_k, e_c,
+        BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    return geff
