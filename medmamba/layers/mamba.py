@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medmamba.kernels import RASTER, ScanOrder, causal_conv, selective_scan
+from medmamba.kernels import RASTER, ScanOrder, causal_conv, channel_layer_norm, selective_scan
 
 __all__ = ["MambaLayer"]
 
@@ -140,13 +140,7 @@ class MambaLayer(nn.Module):
         """``self.norm`` over the channel axis of ``(B, C, L)``: nn.LayerNorm's math (and its fp32 under autocast)."""
         if not isinstance(self.norm, nn.LayerNorm):
             return flat
-        xf = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        mean = xf.mean(dim=1, keepdim=True)
-        var = (xf - mean).square().mean(dim=1, keepdim=True)
-        out = (xf - mean) * torch.rsqrt(var + self.norm.eps)
-        if self.norm.weight is not None:
-            out = out * self.norm.weight.to(out.dtype)[:, None] + self.norm.bias.to(out.dtype)[:, None]
-        return out
+        return channel_layer_norm(flat, self.norm.weight, self.norm.bias, self.norm.eps)
 
     def _ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per order: causal conv along the order, x_proj, dt_proj; then one multi-order selective scan."""

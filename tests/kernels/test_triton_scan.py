@@ -567,6 +567,24 @@ def test_causal_conv_matches_conv1d_on_each_orders_sequence(spatial, orders, bia
         torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
 
 
+@pytest.mark.parametrize("width", [2, 5])  # the general path (width 4 has its own, written out)
+def test_causal_conv_of_other_widths_matches_conv1d(width):
+    g = generator(22)
+    orders = (RASTER, REVERSED, SLICE, ScanOrder((0, 2, 1)))
+    x = torch.randn(2, 3, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(len(orders), 3, width, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(len(orders), 3, generator=g, dtype=torch.float64).requires_grad_()
+    want = causal_conv(x, w, b, orders=orders, backend="torch")
+    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * weight).sum(), (x, w, b))
+    low = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    got = causal_conv(*low, orders=orders, backend="triton")
+    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+
+
 def test_causal_conv_rejects_bad_shapes():
     x = torch.randn(1, 3, 5)
     with pytest.raises(ScanInputError, match="weight must be"):

@@ -17,7 +17,7 @@ import torch
 
 from medmamba.kernels.orders import ScanOrder
 
-__all__ = ["causal_conv", "scan", "unavailable_reason"]
+__all__ = ["causal_conv", "channel_layer_norm", "scan", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -81,3 +81,9 @@ def causal_conv(x4, weight, bias, *, orders, silu):  # noqa: D103 (documented in
     from .conv import causal_conv as run
 
     return run(x4, weight, bias, orders=orders, silu=silu)
+
+
+def channel_layer_norm(x, weight, bias, eps):  # noqa: D103 (documented in norm.py)
+    from .norm import channel_layer_norm as run
+
+    return run(x, weight, bias, eps)

@@ -106,7 +106,7 @@ def _conv_fwd_kernel(
     x_rows = x_ptr + b * sx_b + k * sx_k + ch.to(tl.int64) * sx_c
     y_rows = y_ptr + (bk * CH + ch.to(tl.int64)) * L
     w_row = w_ptr + (k * CH + ch) * W
-    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else None
+    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else tl.zeros([SUB], dtype=tl.float32)
     args = (x_rows, w_row, bias, y_rows, p, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev)
     mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
     if mode == 0:
@@ -118,6 +118,63 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _conv_x(x_rows, p, t, f, m, d, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE: tl.constexpr):
+    # x at token t + d of the order (zero outside the sequence), fp32
+    off, ok = _neighbour(p, t, f, m, d, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+    return tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_g(dy_rows, pre, p, t, f, m, i, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev,
+            SILU: tl.constexpr, MODE: tl.constexpr):  # fmt: skip
+    # g = dy·act'(pre) at token t + i, zero past the end
+    off, ok = _neighbour(p, t, f, m, i, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+    ok = ok & valid
+    g = tl.load(dy_rows[:, None] + off[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
+    if SILU:
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return tl.where(ok[None, :], g, 0.0)
+
+
+@triton.jit
+def _conv_bwd_tile4(
+    x_rows, w_row, bias, dy_rows, dx_rows, dw_part, db_part, p, t, f, m, valid, c_ok, L, fast, mid, st_fast, st_mid,
+    st_slow, rev, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr,
+):  # fmt: skip
+    # _conv_bwd_tile for W = 4, written out: the pre-activations at t..t+3 from a sliding window of x
+    w0 = tl.load(w_row, mask=c_ok, other=0.0)[:, None]
+    w1 = tl.load(w_row + 1, mask=c_ok, other=0.0)[:, None]
+    w2 = tl.load(w_row + 2, mask=c_ok, other=0.0)[:, None]
+    w3 = tl.load(w_row + 3, mask=c_ok, other=0.0)[:, None]
+    b = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
+    if HAS_BIAS:
+        b += bias[:, None]
+    a = (x_rows, p, t, f, m)
+    o = (valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+    x0 = _conv_x(*a, -3, *o)
+    x1 = _conv_x(*a, -2, *o)
+    x2 = _conv_x(*a, -1, *o)
+    x3 = _conv_x(*a, 0, *o)
+    g = _conv_g(dy_rows, b + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3, p, t, f, m, 0, *o[:-1], SILU, MODE)
+    tl.store(dw_part, tl.sum(g * x0, axis=1), mask=c_ok)
+    tl.store(dw_part + 1, tl.sum(g * x1, axis=1), mask=c_ok)
+    tl.store(dw_part + 2, tl.sum(g * x2, axis=1), mask=c_ok)
+    tl.store(dw_part + 3, tl.sum(g * x3, axis=1), mask=c_ok)
+    if HAS_BIAS:
+        tl.store(db_part, tl.sum(g, axis=1), mask=c_ok)
+    dx = w3 * g
+    x4 = _conv_x(*a, 1, *o)
+    dx += w2 * _conv_g(dy_rows, b + w0 * x1 + w1 * x2 + w2 * x3 + w3 * x4, p, t, f, m, 1, *o[:-1], SILU, MODE)
+    x5 = _conv_x(*a, 2, *o)
+    dx += w1 * _conv_g(dy_rows, b + w0 * x2 + w1 * x3 + w2 * x4 + w3 * x5, p, t, f, m, 2, *o[:-1], SILU, MODE)
+    x6 = _conv_x(*a, 3, *o)
+    dx += w0 * _conv_g(dy_rows, b + w0 * x3 + w1 * x4 + w2 * x5 + w3 * x6, p, t, f, m, 3, *o[:-1], SILU, MODE)
+    tl.store(dx_rows[:, None] + p[None, :], dx, mask=c_ok[:, None] & valid[None, :])
+
+
+@triton.jit
 def _conv_bwd_tile(
     x_rows, w_row, bias, dy_rows, dx_rows, dw_part, db_part, p, valid, c_ok, L, fast, mid, st_fast, st_mid,
     st_slow, rev, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr,
@@ -125,6 +182,10 @@ def _conv_bwd_tile(
 ):  # fmt: skip
     # dx[t] = Σ_i w[W−1−i]·g[t+i] with g = dy·act'(pre) recomputed at t..t+W−1; dw and dbias of this tile
     t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+    if W == 4:  # every Mamba: each of the 2W − 1 neighbours loaded once (the loop below loads W² + 2W)
+        _conv_bwd_tile4(x_rows, w_row, bias, dy_rows, dx_rows, dw_part, db_part, p, t, f, m, valid, c_ok, L, fast, mid,
+                        st_fast, st_mid, st_slow, rev, HAS_BIAS, SILU, SUB, BLOCK_P, MODE)  # fmt: skip
+        return
     dx = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
     for i in tl.static_range(W):
         off_i, ok_i = _neighbour(p, t, f, m, i, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
@@ -171,7 +232,7 @@ def _conv_bwd_kernel(
     rows = (bk * CH + ch.to(tl.int64)) * L  # dy, dx: (B, K, C, *S) contiguous
     part = (bk * CH + ch.to(tl.int64)) * ntiles + tile
     w_row = w_ptr + (k * CH + ch) * W
-    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else None
+    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else tl.zeros([SUB], dtype=tl.float32)
     args = (x_rows, w_row, bias, dy_ptr + rows, dx_ptr + rows, dw_ptr + part * W, db_ptr + part, p, valid, c_ok, L,
             fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
     mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
