@@ -585,6 +585,25 @@ def test_causal_conv_of_other_widths_matches_conv1d(width):
         torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("width", "bias"), [(4, True), (4, False), (3, True)], ids=["w4", "w4-nobias", "w3"])
+def test_gpu_causal_conv_matches_torch_backend(width, bias):
+    # SegMamba's three orders and a column-major order at a real size, bf16: every mode of the conv's neighbours
+    g = torch.Generator(device="cuda").manual_seed(23)
+    orders = (RASTER, REVERSED, SLICE, ScanOrder((0, 2, 1)))
+    x = torch.randn(2, 96, 24, 32, 40, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    w = (0.3 * torch.randn(len(orders), 96, width, device="cuda", generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(len(orders), 96, device="cuda", generator=g)).requires_grad_() if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    out = {}
+    for backend in ("torch", "triton"):
+        y = causal_conv(x, w, b, orders=orders, backend=backend)
+        gy = torch.randn(y.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(24))
+        out[backend] = (y.float(), *torch.autograd.grad((y.float() * gy).sum(), leaves))
+    for got, want in zip(out["triton"], out["torch"], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * max(want.abs().max().item(), 1.0))
+
+
 def test_causal_conv_rejects_bad_shapes():
     x = torch.randn(1, 3, 5)
     with pytest.raises(ScanInputError, match="weight must be"):
