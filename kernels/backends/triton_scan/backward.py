@@ -426,10 +426,7 @@ def backward(
     if z is not None and not gate_grad:  # dz, and the scan passes' output gradient g·silu(z), in one pass
         gy = _gate(gy, pre_gate, z, dz, p, merge)
     scan_z = gate_grad  # the scan passes load z only to rebuild dz
-    if merge == "sum":  # every order sees the same output gradient
-        g_b, g_k, g_c = gy.stride(0), 0, gy.stride(1)
-    else:
-        g_b, g_k, g_c = gy.stride(0), gy.stride(1), gy.stride(2)
+    g_b, g_k, g_c = _output_strides(gy, merge)
 
     bpg = p.cpg // sub
     du = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
@@ -493,21 +490,24 @@ def _gate(gy: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, dz: torch.Tensor
     """
     k_terms = 1 if merge == "sum" else p.K
     geff = torch.empty(gy.shape, device=gy.device, dtype=torch.float32)
-    if merge == "sum":
-        g_k, pre_k, e_k, g_c, pre_c, e_c = 0, 0, 0, gy.stride(1), pre.stride(1), geff.stride(1)
-    else:
-        g_k, pre_k, e_k, g_c, pre_c, e_c = (
-            gy.stride(1),
-            pre.stride(1),
-            geff.stride(1),
-            gy.stride(2),
-            pre.stride(2),
-            geff.stride(2),
-        )
+    g_b, g_k, g_c = _output_strides(gy, merge)
+    pre_b, pre_k, pre_c = _output_strides(pre, merge)
+    e_b, e_k, e_c = _output_strides(geff, merge)
     block = min(1024, layout.next_power_of_2(p.L))
     _gate_grad_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
         gy, pre, z, dz, geff, p.L, p.channels, k_terms,
-        gy.stride(0), g_k, g_c, pre.stride(0), pre_k, pre_c, z.stride(0), z.stride(1), geff.stride(0), e_k, e_c,
+        g_b, g_k, g_c, pre_b, pre_k, pre_c, z.stride(0), z.stride(1), e_b, e_k, e_c,
         BLOCK=block, num_warps=4,
     )  # fmt: skip
     return geff
+
+
+def _output_strides(x: torch.Tensor, merge: str) -> tuple[int, int, int]:
+    """(batch, order, channel) strides of an output-shaped tensor.
+
+    ``(B, C, *S)`` when the orders were summed (order stride 0: every order sees the same values), ``(B, K, C, *S)``
+    when stacked.
+    """
+    if merge == "sum":
+        return x.stride(0), 0, x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)

@@ -72,6 +72,25 @@ def _neighbour(p, t, f, m, d, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE:
 
 
 @triton.jit
+def _conv_program(
+    x_ptr, w_ptr, bias_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c,
+    W: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # What a program of either pass works on: its rows' start in the (B, K, C, *S) outputs, the channel mask, its
+    # raster offsets and their mask, the rows of x, the weights, the bias and the order's table row
+    bk = tl.program_id(2)
+    k = bk % K
+    ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
+    c_ok = ch < CH
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    x_rows = x_ptr + (bk // K).to(tl.int64) * sx_b + k * sx_k + ch.to(tl.int64) * sx_c
+    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else tl.zeros([SUB], dtype=tl.float32)
+    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
+    row = (bk * CH + ch.to(tl.int64)) * L
+    return row, c_ok, p, p < L, x_rows, w_ptr + (k * CH + ch) * W, bias, fast, mid, st_fast, st_mid, st_slow, rev
+
+
+@triton.jit
 def _conv_fwd_tile(
     x_rows, w_row, bias, y_rows, p, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -95,19 +114,10 @@ def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    bk = tl.program_id(2)
-    b = (bk // K).to(tl.int64)
-    k = bk % K
-    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-    ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
-    c_ok = ch < CH
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = p < L
-    x_rows = x_ptr + b * sx_b + k * sx_k + ch.to(tl.int64) * sx_c
-    y_rows = y_ptr + (bk * CH + ch.to(tl.int64)) * L
-    w_row = w_ptr + (k * CH + ch) * W
-    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else tl.zeros([SUB], dtype=tl.float32)
-    args = (x_rows, w_row, bias, y_rows, p, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev)
+    row, c_ok, p, valid, x_rows, w_row, bias, fast, mid, st_fast, st_mid, st_slow, rev = _conv_program(
+        x_ptr, w_ptr, bias_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c, W, HAS_BIAS, SUB, BLOCK_P
+    )
+    args = (x_rows, w_row, bias, y_ptr + row, p, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev)
     mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
     if mode == 0:
         _conv_fwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0)
@@ -219,21 +229,11 @@ def _conv_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, order_ptr, L, CH, K, ntiles, sx_b, sx_k, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    bk = tl.program_id(2)
-    b = (bk // K).to(tl.int64)
-    k = bk % K
-    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-    tile = tl.program_id(1)
-    ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
-    c_ok = ch < CH
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    valid = p < L
-    x_rows = x_ptr + b * sx_b + k * sx_k + ch.to(tl.int64) * sx_c
-    rows = (bk * CH + ch.to(tl.int64)) * L  # dy, dx: (B, K, C, *S) contiguous
-    part = (bk * CH + ch.to(tl.int64)) * ntiles + tile
-    w_row = w_ptr + (k * CH + ch) * W
-    bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else tl.zeros([SUB], dtype=tl.float32)
-    args = (x_rows, w_row, bias, dy_ptr + rows, dx_ptr + rows, dw_ptr + part * W, db_ptr + part, p, valid, c_ok, L,
+    row, c_ok, p, valid, x_rows, w_row, bias, fast, mid, st_fast, st_mid, st_slow, rev = _conv_program(
+        x_ptr, w_ptr, bias_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c, W, HAS_BIAS, SUB, BLOCK_P
+    )
+    part = (row // L) * ntiles + tl.program_id(1)  # (B, K, C, ntiles) partial sums
+    args = (x_rows, w_row, bias, dy_ptr + row, dx_ptr + row, dw_ptr + part * W, db_ptr + part, p, valid, c_ok, L,
             fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
     mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
     if mode == 0:

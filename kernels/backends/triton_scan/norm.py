@@ -84,9 +84,7 @@ class _ChannelLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
         """Launch the forward kernel."""
-        flat = x.reshape(x.shape[0], x.shape[1], -1)
-        if not flat.is_contiguous():
-            flat = flat.contiguous()
+        flat = x.reshape(x.shape[0], x.shape[1], -1).contiguous()
         batch, channels, L = flat.shape
         block_c, block = _blocks(channels, L)
         y = torch.empty(flat.shape, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
