@@ -64,9 +64,21 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     return reason(device) if reason is not None else None
 
 
+_RESOLVED: dict[tuple, tuple[str, Callable[..., object]]] = {}
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> tuple[str, Callable[..., object]]:
     """The backend name that will run on ``device`` and its ``scan`` function."""
     name = requested or (_override_stack[-1] if _override_stack else os.environ.get("MEDMAMBA_SCAN_BACKEND", "auto"))
+    # remembered per answer's inputs: the import checks cost host time on every scan call
+    key = (name, device.type, os.environ.get("TRITON_INTERPRET"))
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve(name, device)
+    return resolved
+
+
+def _resolve(name: str, device: torch.device) -> tuple[str, Callable[..., object]]:
     _check_name(name)
     if name == "auto":
         name = "triton" if device.type == "cuda" and _unavailable_reason("triton", device) is None else "torch"

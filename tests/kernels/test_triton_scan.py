@@ -20,6 +20,7 @@ from medmamba.kernels import (
     ScanOrder,
     available_backends,
     causal_conv,
+    channel_layer_norm,
     cross_scan,
     order_indices,
     selective_scan,
@@ -409,6 +410,39 @@ def test_one_order_gate_gradient_without_a_saved_pre_gate_output(spatial, order,
         assert_matches_reference(low, ref, (order,), dtype=dtype)
 
 
+def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
+    # forward._LAUNCHES and backward._LAUNCHES: a call like an earlier one (shapes, strides, dtypes, alignment,
+    # settings) reuses its launch settings; any of those changed derives them afresh, and the results stay right
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    derived = []
+    for module, tag in ((triton_forward, "forward"), (triton_backward, "backward")):
+        real = module._launch_settings
+        monkeypatch.setattr(module, "_launch_settings", lambda *a, real=real, tag=tag: derived.append(tag) or real(*a))
+        monkeypatch.setattr(module, "_LAUNCHES", {})
+    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True)
+
+    def run(low, ref, dtype=torch.float32, config=cfg):
+        derived.clear()
+        with configs.override(forward=config, backward=config):
+            assert_matches_reference(low, ref, (RASTER,), dtype=dtype)
+        return derived.copy()
+
+    inputs = [make_inputs((48,), 1, channels=32, N=16, seed=s) for s in (1, 2)]
+    assert run(*inputs[0]) == ["forward", "backward"]
+    assert run(*inputs[1]) == []  # other tensors, same signature
+    low, ref = inputs[1]
+    shifted = list(low)
+    flat = torch.empty(low[0].numel() + 1)
+    shifted[0] = flat[1:].view(low[0].shape).copy_(low[0].detach()).requires_grad_()  # 4 bytes off alignment
+    assert run(shifted, ref) == ["forward", "backward"]
+    assert run(*make_inputs((48,), 1, channels=32, N=16, seed=3, dtype=torch.bfloat16), torch.bfloat16) == [
+        "forward", "backward"]  # fmt: skip
+    assert run(*make_inputs((48,), 1, channels=32, N=16, seed=4, z=False)) == ["forward", "backward"]
+    assert run(low, ref, config=P(sub=32, num_warps=1, segments=3, emulate_ptx=True)) == ["forward", "backward"]
+    assert run(low, ref) == []
+
+
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None
@@ -602,6 +636,53 @@ def test_gpu_causal_conv_matches_torch_backend(width, bias):
         out[backend] = (y.float(), *torch.autograd.grad((y.float() * gy).sum(), leaves))
     for got, want in zip(out["triton"], out["torch"], strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * max(want.abs().max().item(), 1.0))
+
+
+def _scan_conv_norm(inputs, orders, seed):
+    """Scan, causal conv and channel LayerNorm forward and backward on the GPU: every output and gradient."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    leaves = [a for a in inputs if a is not None]
+    res = selective_scan(*inputs, orders=orders, backend="triton")
+    x = inputs[0] if len(orders) == 1 else inputs[0][:, 0]
+    w = torch.randn(len(orders), x.shape[1], 4, device="cuda", generator=gen).requires_grad_()
+    conv = causal_conv(x, w, orders=orders, backend="triton")
+    norm = channel_layer_norm(x, w[0, :, 0], w[0, :, 1], 1e-5)
+    loss = sum((t.float() * torch.randn(t.shape, device="cuda", generator=gen)).sum() for t in (res.out, conv, norm))
+    return (res.out, conv, norm, *torch.autograd.grad(loss, [*leaves, w]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("spatial", "orders", "dtype", "offset"),
+    [
+        ((16, 16, 32), (RASTER,), torch.bfloat16, 0),  # the vector path, segments
+        ((16, 24, 20), (RASTER, REVERSED, SLICE), torch.float32, 0),  # tiles, merge, line segments
+        ((16, 16, 32), (RASTER,), torch.float16, 1),  # u and delta 2 bytes off 16-byte boundaries: tiles
+    ],
+    ids=["raster-bf16", "three-orders-fp32", "misaligned-fp16"],
+)
+def test_gpu_direct_launches_run_the_kernels_triton_picks(spatial, orders, dtype, offset):
+    # launch.Launcher: a repeated argument key launches the remembered compiled kernel by its C launcher. In
+    # "check" mode Triton launches and must pick that kernel; the direct launches must give the same bits.
+    from medmamba.kernels.backends.triton_scan import launch
+
+    low, _ = make_inputs(spatial, len(orders), batch=2, channels=64, N=16, dtype=dtype, seed=13, device="cuda")
+    if offset:
+        for i in (0, 1):
+            flat = torch.empty(low[i].numel() + offset, device="cuda", dtype=dtype)
+            low[i] = flat[offset:].view(low[i].shape).copy_(low[i].detach()).requires_grad_()
+        assert low[0].data_ptr() % 16 != 0
+    with launch.use_mode("jit"):
+        want = _scan_conv_norm(low, orders, seed=14)
+    with launch.use_mode("check"):
+        for _ in range(2):  # the first call remembers the kernels, the second checks them
+            checked = _scan_conv_norm(low, orders, seed=14)
+    with launch.use_mode("direct"):
+        fresh = [a.detach().clone().requires_grad_() if a is not None else None for a in low]
+        direct = [_scan_conv_norm(inputs, orders, seed=14) for inputs in (low, fresh if not offset else low)]
+    for got in (checked, *direct):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
 
 
 def test_causal_conv_rejects_bad_shapes():

@@ -25,6 +25,7 @@ Segments: ``_bwd_segment_kernel`` computes each segment's outgoing adjoint from 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -46,6 +47,7 @@ from .common import (
     _token_offsets,
 )
 from .forward import CARRY_CHANNELS, CARRY_WARPS, Plan, carry_segments, split
+from .launch import Launcher
 from .ptx import _lane_id, _lane_sum8
 
 __all__ = ["backward"]
@@ -381,6 +383,12 @@ def _gate_grad_kernel(
     tl.store(dz_ptr + row * L + offs, acc * sig * (1.0 + zz * (1.0 - sig)), mask=mask)
 
 
+_bwd_segment_launch = Launcher(_bwd_segment_kernel)
+_bwd_carry_launch = Launcher(_bwd_carry_kernel)
+_bwd_launch = Launcher(_bwd_kernel)
+_gate_grad_launch = Launcher(_gate_grad_kernel)
+
+
 def backward(
     grad_out: torch.Tensor | None,
     grad_last: torch.Tensor | None,
@@ -403,12 +411,6 @@ def backward(
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs."""
     dev = u.device
     nd = len(p.spatial)
-    cfg = configs.backward_config(p.L)
-    sub, nsplit, cps = split(p, cfg, dev, orders)  # as the forward
-    num_warps = max(1, min(cfg.num_warps, sub // 32))
-    ptx = cfg.ptx(dev, sub, num_warps)
-    seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
-    table = layout.order_table(orders, p.spatial, dev)
     A32 = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A32
     bias = delta_bias.float().contiguous() if delta_bias is not None else A32
@@ -425,10 +427,38 @@ def backward(
     dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype) if z is not None else None
     if z is not None and not gate_grad:  # dz, and the scan passes' output gradient g·silu(z), in one pass
         gy = _gate(gy, pre_gate, z, dz, p, merge)
-    scan_z = gate_grad  # the scan passes load z only to rebuild dz
-    g_b, g_k, g_c = _output_strides(gy, merge)
+    cfg = configs.backward_config(0)
+    key = (
+        p, orders, delta_softplus, merge, cfg, dev, gate_grad, u.stride(), delta.stride(), B.stride(), C.stride(),
+        z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, D is None,
+        delta_bias is None, layout.alignment(u, delta, B, C, z_arg, gy), layout.interpreted(),
+    )  # fmt: skip
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad)
+        if len(_LAUNCHES) >= layout.MEMO_ENTRIES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = launch
+    nsplit, cps, bpg = launch.nsplit, launch.cps, p.cpg // launch.sub
+    if grad_last is None:
+        grad_last = torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
+    grad_last = grad_last.float().contiguous()  # (B, K, C, N): the adjoint after the last token
+    rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
 
-    bpg = p.cpg // sub
+    if nsplit > 1:  # launched first: the GPU starts while the host allocates the rest
+        seg_rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
+        seg_dt = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
+        _bwd_segment_launch[launch.segment_grid](
+            delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, launch.table,
+            p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit, *launch.segment_strides,
+            SUB=launch.segment_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
+            HAS_Z=gate_grad, SOFTPLUS=delta_softplus, num_warps=4,
+        )  # fmt: skip
+        _bwd_carry_launch[launch.carry_grid](
+            A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
+            BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
+        )  # fmt: skip
+
     du = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
     ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
@@ -437,42 +467,15 @@ def backward(
     dA_part = torch.empty(p.batch, p.K, nsplit, p.channels, p.N, device=dev, dtype=torch.float32)
     dD_part = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dD_part)
-    rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
-    if grad_last is None:
-        grad_last = torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
-    grad_last = grad_last.float().contiguous()  # (B, K, C, N): the adjoint after the last token
-    grid = (p.channels // sub, nsplit, p.batch * p.K)
-
-    if nsplit > 1:
-        seg_rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
-        seg_dt = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
-        _bwd_segment_kernel[(p.channels // seg_sub, nsplit, p.batch * p.K)](
-            delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, table,
-            p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit,
-            delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-            z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-            SUB=seg_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
-            HAS_Z=scan_z, SOFTPLUS=delta_softplus, num_warps=4,
-        )  # fmt: skip
-        _bwd_carry_kernel[(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
-            A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
-            BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
-        )  # fmt: skip
-
     mid = torch.empty_like(rho)
     dA_slot = torch.empty_like(rho)
-    _bwd_kernel[grid](
-        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, table,
+    _bwd_launch[launch.grid](
+        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
-        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit,
-        u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
-        B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-        z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
-        SUB=sub, BLOCK_T=p.block_t, HAS_D=D is not None,
-        HAS_BIAS=delta_bias is not None, HAS_Z=scan_z, SOFTPLUS=delta_softplus,
-        LANE_SUMS=ptx, VEC_MODE=cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy, du, ddelta),
-        GATE_GRAD=gate_grad, num_warps=num_warps,
-        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides,
+        SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_Z=gate_grad,
+        SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode, GATE_GRAD=gate_grad,
+        num_warps=launch.num_warps, **launch.options,
     )  # fmt: skip
 
     dA = dA_part.sum(dim=(0, 2)).to(A.dtype)
@@ -481,6 +484,65 @@ def backward(
     dB = (dB_part[:, :, :, 0] if bpg == 1 else dB_part.sum(dim=3)).to(B.dtype)
     dC = (dC_part[:, :, :, 0] if bpg == 1 else dC_part.sum(dim=3)).to(C.dtype)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What the launches of a backward call take besides its tensors (as forward._Launch, once per signature)."""
+
+    sub: int
+    nsplit: int
+    cps: int
+    num_warps: int
+    ptx: bool
+    vec_mode: int
+    segment_sub: int
+    grid: tuple[int, int, int]
+    segment_grid: tuple[int, int, int]
+    carry_grid: tuple[int, int]
+    table: torch.Tensor
+    strides: tuple[int, ...]
+    segment_strides: tuple[int, ...]
+    options: dict
+
+
+_LAUNCHES: dict[tuple, _Launch] = {}
+
+
+def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad) -> _Launch:
+    dev = u.device
+    sub, nsplit, cps = split(p, cfg, dev, orders)  # as the forward
+    num_warps = max(1, min(cfg.num_warps, sub // 32))
+    ptx = cfg.ptx(dev, sub, num_warps)
+    seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
+    g_b, g_k, g_c = _output_strides(gy, merge)
+    # du and ddelta are fresh (B, K, C, *S) tensors: contiguous and aligned
+    vec = cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy)
+    strides = (
+        u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
+        z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
+    )  # fmt: skip
+    segment_strides = (
+        delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
+        z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
+    )  # fmt: skip
+    return _Launch(
+        sub=sub,
+        nsplit=nsplit,
+        cps=cps,
+        num_warps=num_warps,
+        ptx=ptx,
+        vec_mode=vec,
+        segment_sub=seg_sub,
+        grid=(p.channels // sub, nsplit, p.batch * p.K),
+        segment_grid=(p.channels // seg_sub, nsplit, p.batch * p.K),
+        carry_grid=(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K),
+        table=layout.order_table(orders, p.spatial, dev),
+        strides=strides,
+        segment_strides=segment_strides,
+        options={"maxnreg": cfg.maxnreg} if cfg.maxnreg else {},
+    )
 
 
 def _gate(gy: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, p: Plan, merge: str) -> torch.Tensor:
@@ -494,7 +556,7 @@ def _gate(gy: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, dz: torch.Tensor
     pre_b, pre_k, pre_c = _output_strides(pre, merge)
     e_b, e_k, e_c = _output_strides(geff, merge)
     block = min(1024, layout.next_power_of_2(p.L))
-    _gate_grad_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
+    _gate_grad_launch[(p.batch * p.channels, layout.cdiv(p.L, block))](
         gy, pre, z, dz, geff, p.L, p.channels, k_terms,
         g_b, g_k, g_c, pre_b, pre_k, pre_c, z.stride(0), z.stride(1), e_b, e_k, e_c,
         BLOCK=block, num_warps=4,

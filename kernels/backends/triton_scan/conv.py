@@ -17,6 +17,7 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import layout
 from .common import _order_row, _token_of_offset, _token_offsets
+from .launch import Launcher
 
 __all__ = ["causal_conv"]
 
@@ -244,6 +245,10 @@ def _conv_bwd_kernel(
         _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2)
 
 
+_conv_fwd_launch = Launcher(_conv_fwd_kernel)
+_conv_bwd_launch = Launcher(_conv_bwd_kernel)
+
+
 def _launch_shape(x4: torch.Tensor) -> tuple[int, int, int, int, int]:
     batch, K, channels = x4.shape[:3]
     L = x4[0, 0, 0].numel()
@@ -267,7 +272,7 @@ class _CausalConv(torch.autograd.Function):
         b = bias.float().contiguous() if bias is not None else w
         y = torch.empty(batch, K, channels, *spatial, device=x4.device, dtype=x4.dtype)
         grid = (layout.cdiv(channels, sub), layout.cdiv(L, _BLOCK_P), batch * K)
-        _conv_fwd_kernel[grid](
+        _conv_fwd_launch[grid](
             x4, w, b, y, table, L, channels, K, x4.stride(0), x4.stride(1), x4.stride(2),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=silu, SUB=sub, BLOCK_P=_BLOCK_P, num_warps=4,
         )  # fmt: skip
@@ -290,7 +295,7 @@ class _CausalConv(torch.autograd.Function):
         dw = torch.empty(batch, K, channels, ntiles, weight.shape[-1], device=x4.device, dtype=torch.float32)
         db = torch.empty(batch, K, channels, ntiles, device=x4.device, dtype=torch.float32)
         grid = (layout.cdiv(channels, sub), ntiles, batch * K)
-        _conv_bwd_kernel[grid](
+        _conv_bwd_launch[grid](
             x4, w, b, dy, dx, dw, db, table, L, channels, K, ntiles, x4.stride(0), x4.stride(1), x4.stride(2),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=ctx.silu, SUB=sub, BLOCK_P=_BLOCK_P, num_warps=4,
         )  # fmt: skip

@@ -35,6 +35,7 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
+from .launch import Launcher
 from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
@@ -306,6 +307,11 @@ def _merge_kernel(
     tl.store(out_ptr + row * L + offs, acc, mask=mask)
 
 
+_fwd_launch = Launcher(_fwd_kernel)
+_fwd_carry_launch = Launcher(_fwd_carry_kernel)
+_merge_launch = Launcher(_merge_kernel)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one call is cut into chunks, channel blocks and segments (shared by the forward and the backward)."""
@@ -418,74 +424,58 @@ def forward(
         merge: ``"sum"`` or ``"stack"``.
         save: keep every chunk-start state and, with z, the pre-gate output (for the backward).
     """
-    p = plan(u, A, B)
     dev = u.device
-    cfg = configs.forward_config(p.L)
-    sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
-    num_warps = max(1, min(cfg.num_warps, sub // 32))
-    lines, line_len = lines_of(p, cfg, orders, u)
-    if lines > 1:  # 32 lanes: 32 / lines channels × lines neighbouring lines
-        sub, num_warps, nsplit, cps = 32, 1, p.L // line_len, line_len // p.block_t
-    table = layout.order_table(orders, p.spatial, dev)
+    cfg = configs.forward_config(0)
+    key = (
+        u.shape, u.stride(), delta.stride(), B.shape, B.stride(), C.stride(), u.dtype, delta.dtype, B.dtype,
+        C.dtype, None if z is None else (z.stride(), z.dtype), A.shape, D is None, delta_bias is None, orders,
+        delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z), layout.interpreted(),
+    )  # fmt: skip
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg)
+        if len(_LAUNCHES) >= layout.MEMO_ENTRIES:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = launch
+    p, nsplit = launch.plan, launch.nsplit
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
     bias = delta_bias.float().contiguous() if delta_bias is not None else A
     z_arg = z if z is not None else u
-    fused_merge = merge == "sum" and p.K > 1
-
-    if fused_merge:
-        y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=torch.float32)
-        pre = None
-    else:
-        y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
-        keep = cfg.save_pre_gate or p.K > 1  # else the backward rebuilds it (backward.GATE_GRAD)
-        pre = torch.empty_like(y) if (save and z is not None and keep) else None
+    common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps)
+    # what the first pass writes first: the GPU starts while the host allocates the rest
+    y_shape = (p.batch, p.K, p.channels, *p.spatial)
+    y = torch.empty(y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
+    pre = torch.empty_like(y) if launch.pre_per_order else None
     pre_arg = pre if pre is not None else y
-    n_state = p.nchunks if save else nsplit
-    states = torch.empty(p.batch, p.K, n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
-    grid = (p.channels * lines // sub, nsplit // lines, p.batch * p.K)
-    common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps)
-
-    strides = (
-        u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
-        B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-        z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2),
-        pre_arg.stride(0), pre_arg.stride(1), pre_arg.stride(2),
-    )  # fmt: skip
-    flags = {
-        "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
-        "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
-        "VEC_MODE": 0 if lines > 1 else cfg.vector_mode(cfg.ptx(dev, sub, num_warps) and p.block_n == p.N, orders,
-                                                        p.spatial, u, delta, B, C, z_arg, y, pre_arg),
-        "LINES": lines,
-    }  # fmt: skip
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-        _fwd_kernel[grid](
-            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, table, *common, nsplit, nsplit,
-            *strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **flags,
+        _fwd_launch[launch.grid](
+            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, *common, nsplit,
+            nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **launch.flags,
         )  # fmt: skip
-        _fwd_carry_kernel[(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K)](
-            A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, cps, n_state,
+    states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
+    if nsplit > 1:
+        _fwd_carry_launch[launch.carry_grid](
+            A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
             SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit),
             num_warps=CARRY_WARPS,
         )  # fmt: skip
 
-    _fwd_kernel[grid](
-        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, table, *common, n_state, nsplit,
-        *strides, GATE=(z is not None) and not fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save,
-        END_ONLY=False, **flags,
+    _fwd_launch[launch.grid](
+        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table, *common, launch.n_state,
+        nsplit, *launch.strides, GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None,
+        SAVE_STATES=save, END_ONLY=False, **launch.flags,
     )  # fmt: skip
 
-    if fused_merge:
+    if launch.fused_merge:
         out = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=u.dtype)
         pre = torch.empty_like(out) if (save and z is not None) else None
-        block = min(1024, layout.next_power_of_2(p.L))
-        _merge_kernel[(p.batch * p.channels, layout.cdiv(p.L, block))](
+        _merge_launch[launch.merge_grid](
             y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
-            HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=block, num_warps=4,
+            HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=launch.merge_block, num_warps=4,
         )  # fmt: skip
     elif merge == "sum":  # one order
         out = y[:, 0]
@@ -493,3 +483,73 @@ def forward(
     else:
         out = y
     return ForwardResult(out, last, states if save else None, pre, p)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """What the launches of a forward call take besides its tensors.
+
+    It follows from the inputs' shapes, strides, dtypes and alignment and the settings, so :func:`forward` derives
+    it once per such signature (the host time of a call matters at the small stages, where the GPU waits for it).
+    """
+
+    plan: Plan
+    cps: int
+    nsplit: int
+    n_state: int
+    grid: tuple[int, int, int]
+    carry_grid: tuple[int, int]
+    merge_grid: tuple[int, int]
+    merge_block: int
+    fused_merge: bool
+    pre_per_order: bool  # allocate the pre-gate output (B, K, C, *S) beside y
+    table: torch.Tensor
+    strides: tuple[int, ...]
+    flags: dict
+
+
+_LAUNCHES: dict[tuple, _Launch] = {}
+
+
+def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg) -> _Launch:
+    p = plan(u, A, B)
+    dev = u.device
+    sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
+    num_warps = max(1, min(cfg.num_warps, sub // 32))
+    lines, line_len = lines_of(p, cfg, orders, u)
+    if lines > 1:  # 32 lanes: 32 / lines channels × lines neighbouring lines
+        sub, num_warps, nsplit, cps = 32, 1, p.L // line_len, line_len // p.block_t
+    fused_merge = merge == "sum" and p.K > 1
+    keep = cfg.save_pre_gate or p.K > 1  # else the backward rebuilds it (backward.GATE_GRAD)
+    pre_per_order = not fused_merge and save and z is not None and keep
+    # y and the pre-gate output are fresh (B, K, C, *S) tensors: contiguous and aligned
+    y = torch.empty((p.batch, p.K, p.channels, *p.spatial), device="meta", dtype=u.dtype)
+    z_arg = z if z is not None else u
+    strides = (
+        u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
+        z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2), y.stride(0), y.stride(1), y.stride(2),
+    )  # fmt: skip
+    ptx = cfg.ptx(dev, sub, num_warps) and p.block_n == p.N
+    vec = 0 if lines > 1 else cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg)
+    flags = {
+        "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
+        "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
+        "VEC_MODE": vec, "LINES": lines,
+    }  # fmt: skip
+    block = min(1024, layout.next_power_of_2(p.L))
+    return _Launch(
+        plan=p,
+        cps=cps,
+        nsplit=nsplit,
+        n_state=p.nchunks if save else nsplit,
+        grid=(p.channels * lines // sub, nsplit // lines, p.batch * p.K),
+        carry_grid=(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K),
+        merge_grid=(p.batch * p.channels, layout.cdiv(p.L, block)),
+        merge_block=block,
+        fused_merge=fused_merge,
+        pre_per_order=pre_per_order,
+        table=layout.order_table(orders, p.spatial, dev),
+        strides=strides,
+        flags=flags,
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -26,9 +27,11 @@ from medmamba.kernels.orders import ScanOrder
 
 __all__ = [
     "ORDER_COLUMNS",
+    "alignment",
     "cdiv",
     "channel_blocking",
     "directions",
+    "interpreted",
     "line_chunks",
     "lines",
     "natural_spatial",
@@ -44,6 +47,9 @@ __all__ = [
 ORDER_COLUMNS = ("fast_size", "mid_size", "fast_stride", "mid_stride", "slow_stride", "reverse")
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+
+#: entries of the per-signature launch memos (forward._LAUNCHES, backward._LAUNCHES) before they are cleared
+MEMO_ENTRIES = 256
 
 
 def cdiv(a: int, b: int) -> int:
@@ -150,6 +156,16 @@ def line_chunks(orders: Sequence[ScanOrder], spatial: Sequence[int], chunk: int,
     return align if align <= most else 0
 
 
+def alignment(*tensors: torch.Tensor | None) -> tuple[bool | None, ...]:
+    """Per tensor, whether its data starts 16-byte aligned (``None`` for ``None``): part of a launch memo's key."""
+    return tuple(None if x is None else x.data_ptr() % 16 == 0 for x in tensors)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _aligned(spatial: Sequence[int], tensors: Sequence[torch.Tensor]) -> bool:
     # whole chunks (L a multiple of 16 tokens) and every row of every tensor starting 16-byte aligned
     if math.prod(spatial3(spatial)) % 16:
@@ -205,7 +221,7 @@ def natural_spatial(x: torch.Tensor, nd: int) -> torch.Tensor:
     The leading axes keep any strides (a stride-0 expand over orders stays one). Only an input whose spatial
     block is itself strided or broadcast (constant B/C, a permuted view) is copied.
     """
-    return x if _spatial_contiguous(x, nd) else x.contiguous()
+    return x if (x.is_contiguous() or _spatial_contiguous(x, nd)) else x.contiguous()
 
 
 def channel_blocking(channels: int, groups: int, sub: int) -> int:

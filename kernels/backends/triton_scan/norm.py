@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from . import layout
+from .launch import Launcher
 
 __all__ = ["channel_layer_norm"]
 
@@ -73,6 +74,10 @@ def _norm_bwd_kernel(
     tl.store(db_ptr + part, tl.sum(dy, axis=1), mask=c_ok)
 
 
+_norm_fwd_launch = Launcher(_norm_fwd_kernel)
+_norm_bwd_launch = Launcher(_norm_bwd_kernel)
+
+
 def _blocks(channels: int, L: int) -> tuple[int, int]:
     block_c = layout.next_power_of_2(channels)
     return block_c, max(16, min(256, 4096 // block_c, layout.next_power_of_2(L)))
@@ -90,7 +95,7 @@ class _ChannelLayerNorm(torch.autograd.Function):
         y = torch.empty(flat.shape, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         mean = torch.empty(batch, L, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        _norm_fwd_kernel[(batch, layout.cdiv(L, block))](
+        _norm_fwd_launch[(batch, layout.cdiv(L, block))](
             flat, weight if weight is not None else flat, bias if bias is not None else flat, y, mean, rstd,
             L, channels, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_C=block_c, BLOCK=block,
             num_warps=4,
@@ -110,7 +115,7 @@ class _ChannelLayerNorm(torch.autograd.Function):
         dx = torch.empty(flat.shape, device=flat.device, dtype=flat.dtype)
         dw = torch.empty(batch, ntiles, channels, device=flat.device, dtype=torch.float32)
         db = torch.empty_like(dw)
-        _norm_bwd_kernel[(batch, ntiles)](
+        _norm_bwd_launch[(batch, ntiles)](
             flat, weight if weight is not None else flat, dy, mean, rstd, dx, dw, db, L, channels, ntiles,
             HAS_W=weight is not None, BLOCK_C=block_c, BLOCK=block, num_warps=4,
         )  # fmt: skip
