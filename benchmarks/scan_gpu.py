@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton selective scan: builds, checks and times in one call.
 
-    python benchmarks/scan_gpu.py [--out DIR] [--sweep] [--layer] [--quick]
+    python benchmarks/scan_gpu.py [--out DIR] [--sweep] [--layer] [--launch] [--quick]
 
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
@@ -9,7 +9,9 @@ zeros) and reports them beside the upstream mamba_ssm numbers measured on the sa
 "floor bytes / time" (kernels.md §3), the distance to the physical floor (max of the DRAM and exp terms) and the
 peak extra device memory beyond inputs and outputs. ``--sweep`` compares the default settings with each opt-in
 path of configs.PassConfig, ``--layer`` times
-MambaLayer (SegMamba's stage-0 mixer pair) on both backends. Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
+MambaLayer (SegMamba's stage-0 mixer pair) on both backends, ``--launch`` times the host-bound rows and S1 with
+Triton's own kernel launches and the direct ones (launch.py), interleaved, with the host time of a forward call.
+Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from medmamba.kernels import RASTER, REVERSED, SLICE, selective_scan
-from medmamba.kernels.backends.triton_scan import configs
+from medmamba.kernels.backends.triton_scan import configs, launch
 
 # mamba_ssm selective_scan_cuda, kernels.md §4.2 and §4.4: (fwd ms, bwd ms) per card kind
 UPSTREAM = {
@@ -348,7 +350,57 @@ def bench_layer(card):
     return results
 
 
-def markdown(info, rows, torch_rows, sweep_rows, layer_rows) -> str:
+LAUNCH_ROWS = ("S1", "U-Mamba s2 32³", "U-Mamba s3 16³", "SegMamba s2 32³", "SegMamba s3 16³")
+
+
+def host_us(fn, calls: int = 20) -> float:
+    """Host time of one call in µs: issue ``calls`` calls back to back, without waiting for the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def launch_ab(rows, rounds: int = 2, reps=(30, 20)) -> list[dict]:
+    """Each row with Triton's own launches (``jit``) and the direct ones, interleaved ``rounds`` times.
+
+    The lent machines' host speed drifts within minutes, so the modes alternate on the same inputs.
+    """
+    return [r for row in rows for r in _launch_row(row, rounds, reps)]
+
+
+def _launch_row(row, rounds, reps) -> list[dict]:
+    name, batch, d, spatial, orders, dtname, z = row
+    dtype = DTYPES[dtname]
+    args = make_inputs(batch, d, spatial, orders, dtype, z)
+    grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
+
+    def fwd():
+        return scan_call(args, orders, "triton")
+
+    def fwd_bwd():
+        res, _ = scan_call(args, orders, "triton", grad=True)
+        res.backward(grad_out)
+
+    out = []
+    for rnd in range(rounds):
+        for mode in ("jit", "direct"):
+            with launch.use_mode(mode):
+                fwd_ms = cuda_time(fwd, reps[0], warmup=3)[0]
+                fb_ms = cuda_time(fwd_bwd, reps[1], warmup=3)[0]
+                host = host_us(fwd)
+            out.append({"shape": name, "dtype": dtname, "z": z, "mode": mode, "round": rnd, "fwd_ms": fwd_ms,
+                        "fwd_bwd_ms": fb_ms, "host_us": host})  # fmt: skip
+            print(f"launch {mode} {name} {dtname} z={z}: {fwd_ms:.3f} / {fb_ms:.3f} ms, host {host:.0f} us",
+                  flush=True)  # fmt: skip
+    return out
+
+
+def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=()) -> str:
     head = (f"Card: {info['card_name']} ({info['card']}), torch {info['torch']}, triton {info['triton']}; "
             f"copy bandwidth {info['copy_TBps']:.2f} TB/s. Command: `{info['command']}`.")  # fmt: skip
     lines = [head, ""]
@@ -383,6 +435,18 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows) -> str:
         for r in sweep_rows:
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
                          f"| {r['rel_err_vs_torch']:.1e} |")  # fmt: skip
+    if launch_rows:
+        head = ("| launch A/B (medians over rounds) | dtype | z | Triton's launch: fwd / fwd+bwd ms, host µs | "
+                "direct: fwd / fwd+bwd ms, host µs |")  # fmt: skip
+        lines += ["", head, "|---|---|---|---|---|"]
+        keys = list(dict.fromkeys((r["shape"], r["dtype"], r["z"]) for r in launch_rows))
+        for key in keys:
+            cells = []
+            for mode in ("jit", "direct"):
+                got = [r for r in launch_rows if (r["shape"], r["dtype"], r["z"]) == key and r["mode"] == mode]
+                med = {f: statistics.median(r[f] for r in got) for f in ("fwd_ms", "fwd_bwd_ms", "host_us")}
+                cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}, {med['host_us']:.0f}")
+            lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +467,11 @@ def dry_run(args) -> int:
                 bench_shape(("SegMamba 3-order layer 64³", 1, 2, (3, 4, 5), SEGMAMBA, "bf16", True), 1e12, "H100",
                             1, 1)]  # fmt: skip
     sweep_rows = sweep([("SegMamba 3-order layer 64³", 1, 4, (16, 1, 8), SEGMAMBA, "fp32", True)], reps=(1, 1))
-    print(markdown(info, rows, [], sweep_rows, []))
+    global host_us
+    host_us = lambda fn, calls=1: cuda_time(fn, 1, warmup=0)[0] * 1e3  # noqa: E731
+    with configs.override(tiny, tiny):
+        launch_rows = launch_ab([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], rounds=1, reps=(1, 1))
+    print(markdown(info, rows, [], sweep_rows, [], launch_rows))
     return 0
 
 
@@ -412,6 +480,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-shapes", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
@@ -432,12 +501,13 @@ def main() -> int:
     print(json.dumps(info), flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, torch_rows, sweep_rows, layer_rows = [], [], [], []
+    rows, torch_rows, sweep_rows, layer_rows, launch_rows = [], [], [], [], []
 
     def save():
-        payload = {"info": info, "rows": rows, "torch": torch_rows, "sweep": sweep_rows, "layer": layer_rows}
+        payload = {"info": info, "rows": rows, "torch": torch_rows, "sweep": sweep_rows, "layer": layer_rows,
+                   "launch": launch_rows}  # fmt: skip
         (out_dir / "scan_gpu.json").write_text(json.dumps(payload, indent=1))
-        (out_dir / "scan_gpu.md").write_text(markdown(info, rows, torch_rows, sweep_rows, layer_rows))
+        (out_dir / "scan_gpu.md").write_text(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows))
 
     t0 = time.time()
     if args.sweep:
@@ -456,7 +526,11 @@ def main() -> int:
     if args.layer:
         layer_rows.extend(bench_layer(card))
         save()
-    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows))
+    if args.launch:
+        picked = [r for r in shapes(False) if r[0] in LAUNCH_ROWS and (r[0] != "S1" or not r[6])]
+        launch_rows.extend(launch_ab(picked))
+        save()
+    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows))
     return 0
 
 
