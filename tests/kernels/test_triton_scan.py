@@ -420,7 +420,7 @@ def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
         real = module._launch_settings
         monkeypatch.setattr(module, "_launch_settings", lambda *a, real=real, tag=tag: derived.append(tag) or real(*a))
         monkeypatch.setattr(module, "_LAUNCHES", {})
-    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True)
+    cfg = P(sub=2, num_warps=1, segments=2)
 
     def run(low, ref, dtype=torch.float32, config=cfg):
         derived.clear()
@@ -428,7 +428,7 @@ def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
             assert_matches_reference(low, ref, (RASTER,), dtype=dtype)
         return derived.copy()
 
-    inputs = [make_inputs((48,), 1, channels=32, N=16, seed=s) for s in (1, 2)]
+    inputs = [make_inputs((48,), 1, channels=4, N=4, seed=s) for s in (1, 2)]
     assert run(*inputs[0]) == ["forward", "backward"]
     assert run(*inputs[1]) == []  # other tensors, same signature
     low, ref = inputs[1]
@@ -436,10 +436,10 @@ def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
     flat = torch.empty(low[0].numel() + 1)
     shifted[0] = flat[1:].view(low[0].shape).copy_(low[0].detach()).requires_grad_()  # 4 bytes off alignment
     assert run(shifted, ref) == ["forward", "backward"]
-    assert run(*make_inputs((48,), 1, channels=32, N=16, seed=3, dtype=torch.bfloat16), torch.bfloat16) == [
+    assert run(*make_inputs((48,), 1, channels=4, N=4, seed=3, dtype=torch.bfloat16), torch.bfloat16) == [
         "forward", "backward"]  # fmt: skip
-    assert run(*make_inputs((48,), 1, channels=32, N=16, seed=4, z=False)) == ["forward", "backward"]
-    assert run(low, ref, config=P(sub=32, num_warps=1, segments=3, emulate_ptx=True)) == ["forward", "backward"]
+    assert run(*make_inputs((48,), 1, channels=4, N=4, seed=4, z=False)) == ["forward", "backward"]
+    assert run(low, ref, config=P(sub=2, num_warps=1, segments=3)) == ["forward", "backward"]
     assert run(low, ref) == []
 
 
