@@ -71,7 +71,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> tuple[str, C
     """The backend name that will run on ``device`` and its ``scan`` function."""
     name = requested or (_override_stack[-1] if _override_stack else os.environ.get("MEDMAMBA_SCAN_BACKEND", "auto"))
     # remembered per answer's inputs: the import checks cost host time on every scan call
-    key = (name, device.type, os.environ.get("TRITON_INTERPRET"))
+    key = (name, device.type, os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None)
     resolved = _RESOLVED.get(key)
     if resolved is None:
         resolved = _RESOLVED[key] = _resolve(name, device)

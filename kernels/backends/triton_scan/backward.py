@@ -431,7 +431,7 @@ def backward(
     key = (
         p, orders, delta_softplus, merge, cfg, dev, gate_grad, u.stride(), delta.stride(), B.stride(), C.stride(),
         z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, D is None,
-        delta_bias is None, layout.alignment(u, delta, B, C, z_arg, gy), layout.interpreted(),
+        delta_bias is None, layout.alignment(u, delta, B, C, z_arg, gy), dev.type != "cuda" and layout.interpreted(),
     )  # fmt: skip
     launch = _LAUNCHES.get(key)
     if launch is None:

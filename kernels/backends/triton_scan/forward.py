@@ -429,7 +429,8 @@ def forward(
     key = (
         u.shape, u.stride(), delta.stride(), B.shape, B.stride(), C.stride(), u.dtype, delta.dtype, B.dtype,
         C.dtype, None if z is None else (z.stride(), z.dtype), A.shape, D is None, delta_bias is None, orders,
-        delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z), layout.interpreted(),
+        delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z),
+        dev.type != "cuda" and layout.interpreted(),  # the emulated GPU path exists only under the interpreter
     )  # fmt: skip
     launch = _LAUNCHES.get(key)
     if launch is None:
