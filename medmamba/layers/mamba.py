@@ -132,7 +132,12 @@ class MambaLayer(nn.Module):
                 xz = xz.to(torch.promote_types(xz.dtype, torch.float32))
             u, z = xz.unflatten(-1, spatial).chunk(2, dim=1)  # (B, d_inner, *S)
             y = self._ssm(u, z)
-        out = _channel_linear(self.out_proj, y.flatten(2).to(tokens.dtype))  # (B, C, L)
+        y = y.flatten(2)
+        if not torch.is_autocast_enabled(x.device.type):
+            # under autocast the matmul casts y itself: an fp32 round trip of a bf16 y (LayerNorm's output is fp32
+            # there) would cost two full-size casts forward and two backward, for the same values
+            y = y.to(tokens.dtype)
+        out = _channel_linear(self.out_proj, y)  # (B, C, L)
         out = out.view(x.shape)
         return x + out if self.residual else out
 
