@@ -1,4 +1,4 @@
-"""The conv and norm kernels compile for an H100 (sm_90) on this CPU machine, for every variant a layer can ask for.
+"""The conv, norm and backward-finish kernels compile for an H100 (sm_90) on this CPU machine, for every variant.
 
 The interpreter runs Python where the compiler needs Triton (e.g. ``None`` inside a tuple of kernel arguments
 compiles under ``TRITON_INTERPRET=1`` but not for a GPU), so each launch variant is also compiled here.
@@ -19,7 +19,7 @@ import itertools
 from triton import compile as compile_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from medmamba.kernels.backends.triton_scan import conv, norm
+from medmamba.kernels.backends.triton_scan import backward, conv, norm
 
 def build(fn, const, types):
     names = fn.arg_names
@@ -36,11 +36,15 @@ for width, has_bias, silu in [(4, True, True), (4, False, False), (3, False, Tru
 for affine in (True, False):
     build(norm._norm_fwd_kernel, {"HAS_W": affine, "HAS_B": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
     build(norm._norm_bwd_kernel, {"HAS_W": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
+grads = {"dB_ptr": "*bf16", "dC_ptr": "*bf16", "dD_ptr": "*bf16"}
+for has_bc, has_d, has_bias in [(True, True, True), (False, False, True), (True, True, False)]:
+    const = {"HAS_BC": has_bc, "HAS_D": has_d, "HAS_BIAS": has_bias, "BLOCK": 1024}
+    build(backward._bwd_finish_kernel, const, grads)
 print("compiled")
 """
 
 
-def test_conv_and_norm_kernels_compile_for_sm90():
+def test_conv_norm_and_finish_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     run = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

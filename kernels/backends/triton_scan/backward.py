@@ -383,10 +383,69 @@ def _gate_grad_kernel(
     tl.store(dz_ptr + row * L + offs, acc * sig * (1.0 + zz * (1.0 - sig)), mask=mask)
 
 
+@triton.jit
+def _bwd_finish_kernel(
+    dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    L, N, BPG, CH, K, batch, nsplit, n_bc, n_a,
+    HAS_BC: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # The backward's partial sums, summed in a fixed order (deterministic) and stored in the parameters' dtypes, in
+    # one launch: programs [0, n_bc) sum dB and dC over the channel blocks of a group (B, K, G, BPG, N, L) -> (B, K,
+    # G, N, L); then [n_bc, n_bc + n_a) sum dA over batch and segments (B, K, nsplit, C, N) -> (K, C, N); the rest
+    # sum dD and d(delta_bias) likewise (B, K, nsplit, C) -> (K, C).
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    if HAS_BC and pid < n_bc:
+        tiles = tl.cdiv(L, BLOCK)
+        row = (pid // tiles).to(tl.int64)  # (b, k, g, n)
+        q = (pid % tiles) * BLOCK + offs
+        mask = q < L
+        bkg = row // N
+        n = row % N
+        acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_c = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in range(BPG):
+            part = ((bkg * BPG + j) * N + n) * L + q
+            acc_b += tl.load(dB_part_ptr + part, mask=mask, other=0.0)
+            acc_c += tl.load(dC_part_ptr + part, mask=mask, other=0.0)
+        tl.store(dB_ptr + row * L + q, acc_b, mask=mask)
+        tl.store(dC_ptr + row * L + q, acc_c, mask=mask)
+    elif pid < n_bc + n_a:
+        idx = (pid - n_bc) * BLOCK + offs  # (k, c, n) of dA
+        mask = idx < K * CH * N
+        k = idx // (CH * N)
+        within = idx % (CH * N)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for b in range(batch):
+            for s in range(nsplit):
+                acc += tl.load(dA_part_ptr + ((b * K + k) * nsplit + s).to(tl.int64) * CH * N + within, mask=mask,
+                               other=0.0)  # fmt: skip
+        tl.store(dA_ptr + idx, acc, mask=mask)
+    else:
+        idx = (pid - n_bc - n_a) * BLOCK + offs  # (k, c) of dD and d(delta_bias)
+        mask = idx < K * CH
+        k = idx // CH
+        c = idx % CH
+        acc_d = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_bias = tl.zeros([BLOCK], dtype=tl.float32)
+        for b in range(batch):
+            for s in range(nsplit):
+                part = ((b * K + k) * nsplit + s).to(tl.int64) * CH + c
+                if HAS_D:
+                    acc_d += tl.load(dD_part_ptr + part, mask=mask, other=0.0)
+                if HAS_BIAS:
+                    acc_bias += tl.load(dbias_part_ptr + part, mask=mask, other=0.0)
+        if HAS_D:
+            tl.store(dD_ptr + idx, acc_d, mask=mask)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + idx, acc_bias, mask=mask)
+
+
 _bwd_segment_launch = Launcher(_bwd_segment_kernel)
 _bwd_carry_launch = Launcher(_bwd_carry_kernel)
 _bwd_launch = Launcher(_bwd_kernel)
 _gate_grad_launch = Launcher(_gate_grad_kernel)
+_bwd_finish_launch = Launcher(_bwd_finish_kernel)
 
 
 def backward(
@@ -478,12 +537,34 @@ def backward(
         num_warps=launch.num_warps, **launch.options,
     )  # fmt: skip
 
-    dA = dA_part.sum(dim=(0, 2)).to(A.dtype)
-    dD = dD_part.sum(dim=(0, 2)).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(dim=(0, 2)).to(delta_bias.dtype) if delta_bias is not None else None
-    dB = (dB_part[:, :, :, 0] if bpg == 1 else dB_part.sum(dim=3)).to(B.dtype)
-    dC = (dC_part[:, :, :, 0] if bpg == 1 else dC_part.sum(dim=3)).to(C.dtype)
+    dA, dB, dC, dD, dbias = _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit)
     return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+FINISH_BLOCK = 1024  # elements per program of _bwd_finish_kernel
+
+
+def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int):
+    """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops)."""
+    dev, bpg = dA_part.device, dB_part.shape[3]
+    fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)  # else the partials are the gradients
+    if fused_bc:
+        dB = torch.empty(p.batch, p.K, p.groups, p.N, *p.spatial, device=dev, dtype=B.dtype)
+        dC = torch.empty(p.batch, p.K, p.groups, p.N, *p.spatial, device=dev, dtype=C.dtype)
+    else:
+        dB, dC = dB_part[:, :, :, 0], dC_part[:, :, :, 0]
+    dA = torch.empty(p.K, p.channels, p.N, device=dev, dtype=A.dtype)
+    dD = torch.empty(p.K, p.channels, device=dev, dtype=D.dtype) if D is not None else None
+    dbias = torch.empty(p.K, p.channels, device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
+    n_bc = p.batch * p.K * p.groups * p.N * layout.cdiv(p.L, FINISH_BLOCK) if fused_bc else 0
+    n_a = layout.cdiv(p.K * p.channels * p.N, FINISH_BLOCK)
+    n_d = layout.cdiv(p.K * p.channels, FINISH_BLOCK) if (D is not None or delta_bias is not None) else 0
+    _bwd_finish_launch[(n_bc + n_a + n_d,)](
+        dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA, dD if dD is not None else dA,
+        dbias if dbias is not None else dA, p.L, p.N, bpg, p.channels, p.K, p.batch, nsplit, n_bc, n_a,
+        HAS_BC=fused_bc, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BLOCK=FINISH_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return dA, dB, dC, dD, dbias
 
 
 @dataclass(frozen=True)
