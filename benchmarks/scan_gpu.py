@@ -355,6 +355,8 @@ LAUNCH_ROWS = ("S1", "U-Mamba s2 32³", "U-Mamba s3 16³", "SegMamba s2 32³", "
 
 def host_us(fn, calls: int = 20) -> float:
     """Host time of one call in µs: issue ``calls`` calls back to back, without waiting for the GPU."""
+    if DEVICE == "cpu":  # --dry-run
+        calls = 1
     fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -467,8 +469,6 @@ def dry_run(args) -> int:
                 bench_shape(("SegMamba 3-order layer 64³", 1, 2, (3, 4, 5), SEGMAMBA, "bf16", True), 1e12, "H100",
                             1, 1)]  # fmt: skip
     sweep_rows = sweep([("SegMamba 3-order layer 64³", 1, 4, (16, 1, 8), SEGMAMBA, "fp32", True)], reps=(1, 1))
-    global host_us
-    host_us = lambda fn, calls=1: cuda_time(fn, 1, warmup=0)[0] * 1e3  # noqa: E731
     with configs.override(tiny, tiny):
         launch_rows = launch_ab([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], rounds=1, reps=(1, 1))
     print(markdown(info, rows, [], sweep_rows, [], launch_rows))

@@ -515,7 +515,7 @@ def test_gpu_vector_path_matches_torch_backend(dtype):
     # reduce-scatter of dB/dC), with segments, two batch entries and every optional input
     low, ref = make_inputs((8, 16, 48), 1, batch=2, channels=64, N=16, dtype=dtype, seed=5, device="cuda")
     u, B = low[0], low[3]
-    assert configs.forward_config(0).ptx(u.device, 32, 1)
+    assert configs.forward_config().ptx(u.device, 32, 1)
     assert layout.vector_mode((RASTER,), (8, 16, 48), u.unsqueeze(1), B.unsqueeze(1)) == 1
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
     assert_matches_reference(low, ref, (RASTER,), dtype=dtype, other="torch")

@@ -486,18 +486,15 @@ def backward(
     dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype) if z is not None else None
     if z is not None and not gate_grad:  # dz, and the scan passes' output gradient g·silu(z), in one pass
         gy = _gate(gy, pre_gate, z, dz, p, merge)
-    cfg = configs.backward_config(0)
+    cfg = configs.backward_config()
     key = (
         p, orders, delta_softplus, merge, cfg, dev, gate_grad, u.stride(), delta.stride(), B.stride(), C.stride(),
         z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, D is None,
         delta_bias is None, layout.alignment(u, delta, B, C, z_arg, gy), dev.type != "cuda" and layout.interpreted(),
     )  # fmt: skip
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad)
-        if len(_LAUNCHES) >= layout.MEMO_ENTRIES:
-            _LAUNCHES.clear()
-        _LAUNCHES[key] = launch
+    launch = layout.remembered(
+        _LAUNCHES, key, lambda: _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad)
+    )
     nsplit, cps, bpg = launch.nsplit, launch.cps, p.cpg // launch.sub
     if grad_last is None:
         grad_last = torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)

@@ -105,13 +105,13 @@ def _pick(kind: str, default: PassConfig) -> PassConfig:
     return default
 
 
-def forward_config(L: int) -> PassConfig:
-    """Settings of the forward passes for sequences of length ``L``."""
+def forward_config() -> PassConfig:
+    """Settings of the forward passes (the innermost :func:`override`, else the defaults)."""
     return _pick("forward", _FORWARD)
 
 
-def backward_config(L: int) -> PassConfig:
-    """Settings of the backward passes for sequences of length ``L``."""
+def backward_config() -> PassConfig:
+    """Settings of the backward passes (the innermost :func:`override`, else the defaults)."""
     return _pick("backward", _BACKWARD)
 
 

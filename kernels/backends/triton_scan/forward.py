@@ -425,19 +425,17 @@ def forward(
         save: keep every chunk-start state and, with z, the pre-gate output (for the backward).
     """
     dev = u.device
-    cfg = configs.forward_config(0)
+    cfg = configs.forward_config()
     key = (
         u.shape, u.stride(), delta.stride(), B.shape, B.stride(), C.stride(), u.dtype, delta.dtype, B.dtype,
         C.dtype, None if z is None else (z.stride(), z.dtype), A.shape, D is None, delta_bias is None, orders,
         delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z),
         dev.type != "cuda" and layout.interpreted(),  # the emulated GPU path exists only under the interpreter
     )  # fmt: skip
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg)
-        if len(_LAUNCHES) >= layout.MEMO_ENTRIES:
-            _LAUNCHES.clear()
-        _LAUNCHES[key] = launch
+    launch = layout.remembered(
+        _LAUNCHES, key, lambda: _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
+                                                 save, cfg)
+    )  # fmt: skip
     p, nsplit = launch.plan, launch.nsplit
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -524,12 +522,12 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     keep = cfg.save_pre_gate or p.K > 1  # else the backward rebuilds it (backward.GATE_GRAD)
     pre_per_order = not fused_merge and save and z is not None and keep
     # y and the pre-gate output are fresh (B, K, C, *S) tensors: contiguous and aligned
-    y = torch.empty((p.batch, p.K, p.channels, *p.spatial), device="meta", dtype=u.dtype)
+    y_b, y_k, y_c = p.K * p.channels * p.L, p.channels * p.L, p.L
     z_arg = z if z is not None else u
     strides = (
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-        z_arg.stride(0), z_arg.stride(1), y.stride(0), y.stride(1), y.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        z_arg.stride(0), z_arg.stride(1), y_b, y_k, y_c, y_b, y_k, y_c,
     )  # fmt: skip
     ptx = cfg.ptx(dev, sub, num_warps) and p.block_n == p.N
     vec = 0 if lines > 1 else cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -37,6 +38,7 @@ __all__ = [
     "natural_spatial",
     "next_power_of_2",
     "order_table",
+    "remembered",
     "segments",
     "spatial3",
     "strided",
@@ -47,8 +49,9 @@ __all__ = [
 ORDER_COLUMNS = ("fast_size", "mid_size", "fast_stride", "mid_stride", "slow_stride", "reverse")
 
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+T = TypeVar("T")
 
-#: entries of the per-signature launch memos (forward._LAUNCHES, backward._LAUNCHES) before they are cleared
+#: entries of a per-signature launch memo (forward._LAUNCHES, backward._LAUNCHES) before it is cleared
 MEMO_ENTRIES = 256
 
 
@@ -154,6 +157,16 @@ def line_chunks(orders: Sequence[ScanOrder], spatial: Sequence[int], chunk: int,
         if d == 0 and fast > 1:
             align = math.lcm(align, fast // math.gcd(fast, chunk))
     return align if align <= most else 0
+
+
+def remembered(memo: dict, key: tuple, derive: Callable[[], T]) -> T:
+    """``memo[key]``, derived by ``derive()`` on a miss; a memo of ``MEMO_ENTRIES`` entries is cleared first."""
+    value = memo.get(key)
+    if value is None:
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        value = memo[key] = derive()
+    return value
 
 
 def alignment(*tensors: torch.Tensor | None) -> tuple[bool | None, ...]:
