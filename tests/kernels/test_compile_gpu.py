@@ -38,7 +38,8 @@ for affine in (True, False):
     build(norm._norm_bwd_kernel, {"HAS_W": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
 grads = {"dB_ptr": "*bf16", "dC_ptr": "*bf16", "dD_ptr": "*bf16"}
 for has_bc, has_d, has_bias in [(True, True, True), (False, False, True), (True, True, False)]:
-    const = {"HAS_BC": has_bc, "HAS_D": has_d, "HAS_BIAS": has_bias, "BLOCK": 1024}
+    const = {"HAS_BC": has_bc, "HAS_D": has_d, "HAS_BIAS": has_bias, "BLOCK": backward.FINISH_BLOCK,
+             "ROWS": backward.FINISH_ROWS, "COLS": backward.FINISH_COLS}
     build(backward._bwd_finish_kernel, const, grads)
 print("compiled")
 """

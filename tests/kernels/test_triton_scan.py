@@ -168,6 +168,20 @@ def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s):
         assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("rows, cols", [(8, 4), (4, 2)])
+def test_finish_pass_sums_partials_tile_by_tile(monkeypatch, rows, cols):
+    # dA, dD and d(delta_bias) are summed over 2 batches × 6 segments = 12 partial rows, `rows` at a time (the last
+    # tile partial for 8), and over column blocks of `cols` (C·N = 8 and C = 4 columns, two orders)
+    from medmamba.kernels.backends.triton_scan import backward
+
+    monkeypatch.setattr(backward, "FINISH_ROWS", rows)
+    monkeypatch.setattr(backward, "FINISH_COLS", cols)
+    low, ref = make_inputs((4, 6, 8), 2, batch=2, channels=4, seed=4)
+    cfg = P(sub=2, num_warps=1, segments=6)
+    with configs.override(cfg, cfg):
+        assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
+
+
 def test_channels_per_group_not_a_power_of_two_with_default_blocking():
     # 3 channels per group: one channel per step; found by the GPU shape fuzzing (channels 3 and 6 were left
     # unwritten when the forward grid counted channel blocks of the backward's size)

@@ -387,12 +387,13 @@ def _gate_grad_kernel(
 def _bwd_finish_kernel(
     dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dA_ptr, dD_ptr, dbias_ptr,
     L, N, BPG, CH, K, batch, nsplit, n_bc, n_a,
-    HAS_BC: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_BC: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    COLS: tl.constexpr,
 ):  # fmt: skip
     # The backward's partial sums, summed in a fixed order (deterministic) and stored in the parameters' dtypes, in
     # one launch: programs [0, n_bc) sum dB and dC over the channel blocks of a group (B, K, G, BPG, N, L) -> (B, K,
-    # G, N, L); then [n_bc, n_bc + n_a) sum dA over batch and segments (B, K, nsplit, C, N) -> (K, C, N); the rest
-    # sum dD and d(delta_bias) likewise (B, K, nsplit, C) -> (K, C).
+    # G, N, L), BLOCK tokens each; then [n_bc, n_bc + n_a) sum dA over batch and segments (B, K, nsplit, C, N) ->
+    # (K, C, N), COLS columns each; the rest sum dD and d(delta_bias) likewise (B, K, nsplit, C) -> (K, C).
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     if HAS_BC and pid < n_bc:
@@ -410,35 +411,40 @@ def _bwd_finish_kernel(
             acc_c += tl.load(dC_part_ptr + part, mask=mask, other=0.0)
         tl.store(dB_ptr + row * L + q, acc_b, mask=mask)
         tl.store(dC_ptr + row * L + q, acc_c, mask=mask)
-    elif pid < n_bc + n_a:
-        idx = (pid - n_bc) * BLOCK + offs  # (k, c, n) of dA
-        mask = idx < K * CH * N
-        k = idx // (CH * N)
-        within = idx % (CH * N)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for b in range(batch):
-            for s in range(nsplit):
-                acc += tl.load(dA_part_ptr + ((b * K + k) * nsplit + s).to(tl.int64) * CH * N + within, mask=mask,
-                               other=0.0)  # fmt: skip
-        tl.store(dA_ptr + idx, acc, mask=mask)
     else:
-        idx = (pid - n_bc - n_a) * BLOCK + offs  # (k, c) of dD and d(delta_bias)
-        mask = idx < K * CH
-        k = idx // CH
-        c = idx % CH
-        acc_d = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_bias = tl.zeros([BLOCK], dtype=tl.float32)
-        for b in range(batch):
-            for s in range(nsplit):
-                part = ((b * K + k) * nsplit + s).to(tl.int64) * CH + c
+        # dA (columns C·N of each (b, k, segment) row) or dD and d(delta_bias) (columns C): a program sums one
+        # block of columns of one k over all batch × segment rows, ROWS rows at a time (a loop of one row per step
+        # was latency-bound: 4 ms for SegMamba's 8,192 line segments at 64³), then over the tile's rows
+        is_a = pid < n_bc + n_a
+        j = tl.where(is_a, pid - n_bc, pid - n_bc - n_a)
+        width = tl.where(is_a, CH * N, CH)
+        per_k = tl.cdiv(width, COLS)
+        k = j // per_k
+        col = (j % per_k) * COLS + tl.arange(0, COLS)
+        c_ok = col < width
+        r = tl.arange(0, ROWS)
+        acc_a = tl.zeros([ROWS, COLS], dtype=tl.float32)
+        acc_d = tl.zeros([ROWS, COLS], dtype=tl.float32)
+        for r0 in range(0, batch * nsplit, ROWS):
+            rows = r0 + r
+            bs = (rows // nsplit * K + k) * nsplit + rows % nsplit  # (b, k, s) of the partials' rows
+            ok = (rows < batch * nsplit)[:, None] & c_ok[None, :]
+            at = bs.to(tl.int64)[:, None] * width + col[None, :]
+            if is_a:
+                acc_a += tl.load(dA_part_ptr + at, mask=ok, other=0.0)
+            else:
                 if HAS_D:
-                    acc_d += tl.load(dD_part_ptr + part, mask=mask, other=0.0)
+                    acc_a += tl.load(dD_part_ptr + at, mask=ok, other=0.0)
                 if HAS_BIAS:
-                    acc_bias += tl.load(dbias_part_ptr + part, mask=mask, other=0.0)
-        if HAS_D:
-            tl.store(dD_ptr + idx, acc_d, mask=mask)
-        if HAS_BIAS:
-            tl.store(dbias_ptr + idx, acc_bias, mask=mask)
+                    acc_d += tl.load(dbias_part_ptr + at, mask=ok, other=0.0)
+        out = k * width + col
+        if is_a:
+            tl.store(dA_ptr + out, tl.sum(acc_a, axis=0), mask=c_ok)
+        else:
+            if HAS_D:
+                tl.store(dD_ptr + out, tl.sum(acc_a, axis=0), mask=c_ok)
+            if HAS_BIAS:
+                tl.store(dbias_ptr + out, tl.sum(acc_d, axis=0), mask=c_ok)
 
 
 _bwd_segment_launch = Launcher(_bwd_segment_kernel)
@@ -538,7 +544,8 @@ def backward(
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
-FINISH_BLOCK = 1024  # elements per program of _bwd_finish_kernel
+FINISH_BLOCK = 1024  # tokens per program of _bwd_finish_kernel's dB/dC sums
+FINISH_ROWS, FINISH_COLS = 64, 64  # its tile of (batch, segment) rows × columns for the dA, dD, d(delta_bias) sums
 
 
 def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int):
@@ -554,12 +561,13 @@ def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bi
     dD = torch.empty(p.K, p.channels, device=dev, dtype=D.dtype) if D is not None else None
     dbias = torch.empty(p.K, p.channels, device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
     n_bc = p.batch * p.K * p.groups * p.N * layout.cdiv(p.L, FINISH_BLOCK) if fused_bc else 0
-    n_a = layout.cdiv(p.K * p.channels * p.N, FINISH_BLOCK)
-    n_d = layout.cdiv(p.K * p.channels, FINISH_BLOCK) if (D is not None or delta_bias is not None) else 0
+    n_a = p.K * layout.cdiv(p.channels * p.N, FINISH_COLS)
+    n_d = p.K * layout.cdiv(p.channels, FINISH_COLS) if (D is not None or delta_bias is not None) else 0
     _bwd_finish_launch[(n_bc + n_a + n_d,)](
         dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA, dD if dD is not None else dA,
         dbias if dbias is not None else dA, p.L, p.N, bpg, p.channels, p.K, p.batch, nsplit, n_bc, n_a,
-        HAS_BC=fused_bc, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BLOCK=FINISH_BLOCK, num_warps=4,
+        HAS_BC=fused_bc, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BLOCK=FINISH_BLOCK, ROWS=FINISH_ROWS,
+        COLS=FINISH_COLS, num_warps=4,
     )  # fmt: skip
     return dA, dB, dC, dD, dbias
 
