@@ -457,6 +457,23 @@ def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
     assert run(low, ref) == []
 
 
+def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
+    # the default forward settings cap registers only for the per-token path (every order raster, VEC_MODE 1):
+    # there 128 keeps 16 one-warp programs per SM; calls with a strided order spill and keep the compiler's choice
+    import dataclasses
+
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    gpu_like = dataclasses.replace(configs.forward_config(), segments=2, emulate_ptx=True)
+    assert gpu_like.raster_maxnreg == 128
+    for orders, spatial, vec, cap in (((RASTER,), (48,), 1, 128), ((RASTER, SLICE), (2, 4, 6), 0, None)):
+        low, ref = make_inputs(spatial, len(orders), channels=32, N=16, seed=9)
+        with configs.override(forward=gpu_like):
+            assert_matches_reference(low, ref, orders, dtype=torch.float32, grads=False)
+        (launch,) = triton_forward._LAUNCHES.values()
+        assert launch.flags["VEC_MODE"] == vec and launch.flags.get("maxnreg") == cap
+        triton_forward._LAUNCHES.clear()
+
+
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None

@@ -536,6 +536,9 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
         "VEC_MODE": vec, "LINES": lines,
     }  # fmt: skip
+    cap = cfg.raster_maxnreg if vec == 1 else cfg.maxnreg
+    if cap:
+        flags["maxnreg"] = cap
     block = min(1024, layout.next_power_of_2(p.L))
     return _Launch(
         plan=p,
