@@ -19,6 +19,19 @@ from medmamba.kernels.orders import ScanOrder
 
 __all__ = ["causal_conv", "channel_layer_norm", "scan", "unavailable_reason"]
 
+_modules: tuple = ()
+
+
+def _import_modules() -> tuple:
+    # imported on the first call (not with the package: triton may be missing), then kept: an import statement in
+    # the call costs host time on every scan
+    global _modules
+    from . import forward, layout
+    from .autograd import TritonScan
+
+    _modules = (forward, layout, TritonScan)
+    return _modules
+
 
 def unavailable_reason(device: torch.device) -> str | None:
     """``None`` when the Triton scan can run on ``device``, else why not and what to do instead."""
@@ -60,10 +73,7 @@ def scan(
             u, delta, A, B, C, D, z, delta_bias,
             orders=orders, delta_softplus=delta_softplus, merge=merge, return_last_state=return_last_state,
         )  # fmt: skip
-    from . import forward as _forward
-    from . import layout
-    from .autograd import TritonScan
-
+    _forward, layout, TritonScan = _modules or _import_modules()
     nd = u.ndim - 3
     u, delta, B, C = (layout.natural_spatial(x, nd) for x in (u, delta, B, C))
     z = layout.natural_spatial(z, nd) if z is not None else None

@@ -464,8 +464,7 @@ def forward(
     z_arg = z if z is not None else u
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps)
     # what the first pass writes first: the GPU starts while the host allocates the rest
-    y_shape = (p.batch, p.K, p.channels, *p.spatial)
-    y = torch.empty(y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
+    y = torch.empty(launch.y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
     pre = torch.empty_like(y) if launch.pre_per_order else None
     pre_arg = pre if pre is not None else y
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
@@ -503,10 +502,7 @@ def forward(
             y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
             HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=launch.merge_block, num_warps=4,
         )  # fmt: skip
-    elif merge == "sum":  # one order
-        out = y[:, 0]
-        pre = pre[:, 0] if pre is not None else None
-    else:
+    else:  # one order summed: y was allocated as (B, C, *S) (the same memory as (B, 1, C, *S))
         out = y
     return ForwardResult(out, last, states if save else None, pre, p)
 
@@ -532,6 +528,7 @@ class _Launch:
     table: torch.Tensor
     strides: tuple[int, ...]
     flags: dict
+    y_shape: tuple[int, ...] = ()  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
     stage_bc: bool = False  # the carry pass copies 16-bit B and C to fp32 for the main pass (STAGE_BC)
     staged_strides: tuple[int, ...] = ()  # the main pass's strides then (B and C those of the fp32 copies)
 
@@ -587,6 +584,9 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         table=layout.order_table(orders, p.spatial, dev),
         strides=strides,
         flags=flags,
+        y_shape=(p.batch, p.channels, *p.spatial)
+        if (merge == "sum" and p.K == 1)
+        else (p.batch, p.K, p.channels, *p.spatial),
         stage_bc=stage_bc,
         staged_strides=staged,
     )
