@@ -151,6 +151,22 @@ def cuda_time(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def back_to_back_ms(fn, reps: int) -> float:
+    """ms per call of ``reps`` calls issued back to back between two CUDA events: the GPU's time when the host runs
+    ahead (as in a training loop at large shapes), where :func:`cuda_time` also counts a call's host prologue."""
+    if DEVICE == "cpu":  # --dry-run
+        return cuda_time(fn, 1)[0]
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting read + write (kernels.md §4.1)."""
     x = torch.empty(2**30, dtype=torch.float32, device="cuda").normal_()
@@ -199,6 +215,7 @@ def bench_shape(row, bw, card, reps_fwd, reps_bwd, check=True):
     res["fwd_extra_MiB"] = (torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()) / 2**20
     del out
     res["fwd_ms"], res["fwd_min_ms"] = cuda_time(lambda: scan_call(args, orders, "triton"), reps_fwd)
+    res["fwd_b2b_ms"] = back_to_back_ms(lambda: scan_call(args, orders, "triton"), reps_fwd)
 
     grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
 
@@ -216,6 +233,7 @@ def bench_shape(row, bw, card, reps_fwd, reps_bwd, check=True):
     res["fwd_bwd_extra_MiB"] = (torch.cuda.max_memory_allocated() - base - grads) / 2**20
     del leaves
     res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = cuda_time(fwd_bwd, reps_bwd)
+    res["fwd_bwd_b2b_ms"] = back_to_back_ms(fwd_bwd, reps_bwd)
 
     e = 4 if dtname == "fp32" else 2
     fb, bb = floor_bytes(batch, d, L, N, e, z, K)
@@ -407,10 +425,10 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=()) -> 
             f"copy bandwidth {info['copy_TBps']:.2f} TB/s. Command: `{info['command']}`.")  # fmt: skip
     lines = [head, ""]
     lines.append(
-        "| shape | dtype | z | K | fwd ms | upstream fwd | × | fwd+bwd ms | upstream fwd+bwd | × | fwd GB/s | "
-        "fwd × floor | extra MiB fwd / fwd+bwd | err vs torch |"
+        "| shape | dtype | z | K | fwd ms | upstream fwd | × | fwd+bwd ms | upstream fwd+bwd | × | back to back: fwd / "
+        "fwd+bwd ms | fwd GB/s | fwd × floor | extra MiB fwd / fwd+bwd | err vs torch |"
     )
-    lines.append("|" + "---|" * 14)
+    lines.append("|" + "---|" * 15)
     for r in rows:
         up_f = r.get("upstream_fwd_ms")
         up_fb = (r["upstream_fwd_ms"] + r["upstream_bwd_ms"]) if up_f is not None else None
@@ -418,6 +436,7 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=()) -> 
             f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['K']} | {r['fwd_ms']:.3f} | "
             f"{up_f if up_f is not None else '-'} | {r.get('speedup_fwd', float('nan')):.2f} | {r['fwd_bwd_ms']:.3f} | "
             f"{f'{up_fb:.3f}' if up_fb is not None else '-'} | {r.get('speedup_fwd_bwd', float('nan')):.2f} | "
+            f"{r.get('fwd_b2b_ms', float('nan')):.3f} / {r.get('fwd_bwd_b2b_ms', float('nan')):.3f} | "
             f"{r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f} | {r['fwd_extra_MiB']:.0f} / {r['fwd_bwd_extra_MiB']:.0f} | "
             f"{r.get('rel_err_vs_torch', float('nan')):.1e} |"
         )
