@@ -474,20 +474,6 @@ def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
         triton_forward._LAUNCHES.clear()
 
 
-def test_carry_pass_stages_16_bit_b_and_c_as_fp32_for_the_main_pass(monkeypatch):
-    # an all-raster bf16 call on the GPU path, cut into segments: the carry pass copies B and C of both groups to
-    # fp32 (8 programs per (b, k) share 2 groups × 16 states × 2 tiles of 64 tokens, the second partial) and the main
-    # pass reads the copies
-    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
-    monkeypatch.setattr(triton_forward, "STAGE_TOKENS", 64)
-    low, ref = make_inputs((96,), 1, batch=2, channels=128, groups=2, N=16, dtype=torch.bfloat16, seed=12)
-    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True)
-    with configs.override(forward=cfg, backward=cfg):
-        assert_matches_reference(low, ref, (RASTER,), dtype=torch.bfloat16)
-    (launch,) = triton_forward._LAUNCHES.values()
-    assert launch.stage_bc and launch.flags["VEC_MODE"] == 1
-
-
 def test_availability_and_spatial_limit():
     assert triton_scan.unavailable_reason(torch.device("cpu")) is None  # the interpreter is on (conftest)
     assert available_backends("cpu")["triton"] is None

@@ -50,10 +50,6 @@ class PassConfig:
             kernels, S1 bf16 1.03 -> 0.92, U-Mamba's 64³ stage 2.46 -> 1.90, with a few spills to L1. Calls with
             strided orders spill more and ran slower (SegMamba's three orders 8.1 -> 10.7 ms), and the backward
             (255 registers) ran 5-8 % slower with 168 or 200 (benchmarks/RESULTS.md).
-        stage_bc: (forward) in an all-raster call with 16-bit B and C that is cut into segments, let the carry pass
-            copy B and C to fp32 (``(B, K, G, N, L)``, 2·G·N/C of u's size in all) and the main pass read those: its
-            chunk loop then converts no 16-bit halves (sm_90a, bf16: 2,629 -> 2,195 instructions, gated
-            2,997 -> 2,559).
         inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
             launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
         mixed_vectors: take the per-order path (``VEC_MODE`` 2) also for calls that mix raster or reversed orders
@@ -82,7 +78,6 @@ class PassConfig:
     line_segments: bool = True
     maxnreg: int | None = None
     raster_maxnreg: int | None = None
-    stage_bc: bool = True
     inline_ptx: bool = True
     mixed_vectors: bool = False
     lines: bool = False

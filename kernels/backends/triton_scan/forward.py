@@ -43,7 +43,6 @@ __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 CARRY_CHANNELS = 16  # channels per program of the carry passes
 CARRY_SEGMENTS = 32  # segments chained at a time by the carry passes (an associative scan over them)
 CARRY_WARPS = 8
-STAGE_TOKENS = 1024  # tokens per tile of the forward carry pass's fp32 copies of B and C (PassConfig.stage_bc)
 
 
 def carry_segments(nsplit: int) -> int:
@@ -252,35 +251,15 @@ def _fwd_kernel(
 
 @triton.jit
 def _fwd_carry_kernel(
-    A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr, B_ptr, C_ptr, Bf_ptr, Cf_ptr,
-    CH, N, K, nsplit, cps, n_state, L, G, sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
+    A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr,
+    CH, N, K, nsplit, cps, n_state,
     SAVE_STATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    STAGE_BC: tl.constexpr = False, BLOCK_Q: tl.constexpr = 1024,
 ):  # fmt: skip
     # Chains the segments' end states of BLOCK_C channels of one (b, k), first segment to last, into the chunk
     # states (B, K, n_state, N, C). BLOCK_S segments at a time by an associative scan over the affine maps
     # h -> exp(A·ΣΔ)·h + h_seg: a chain of one segment per step was latency-bound.
     bk = tl.program_id(1).to(tl.int64)
     k = bk % K
-    if STAGE_BC:
-        # (an all-raster call with 16-bit B and C) B and C of this (b, k) as fp32 copies Bf, Cf (B, K, G, N, L) for
-        # the main pass, whose chunk loop then converts no 16-bit halves (sm_90a: 14-17 % fewer instructions). Here,
-        # in a pass of its own, the copy costs the scan kernels no registers; the programs of a (b, k) share its
-        # G·N rows of BLOCK_Q-token tiles.
-        tiles = tl.cdiv(L, BLOCK_Q)
-        q_st = tl.arange(0, BLOCK_Q)
-        b_st = bk // K
-        for j in range(tl.program_id(0), G * N * tiles, tl.num_programs(0)):
-            row = j // tiles  # (g, n)
-            q = (j % tiles) * BLOCK_Q + q_st
-            ok_st = q < L
-            g = row // N
-            n_st = row % N
-            src_b = b_st * sB_b + k * sB_k + g * sB_g + n_st * sB_n + q
-            src_c = b_st * sC_b + k * sC_k + g * sC_g + n_st * sC_n + q
-            dst = (bk * G + g) * N * L + n_st * L + q
-            tl.store(Bf_ptr + dst, tl.load(B_ptr + src_b, mask=ok_st, other=0.0).to(tl.float32), mask=ok_st)
-            tl.store(Cf_ptr + dst, tl.load(C_ptr + src_c, mask=ok_st, other=0.0).to(tl.float32), mask=ok_st)
     ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     n = tl.arange(0, BLOCK_N)
     c_ok = ch < CH
@@ -468,7 +447,6 @@ def forward(
     pre = torch.empty_like(y) if launch.pre_per_order else None
     pre_arg = pre if pre is not None else y
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
-    B_main, C_main = B, C
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
@@ -478,21 +456,16 @@ def forward(
         )  # fmt: skip
     states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     if nsplit > 1:
-        if launch.stage_bc:  # the carry pass copies B and C to fp32 for the main pass
-            B_main = torch.empty(p.batch, p.K, p.groups, p.N, p.L, device=dev, dtype=torch.float32)
-            C_main = torch.empty_like(B_main)
         _fwd_carry_launch[launch.carry_grid](
-            A, seg_state, seg_dt, states, B, C, B_main, C_main, p.channels, p.N, p.K, nsplit, launch.cps,
-            launch.n_state, p.L, p.groups, *launch.strides[6:14], SAVE_STATES=save, BLOCK_N=p.block_n,
-            BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), STAGE_BC=launch.stage_bc, BLOCK_Q=STAGE_TOKENS,
+            A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
+            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit),
             num_warps=CARRY_WARPS,
         )  # fmt: skip
 
     _fwd_launch[launch.grid](
-        u, delta, A, B_main, C_main, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table, *common,
-        launch.n_state, nsplit, *(launch.staged_strides if launch.stage_bc else launch.strides),
-        GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save, END_ONLY=False,
-        **launch.flags,
+        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table, *common, launch.n_state,
+        nsplit, *launch.strides, GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None,
+        SAVE_STATES=save, END_ONLY=False, **launch.flags,
     )  # fmt: skip
 
     if launch.fused_merge:
@@ -529,8 +502,6 @@ class _Launch:
     strides: tuple[int, ...]
     flags: dict
     y_shape: tuple[int, ...] = ()  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
-    stage_bc: bool = False  # the carry pass copies 16-bit B and C to fp32 for the main pass (STAGE_BC)
-    staged_strides: tuple[int, ...] = ()  # the main pass's strides then (B and C those of the fp32 copies)
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
@@ -565,10 +536,6 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     cap = cfg.raster_maxnreg if vec == 1 else cfg.maxnreg
     if cap:
         flags["maxnreg"] = cap
-    stage_bc = cfg.stage_bc and vec == 1 and nsplit > 1 and B.element_size() == 2 and C.element_size() == 2
-    f_n = p.L  # the fp32 copies (B, K, G, N, L), contiguous
-    f_g, f_k = p.N * f_n, p.groups * p.N * f_n
-    staged = (*strides[:6], p.K * f_k, f_k, f_g, f_n, p.K * f_k, f_k, f_g, f_n, *strides[14:])
     block = min(1024, layout.next_power_of_2(p.L))
     return _Launch(
         plan=p,
@@ -587,6 +554,4 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         y_shape=(p.batch, p.channels, *p.spatial)
         if (merge == "sum" and p.K == 1)
         else (p.batch, p.K, p.channels, *p.spatial),
-        stage_bc=stage_bc,
-        staged_strides=staged,
     )
