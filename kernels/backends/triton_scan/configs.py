@@ -49,7 +49,7 @@ class PassConfig:
             (the compiler's choice, 162-255 registers, kept 8-12): on an H100 S1 fp32 ran 1.63 -> 1.23 ms of
             kernels, S1 bf16 1.03 -> 0.92, U-Mamba's 64³ stage 2.46 -> 1.90, with a few spills to L1. Calls with
             strided orders spill more and ran slower (SegMamba's three orders 8.1 -> 10.7 ms), and the backward
-            (255 registers) ran 5-8 % slower with 168 or 200 (benchmarks/RESULTS.md).
+            (255 registers) ran 0-11 % slower with 168 or 200 (benchmarks/RESULTS.md).
         inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
             launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
         mixed_vectors: take the per-order path (``VEC_MODE`` 2) also for calls that mix raster or reversed orders

@@ -475,7 +475,7 @@ def forward(
             y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
             HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=launch.merge_block, num_warps=4,
         )  # fmt: skip
-    else:  # one order summed: y was allocated as (B, C, *S) (the same memory as (B, 1, C, *S))
+    else:  # y is the output: (B, K, C, *S) stacked, or allocated as (B, C, *S) for one order summed
         out = y
     return ForwardResult(out, last, states if save else None, pre, p)
 
@@ -537,6 +537,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     if cap:
         flags["maxnreg"] = cap
     block = min(1024, layout.next_power_of_2(p.L))
+    one_summed = merge == "sum" and p.K == 1  # then y, the output, is (B, C, *S): the memory of (B, 1, C, *S)
     return _Launch(
         plan=p,
         cps=cps,
@@ -551,7 +552,5 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         table=layout.order_table(orders, p.spatial, dev),
         strides=strides,
         flags=flags,
-        y_shape=(p.batch, p.channels, *p.spatial)
-        if (merge == "sum" and p.K == 1)
-        else (p.batch, p.K, p.channels, *p.spatial),
+        y_shape=(p.batch, p.channels, *p.spatial) if one_summed else (p.batch, p.K, p.channels, *p.spatial),
     )
