@@ -17,6 +17,7 @@ Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -275,15 +276,19 @@ def bench_torch_backend(card):
 
 def sweep_variants() -> list[tuple[str, configs.PassConfig | None]]:
     """The settings ``--sweep`` compares: the defaults, then each opt-in path of configs.PassConfig."""
-    P = configs.PassConfig
-    base = {"sub": 32, "num_warps": 1, "fill": 8, "fill_strided": 32}
+    base = configs.forward_config()  # each variant changes one setting of the defaults
+
+    def variant(**changes):
+        return dataclasses.replace(base, **changes)
+
     return [
         ("default", None),
-        ("mixed_vectors", P(**base, mixed_vectors=True)),
-        ("lines", P(**base, lines=True)),
-        ("save_pre_gate=False", P(**base, save_pre_gate=False)),
-        ("line_segments=False", P(**base, line_segments=False)),
-        ("no line segments, fill_strided=48", P(**{**base, "fill_strided": 48}, line_segments=False)),
+        ("raster_maxnreg=None (the compiler's registers)", variant(raster_maxnreg=None)),
+        ("mixed_vectors", variant(mixed_vectors=True)),
+        ("lines", variant(lines=True)),
+        ("save_pre_gate=False", variant(save_pre_gate=False)),
+        ("line_segments=False", variant(line_segments=False)),
+        ("no line segments, fill_strided=48", variant(fill_strided=48, line_segments=False)),
     ]
 
 
