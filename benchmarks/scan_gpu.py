@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton selective scan: builds, checks and times in one call.
 
-    python benchmarks/scan_gpu.py [--out DIR] [--sweep] [--layer] [--launch] [--quick]
+    python benchmarks/scan_gpu.py [--out DIR] [--sweep] [--layer] [--launch] [--profile] [--quick]
 
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
@@ -11,7 +11,8 @@ peak extra device memory beyond inputs and outputs. ``--sweep`` compares the def
 path of configs.PassConfig, ``--layer`` times
 MambaLayer (SegMamba's stage-0 mixer pair) on both backends, ``--launch`` times the host-bound rows and S1 with
 Triton's own kernel launches and the direct ones (launch.py), interleaved, with the host time of a forward call.
-Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
+``--profile`` lists the GPU time of each kernel of a call (torch.profiler) beside the call's per-call median: what
+the kernels take and what the host adds. Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
 """
 
 from __future__ import annotations
@@ -425,7 +426,47 @@ def _launch_row(row, rounds, reps) -> list[dict]:
     return out
 
 
-def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=()) -> str:
+PROFILE_ROWS = ("S1", "U-Mamba s3 16³", "SegMamba s3 16³", "SegMamba 3-order layer 64³")
+
+
+def kernel_profile(rows, calls: int = 5) -> list[dict]:
+    """GPU time per kernel of each row's forward and forward+backward, per call (torch.profiler, CUDA activity),
+    beside the call's CUDA-event median (:func:`cuda_time`): their difference is the host's share of a call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for name, batch, d, spatial, orders, dtname, z in rows:
+        dtype = DTYPES[dtname]
+        args = make_inputs(batch, d, spatial, orders, dtype, z)
+        grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
+
+        def fwd(args=args, orders=orders):
+            scan_call(args, orders, "triton")
+
+        def fwd_bwd(args=args, orders=orders, grad_out=grad_out):
+            res, _ = scan_call(args, orders, "triton", grad=True)
+            res.backward(grad_out)
+
+        for tag, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            per_call, _ = cuda_time(fn, 10)
+            activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+            with profile(activities=[activity]) as prof:
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+            kernels = sorted(
+                ({"name": e.key, "ms": e.device_time_total / calls / 1e3, "per_call": e.count / calls}
+                 for e in prof.key_averages() if e.device_time_total > 0),
+                key=lambda k: -k["ms"],
+            )  # fmt: skip
+            out.append({"shape": name, "dtype": dtname, "z": z, "pass": tag, "per_call_ms": per_call,
+                        "kernels_ms": sum(k["ms"] for k in kernels), "kernels": kernels})  # fmt: skip
+            print(f"profile {name} {dtname} {tag}: per call {per_call:.3f} ms, kernels {out[-1]['kernels_ms']:.3f} ms",
+                  flush=True)  # fmt: skip
+    return out
+
+
+def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), profile_rows=()) -> str:
     head = (f"Card: {info['card_name']} ({info['card']}), torch {info['torch']}, triton {info['triton']}; "
             f"copy bandwidth {info['copy_TBps']:.2f} TB/s. Command: `{info['command']}`.")  # fmt: skip
     lines = [head, ""]
@@ -473,6 +514,14 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=()) -> 
                 med = {f: statistics.median(r[f] for r in got) for f in ("fwd_ms", "fwd_bwd_ms", "host_us")}
                 cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}, {med['host_us']:.0f}")
             lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {cells[0]} | {cells[1]} |")
+    if profile_rows:
+        head = ("| kernels of a call (torch.profiler) | dtype | pass | per call ms | kernels ms | largest kernels: "
+                "ms per call (launches per call) |")  # fmt: skip
+        lines += ["", head, "|---|---|---|---|---|---|"]
+        for r in profile_rows:
+            top = "; ".join(f"{k['name'][:40]} {k['ms']:.3f} (×{k['per_call']:g})" for k in r["kernels"][:5])
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['pass']} | {r['per_call_ms']:.3f} | "
+                         f"{r['kernels_ms']:.3f} | {top} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -495,7 +544,8 @@ def dry_run(args) -> int:
     sweep_rows = sweep([("SegMamba 3-order layer 64³", 1, 4, (16, 1, 8), SEGMAMBA, "fp32", True)], reps=(1, 1))
     with configs.override(tiny, tiny):
         launch_rows = launch_ab([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], rounds=1, reps=(1, 1))
-    print(markdown(info, rows, [], sweep_rows, [], launch_rows))
+        profile_rows = kernel_profile([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], calls=1)
+    print(markdown(info, rows, [], sweep_rows, [], launch_rows, profile_rows))
     return 0
 
 
@@ -505,6 +555,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--layer", action="store_true")
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-shapes", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
@@ -525,13 +576,14 @@ def main() -> int:
     print(json.dumps(info), flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, torch_rows, sweep_rows, layer_rows, launch_rows = [], [], [], [], []
+    rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows = [], [], [], [], [], []
 
     def save():
         payload = {"info": info, "rows": rows, "torch": torch_rows, "sweep": sweep_rows, "layer": layer_rows,
-                   "launch": launch_rows}  # fmt: skip
+                   "launch": launch_rows, "profile": profile_rows}  # fmt: skip
         (out_dir / "scan_gpu.json").write_text(json.dumps(payload, indent=1))
-        (out_dir / "scan_gpu.md").write_text(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows))
+        md = markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows)
+        (out_dir / "scan_gpu.md").write_text(md)
 
     t0 = time.time()
     if args.sweep:
@@ -554,7 +606,10 @@ def main() -> int:
         picked = [r for r in shapes(False) if r[0] in LAUNCH_ROWS and (r[0] != "S1" or not r[6])]
         launch_rows.extend(launch_ab(picked))
         save()
-    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows))
+    if args.profile:
+        profile_rows.extend(kernel_profile([r for r in shapes(False) if r[0] in PROFILE_ROWS]))
+        save()
+    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows))
     return 0
 
 
