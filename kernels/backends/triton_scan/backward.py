@@ -395,11 +395,10 @@ def _bwd_finish_kernel(
     # G, N, L), BLOCK tokens each; then [n_bc, n_bc + n_a) sum dA over batch and segments (B, K, nsplit, C, N) ->
     # (K, C, N), COLS columns each; the rest sum dD and d(delta_bias) likewise (B, K, nsplit, C) -> (K, C).
     pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
     if HAS_BC and pid < n_bc:
         tiles = tl.cdiv(L, BLOCK)
         row = (pid // tiles).to(tl.int64)  # (b, k, g, n)
-        q = (pid % tiles) * BLOCK + offs
+        q = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
         mask = q < L
         bkg = row // N
         n = row % N
@@ -423,28 +422,28 @@ def _bwd_finish_kernel(
         col = (j % per_k) * COLS + tl.arange(0, COLS)
         c_ok = col < width
         r = tl.arange(0, ROWS)
-        acc_a = tl.zeros([ROWS, COLS], dtype=tl.float32)
-        acc_d = tl.zeros([ROWS, COLS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, COLS], dtype=tl.float32)  # dA, or dD
+        acc_bias = tl.zeros([ROWS, COLS], dtype=tl.float32)
         for r0 in range(0, batch * nsplit, ROWS):
             rows = r0 + r
             bs = (rows // nsplit * K + k) * nsplit + rows % nsplit  # (b, k, s) of the partials' rows
             ok = (rows < batch * nsplit)[:, None] & c_ok[None, :]
             at = bs.to(tl.int64)[:, None] * width + col[None, :]
             if is_a:
-                acc_a += tl.load(dA_part_ptr + at, mask=ok, other=0.0)
+                acc += tl.load(dA_part_ptr + at, mask=ok, other=0.0)
             else:
                 if HAS_D:
-                    acc_a += tl.load(dD_part_ptr + at, mask=ok, other=0.0)
+                    acc += tl.load(dD_part_ptr + at, mask=ok, other=0.0)
                 if HAS_BIAS:
-                    acc_d += tl.load(dbias_part_ptr + at, mask=ok, other=0.0)
+                    acc_bias += tl.load(dbias_part_ptr + at, mask=ok, other=0.0)
         out = k * width + col
         if is_a:
-            tl.store(dA_ptr + out, tl.sum(acc_a, axis=0), mask=c_ok)
+            tl.store(dA_ptr + out, tl.sum(acc, axis=0), mask=c_ok)
         else:
             if HAS_D:
-                tl.store(dD_ptr + out, tl.sum(acc_a, axis=0), mask=c_ok)
+                tl.store(dD_ptr + out, tl.sum(acc, axis=0), mask=c_ok)
             if HAS_BIAS:
-                tl.store(dbias_ptr + out, tl.sum(acc_d, axis=0), mask=c_ok)
+                tl.store(dbias_ptr + out, tl.sum(acc_bias, axis=0), mask=c_ok)
 
 
 _bwd_segment_launch = Launcher(_bwd_segment_kernel)

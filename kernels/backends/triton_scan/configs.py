@@ -10,7 +10,6 @@ exercise chunking, segments and sub-blocks on tiny inputs.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -86,7 +85,7 @@ class PassConfig:
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:
         """Whether a launch with these settings takes the inline-PTX path."""
-        emulated = self.emulate_ptx and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+        emulated = self.emulate_ptx and device.type == "cpu" and layout.interpreted()
         return self.inline_ptx and (device.type == "cuda" or emulated) and sub == 32 and num_warps == 1
 
     def vector_mode(

@@ -497,11 +497,11 @@ class _Launch:
     merge_grid: tuple[int, int]
     merge_block: int
     fused_merge: bool
-    pre_per_order: bool  # allocate the pre-gate output (B, K, C, *S) beside y
+    pre_per_order: bool  # allocate the pre-gate output beside y, shaped like it
     table: torch.Tensor
     strides: tuple[int, ...]
     flags: dict
-    y_shape: tuple[int, ...] = ()  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
+    y_shape: tuple[int, ...]  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .layout import interpreted
+
 __all__ = ["Launcher", "argument_key", "launch_mode", "use_mode"]
 
 _MODES = ("direct", "jit", "check")
@@ -33,7 +35,7 @@ _MAX_ENTRIES = 512  # remembered kernels per Launcher (one per argument key); cl
 
 def launch_mode() -> str:
     """``direct`` (the default), ``jit`` or ``check`` from ``MEDMAMBA_TRITON_LAUNCH``; ``jit`` under the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreted():
         return "jit"
     mode = os.environ.get("MEDMAMBA_TRITON_LAUNCH", "direct")
     if mode not in _MODES:
@@ -58,7 +60,7 @@ def use_mode(mode: str) -> Iterator[None]:
     _load_all()
     before = [(launcher, launcher.mode) for launcher in _LAUNCHERS]
     for launcher, _ in before:
-        launcher.mode = "jit" if os.environ.get("TRITON_INTERPRET") == "1" else mode
+        launcher.mode = "jit" if interpreted() else mode
     try:
         yield
     finally:
