@@ -399,8 +399,9 @@ def launch_ab(rows, rounds: int = 2, reps=(30, 20)) -> list[dict]:
     return [r for row in rows for r in _launch_row(row, rounds, reps)]
 
 
-def _launch_row(row, rounds, reps) -> list[dict]:
-    name, batch, d, spatial, orders, dtname, z = row
+def row_calls(row):
+    """``(fwd, fwd_bwd)``: a row's Triton forward (no grad) and forward+backward on fresh random inputs."""
+    _, batch, d, spatial, orders, dtname, z = row
     dtype = DTYPES[dtname]
     args = make_inputs(batch, d, spatial, orders, dtype, z)
     grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
@@ -412,6 +413,12 @@ def _launch_row(row, rounds, reps) -> list[dict]:
         res, _ = scan_call(args, orders, "triton", grad=True)
         res.backward(grad_out)
 
+    return fwd, fwd_bwd
+
+
+def _launch_row(row, rounds, reps) -> list[dict]:
+    name, *_, dtname, z = row
+    fwd, fwd_bwd = row_calls(row)
     out = []
     for rnd in range(rounds):
         for mode in ("jit", "direct"):
@@ -435,19 +442,9 @@ def kernel_profile(rows, calls: int = 5) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     out = []
-    for name, batch, d, spatial, orders, dtname, z in rows:
-        dtype = DTYPES[dtname]
-        args = make_inputs(batch, d, spatial, orders, dtype, z)
-        grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
-
-        def fwd(args=args, orders=orders):
-            scan_call(args, orders, "triton")
-
-        def fwd_bwd(args=args, orders=orders, grad_out=grad_out):
-            res, _ = scan_call(args, orders, "triton", grad=True)
-            res.backward(grad_out)
-
-        for tag, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+    for row in rows:
+        name, *_, dtname, z = row
+        for tag, fn in zip(("fwd", "fwd+bwd"), row_calls(row), strict=True):
             per_call, _ = cuda_time(fn, 10)
             activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
             with profile(activities=[activity]) as prof:
