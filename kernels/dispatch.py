@@ -18,7 +18,7 @@ import torch
 
 from .errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "BackendName", "available_backends", "resolve_backend", "use_backend"]
+__all__ = ["BACKENDS", "OWN_AUTOGRAD", "BackendName", "available_backends", "resolve_backend", "use_backend"]
 
 BackendName = Literal["auto", "reference", "torch", "triton"]
 
@@ -28,6 +28,11 @@ BACKENDS: dict[str, str] = {
     "torch": "torch_scan",
     "triton": "triton_scan",
 }
+
+#: backends whose ``scan`` is one autograd Function: with gradients on, ``selective_scan`` hands them views that
+#: autograd did not record plus the arguments as given (``given=``), and they map their gradients back
+#: (``canonical.grads_as_given``); the others get recorded views and differentiate through them
+OWN_AUTOGRAD = frozenset({"triton"})
 
 _override_stack: list[str] = []
 

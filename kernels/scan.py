@@ -1,15 +1,7 @@
 """``selective_scan``: the one entry point through which every network runs its selective scan.
 
-It validates the arguments once, brings them to one canonical set of shapes, picks a backend and returns a
-:class:`ScanResult`. Backends trust what it hands them.
-
-Canonical shapes handed to a backend (K orders, C channels, G groups, N states, S the spatial shape)::
-
-    u, delta     (B, K, C, *S)   natural layout per order (a stride-0 expand when shared)
-    A            (K, C, N)       real, negative for a decaying state
-    B, C         (B, K, G, N, *S)
-    D, delta_bias (K, C) or None
-    z            (B, C, *S) or None, shared by all orders
+It validates the arguments once, brings them to one canonical set of shapes (``canonical.py``), picks a backend
+and returns a :class:`ScanResult`. Backends trust what it hands them.
 """
 
 from __future__ import annotations
@@ -19,7 +11,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .dispatch import BackendName, resolve_backend
+from .canonical import canonical_views
+from .dispatch import OWN_AUTOGRAD, BackendName, resolve_backend
 from .errors import ScanInputError
 from .orders import RASTER, ScanOrder
 
@@ -98,95 +91,25 @@ def selective_scan(
         raise ScanInputError(f"orders must be a non-empty sequence of ScanOrder, got {orders!r}")
     if merge not in ("sum", "stack"):
         raise ScanInputError(f"merge must be 'sum' or 'stack', got {merge!r}")
-    canonical = _canonicalise(u, delta, A, B, C, D, z, delta_bias, orders)
+    given = (u, delta, A, B, C, D, z, delta_bias)
+    grad = torch.is_grad_enabled()
+    if grad:  # unrecorded views first: one autograd node per view costs more host time than a small scan's kernels
+        with torch.no_grad():
+            canonical = canonical_views(*given, orders)
+        grad = any(x is not None and x.requires_grad for x in given)
+    else:
+        canonical = canonical_views(*given, orders)
     for order in orders:
         order.resolve(canonical[0].ndim - 3)
-    _, run = resolve_backend(backend, u.device)
-    out, last = run(
-        *canonical, orders=orders, delta_softplus=delta_softplus, merge=merge, return_last_state=return_last_state
-    )
+    name, run = resolve_backend(backend, u.device)
+    if grad and name in OWN_AUTOGRAD:  # its Function maps the gradients back (canonical.grads_as_given)
+        out, last = run(*canonical, orders=orders, delta_softplus=delta_softplus, merge=merge,
+                        return_last_state=return_last_state, given=given)  # fmt: skip
+    else:
+        if grad:  # recorded views: these backends differentiate through them
+            canonical = canonical_views(*given, orders)
+        out, last = run(*canonical, orders=orders, delta_softplus=delta_softplus, merge=merge,
+                        return_last_state=return_last_state)  # fmt: skip
     if last is not None and K == 1:
         last = last[:, 0]
     return ScanResult(out, last)
-
-
-def _shape(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.shape)
-
-
-def _canonicalise(u, delta, A, B, C, D, z, delta_bias, orders):
-    K = len(orders)
-    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
-        if not isinstance(x, torch.Tensor):
-            raise ScanInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.is_complex():
-            raise ScanInputError(f"{name} is complex ({x.dtype}); only real selective scans are supported")
-        if not x.is_floating_point():
-            raise ScanInputError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if x.device != u.device:
-            raise ScanInputError(f"{name} is on {x.device} but u is on {u.device}; put all inputs on one device")
-
-    per_order = K > 1
-    nd = u.ndim - (3 if per_order else 2)
-    layout = "(B, K, C, *S)" if per_order else "(B, C, *S)"
-    if nd < 1:
-        raise ScanInputError(f"u must be {layout} with at least one spatial axis, got shape {_shape(u)}")
-    u4 = u if per_order else u.unsqueeze(1)
-    batch, _, channels, *spatial = u4.shape
-    if per_order and u4.shape[1] != K:
-        raise ScanInputError(f"u has {u4.shape[1]} orders on axis 1 but {K} orders were given; expected {layout}")
-    if _shape(delta) != _shape(u):
-        raise ScanInputError(f"delta must have the shape of u {_shape(u)}, got {_shape(delta)}")
-    delta4 = delta if per_order else delta.unsqueeze(1)
-
-    A3 = A if A.ndim == 3 else A.unsqueeze(0)
-    if A3.ndim != 3 or A3.shape[:2] != (K, channels):
-        expected = f"({K}, {channels}, N)" + (f" or ({channels}, N)" if K == 1 else "")
-        raise ScanInputError(f"A must be {expected}, got {_shape(A)}")
-    N = A3.shape[2]
-
-    B5, C5 = (_canonical_bc(name, x, batch, K, channels, N, spatial) for name, x in (("B", B), ("C", C)))
-    if B5.shape[2] != C5.shape[2]:
-        raise ScanInputError(f"B and C must have the same number of groups, got {B5.shape[2]} and {C5.shape[2]}")
-
-    def per_channel(name: str, x: torch.Tensor | None) -> torch.Tensor | None:
-        if x is None:
-            return None
-        x2 = x if x.ndim == 2 else x.unsqueeze(0)
-        if x2.shape != (K, channels) or x.device != u.device:
-            expected = f"({K}, {channels})" + (f" or ({channels},)" if K == 1 else "")
-            raise ScanInputError(f"{name} must be {expected} on {u.device}, got {_shape(x)} on {x.device}")
-        return x2
-
-    if z is not None and (_shape(z) != (batch, channels, *spatial) or z.device != u.device):
-        raise ScanInputError(f"z must be {(batch, channels, *spatial)} on {u.device}, got {_shape(z)} on {z.device}")
-    return u4, delta4, A3, B5, C5, per_channel("D", D), z, per_channel("delta_bias", delta_bias)
-
-
-def _canonical_bc(name, x, batch, K, channels, N, spatial):
-    nd = len(spatial)
-    if x.ndim == (2 if K == 1 else 3):  # constant per channel: one group per channel, broadcast over S
-        x3 = x if x.ndim == 3 else x.unsqueeze(0)
-        if x3.shape != (K, channels, N):
-            raise ScanInputError(f"constant {name} must be {(K, channels, N)[3 - x.ndim :]}, got {_shape(x)}")
-        return x3.reshape(1, K, channels, N, *([1] * nd)).expand(batch, K, channels, N, *spatial)
-    extra = x.ndim - nd
-    if K == 1 and extra in (2, 3):
-        x5 = x.unsqueeze(1).unsqueeze(1) if extra == 2 else x.unsqueeze(1)
-    elif extra == 4:
-        x5 = x
-    else:
-        x5 = None
-    ok = (
-        x5 is not None
-        and x5.shape[0] == batch
-        and x5.shape[1] == K
-        and x5.shape[3] == N
-        and tuple(x5.shape[4:]) == tuple(spatial)
-        and channels % x5.shape[2] == 0
-    )
-    if not ok:
-        S = ", ".join(map(str, spatial))
-        forms = f"({batch}, {N}, {S}) or ({batch}, G, {N}, {S})" if K == 1 else f"({batch}, {K}, G, {N}, {S})"
-        raise ScanInputError(f"{name} must be {forms} with G dividing C={channels}, or constant; got {_shape(x)}")
-    return x5

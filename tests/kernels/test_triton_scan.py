@@ -221,6 +221,47 @@ def test_shared_input_expanded_over_orders_and_constant_bc():
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+def test_autograd_sees_one_node_whose_gradients_have_the_arguments_shapes():
+    # one order: selective_scan adds an axis to u, delta, A, B, C, D and delta_bias. Those views are not recorded:
+    # the Function's inputs are the arguments as given, and its gradients come back in their shapes
+    low, ref = make_inputs((3, 5), 1, channels=4, N=3, groups=2, seed=19)
+    with configs.override(TINY, TINY_SEGMENTS):
+        got = selective_scan(*low, backend="triton", return_last_state=True)
+        edges = [f for f, _ in got.out.grad_fn.next_functions]
+        assert [type(f).__name__ for f in edges] == ["AccumulateGrad"] * len(low)
+        assert [f.variable for f in edges] == low
+        grads = weighted_grads(got, low)
+    want = selective_scan(*ref, backend="reference", return_last_state=True)
+    for name, a, b, x in zip(NAMES, grads, weighted_grads(want, ref), low, strict=True):
+        assert a.shape == x.shape, name
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0),
+                                   msg=lambda m, name=name: f"gradient of {name}: {m}")  # fmt: skip
+
+
+def test_one_order_constant_bc_and_either_output_alone_get_the_reference_gradients():
+    # constant (C, N) B and C of one order: their gradients are sums over batch and space. Each output alone:
+    # the unused one's gradient is never materialised (a zero adjoint kept per shape stands in for the last state's)
+    g = generator(23)
+    ch, N, spatial = 3, 2, (4, 5)
+    args = [torch.randn(2, ch, *spatial, generator=g, dtype=torch.float64),
+            torch.randn(2, ch, *spatial, generator=g, dtype=torch.float64) * 0.5,
+            -(torch.rand(ch, N, generator=g, dtype=torch.float64) + 0.5),
+            torch.randn(ch, N, generator=g, dtype=torch.float64), torch.randn(ch, N, generator=g, dtype=torch.float64),
+            torch.randn(ch, generator=g, dtype=torch.float64)]  # fmt: skip
+    low = [a.float().requires_grad_() for a in args]
+    ref = [a.clone().requires_grad_() for a in args]
+    for use in ("out", "last_state"):
+        with configs.override(TINY_SEGMENTS, TINY):
+            got = selective_scan(*low, backend="triton", return_last_state=True)._asdict()[use]
+            g_got = torch.autograd.grad(got.square().sum(), low, materialize_grads=True)
+        want = selective_scan(*ref, backend="reference", return_last_state=True)._asdict()[use]
+        g_want = torch.autograd.grad(want.square().sum(), ref, materialize_grads=True)  # C and D: zero for last
+        for name, a, b, x in zip(NAMES, g_got, g_want, low, strict=False):
+            assert a.shape == x.shape, name
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1e-3),
+                                       msg=lambda m, name=name, use=use: f"{use}: gradient of {name}: {m}")  # fmt: skip
+
+
 def test_inference_path_saves_nothing_and_agrees_with_training_path():
     orders = (RASTER, REVERSED, SLICE)
     low, _ = make_inputs((3, 3, 5), 3, seed=13)

@@ -60,15 +60,22 @@ def scan(
     delta_softplus: bool,
     merge: str,
     return_last_state: bool,
+    given: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Selective scan over canonical shapes (kernels/scan.py) with the Triton kernels.
+    """Selective scan over canonical shapes (kernels/canonical.py) with the Triton kernels.
 
     State and sums in fp32, output in the dtype of ``u``. float64 inputs run on the torch backend: the kernels
     compute in fp32 and would silently lose the precision asked for.
+
+    ``given``: the arguments of ``selective_scan`` as given, when gradients are on. The canonical tensors are then
+    views that autograd did not record, and the autograd Function connects the outputs to ``given`` instead.
     """
     if u.dtype == torch.float64:
         from medmamba.kernels.backends import torch_scan
+        from medmamba.kernels.canonical import canonical_views
 
+        if given is not None:  # torch's ops differentiate through the views: record them
+            u, delta, A, B, C, D, z, delta_bias = canonical_views(*given, orders)
         return torch_scan.scan(
             u, delta, A, B, C, D, z, delta_bias,
             orders=orders, delta_softplus=delta_softplus, merge=merge, return_last_state=return_last_state,
@@ -79,8 +86,10 @@ def scan(
     z = layout.natural_spatial(z, nd) if z is not None else None
     orders = tuple(orders)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
-        out, last = TritonScan.apply(*tensors, orders, delta_softplus, merge)
+    if given is None and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        given = tensors  # called with recorded views (or directly): they are the Function's inputs
+    if given is not None:
+        out, last = TritonScan.apply(tensors, *given, orders, delta_softplus, merge)
     else:
         res = _forward.forward(*tensors, orders=orders, delta_softplus=delta_softplus, merge=merge, save=False)
         out, last = res.out, res.last_state

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from medmamba.kernels.canonical import grads_as_given
+
 from . import backward as _backward
 from . import forward as _forward
 
@@ -11,17 +13,26 @@ __all__ = ["TritonScan"]
 
 
 class TritonScan(torch.autograd.Function):
-    """``(out, last_state) = scan(u, delta, A, B, C, D, z, delta_bias)`` over canonical shapes (kernels/scan.py).
+    """``(out, last_state) = scan(u, delta, A, B, C, D, z, delta_bias)`` over canonical shapes (kernels/canonical.py).
 
-    Saved for backward: the inputs as given (no copies), the fp32 chunk-start states ``(B, K, nchunks, N, C)``
+    ``apply(canonical, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge)``: the kernels read the
+    eight ``canonical`` tensors (views of the arguments, not recorded by autograd); the gradients go to the
+    arguments as given, in their shapes (``canonical.grads_as_given``).
+
+    Saved for backward: the canonical views (no copies), the fp32 chunk-start states ``(B, K, nchunks, N, C)``
     (``N/BLOCK_T`` of an fp32 copy of u: one full copy at N = 16, BLOCK_T = 16) and, with a gate, the pre-gate
     output in the input dtype (``(B, C, *S)`` for ``merge="sum"``, ``(B, K, C, *S)`` for ``"stack"``; with one
     order and ``PassConfig(save_pre_gate=False)`` none: the backward rebuilds it).
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge):  # type: ignore[override]
+    def forward(ctx, canonical, *given_and_flags):  # type: ignore[override]
         """Run the forward kernels, saving the chunk-start states."""
+        *given, orders, delta_softplus, merge = given_and_flags
+        u, delta, A, B, C, D, z, delta_bias = canonical
+        # an unused last state's gradient stays None (no zeros materialised by the engine on every call)
+        ctx.set_materialize_grads(False)
+        ctx.given_shapes = tuple(x.shape if x is not None else None for x in given)
         res = _forward.forward(
             u, delta, A, B, C, D, z, delta_bias, orders=orders, delta_softplus=delta_softplus, merge=merge, save=True
         )
@@ -36,5 +47,6 @@ class TritonScan(torch.autograd.Function):
         grads = _backward.backward(
             grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, states, pre_gate,
             p=ctx.plan, orders=ctx.orders, delta_softplus=ctx.delta_softplus, merge=ctx.merge,
+            given_shapes=ctx.given_shapes,
         )  # fmt: skip
-        return (*grads, None, None, None)
+        return (None, *grads_as_given(grads, ctx.given_shapes), None, None, None)

@@ -24,6 +24,7 @@ Segments: ``_bwd_segment_kernel`` computes each segment's outgoing adjoint from 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -471,9 +472,16 @@ def backward(
     orders: Sequence[ScanOrder],
     delta_softplus: bool,
     merge: str,
+    given_shapes: tuple | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs."""
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs.
+
+    ``given_shapes``: the shapes of the arguments as given (canonical.py); a gradient is allocated in its argument's
+    shape wherever that holds the same elements in the same order (an added axis of size one), which spares a view
+    per gradient on the way back. A constant B or C keeps its broadcast shape.
+    """
     dev = u.device
+    shapes = _grad_shapes(p, given_shapes)
     nd = len(p.spatial)
     A32 = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A32
@@ -488,7 +496,7 @@ def backward(
         )
     gy = layout.natural_spatial(grad_out, nd)
     gate_grad = z is not None and pre_gate is None  # dz in the kernel (PassConfig.save_pre_gate, one order)
-    dz = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=z.dtype) if z is not None else None
+    dz = torch.empty(shapes[6], device=dev, dtype=z.dtype) if z is not None else None
     if z is not None and not gate_grad:  # dz, and the scan passes' output gradient g·silu(z), in one pass
         gy = _gate(gy, pre_gate, z, dz, p, merge)
     cfg = configs.backward_config()
@@ -501,8 +509,11 @@ def backward(
         _LAUNCHES, key, lambda: _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad)
     )
     nsplit, cps, bpg = launch.nsplit, launch.cps, p.cpg // launch.sub
-    if grad_last is None:
-        grad_last = torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
+    if grad_last is None:  # the last state was not used: a zero adjoint, allocated once per shape (read only)
+        grad_last = layout.remembered(
+            _ZERO_ADJOINTS, (p.batch, p.K, p.channels, p.N, dev),
+            lambda: torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32),
+        )  # fmt: skip
     grad_last = grad_last.float().contiguous()  # (B, K, C, N): the adjoint after the last token
     rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
 
@@ -520,8 +531,8 @@ def backward(
             BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
         )  # fmt: skip
 
-    du = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=u.dtype)
-    ddelta = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=dev, dtype=delta.dtype)
+    du = torch.empty(shapes[0], device=dev, dtype=u.dtype)
+    ddelta = torch.empty(shapes[1], device=dev, dtype=delta.dtype)
     dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
     dC_part = torch.empty_like(dB_part)
     # per-segment partials and per-state slots, channels fastest: (B, K, nsplit, [N,] C)
@@ -539,7 +550,9 @@ def backward(
         num_warps=launch.num_warps, **launch.options,
     )  # fmt: skip
 
-    dA, dB, dC, dD, dbias = _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit)
+    dA, dB, dC, dD, dbias = _finish(
+        dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, shapes
+    )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
@@ -547,18 +560,18 @@ FINISH_BLOCK = 1024  # tokens per program of _bwd_finish_kernel's dB/dC sums
 FINISH_ROWS, FINISH_COLS = 64, 64  # its tile of (batch, segment) rows × columns for the dA, dD, d(delta_bias) sums
 
 
-def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int):
+def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int, shapes):
     """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops)."""
     dev, bpg = dA_part.device, dB_part.shape[3]
     fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)  # else the partials are the gradients
     if fused_bc:
-        dB = torch.empty(p.batch, p.K, p.groups, p.N, *p.spatial, device=dev, dtype=B.dtype)
-        dC = torch.empty(p.batch, p.K, p.groups, p.N, *p.spatial, device=dev, dtype=C.dtype)
+        dB = torch.empty(shapes[3], device=dev, dtype=B.dtype)
+        dC = torch.empty(shapes[4], device=dev, dtype=C.dtype)
     else:
         dB, dC = dB_part[:, :, :, 0], dC_part[:, :, :, 0]
-    dA = torch.empty(p.K, p.channels, p.N, device=dev, dtype=A.dtype)
-    dD = torch.empty(p.K, p.channels, device=dev, dtype=D.dtype) if D is not None else None
-    dbias = torch.empty(p.K, p.channels, device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
+    dA = torch.empty(shapes[2], device=dev, dtype=A.dtype)
+    dD = torch.empty(shapes[5], device=dev, dtype=D.dtype) if D is not None else None
+    dbias = torch.empty(shapes[7], device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
     n_bc = p.batch * p.K * p.groups * p.N * layout.cdiv(p.L, FINISH_BLOCK) if fused_bc else 0
     n_a = p.K * layout.cdiv(p.channels * p.N, FINISH_COLS)
     n_d = p.K * layout.cdiv(p.channels, FINISH_COLS) if (D is not None or delta_bias is not None) else 0
@@ -569,6 +582,29 @@ def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bi
         COLS=FINISH_COLS, num_warps=4,
     )  # fmt: skip
     return dA, dB, dC, dD, dbias
+
+
+def _grad_shapes(p: Plan, given_shapes: tuple | None) -> tuple:
+    """The shape each gradient is allocated in: its argument's as given, or the canonical one.
+
+    The given shape is used where it holds the canonical tensor's elements in the same order (the same count: the
+    canonical view only added axes of size one).
+    """
+    return layout.remembered(_GRAD_SHAPES, (p, given_shapes), lambda: _derive_grad_shapes(p, given_shapes))
+
+
+def _derive_grad_shapes(p: Plan, given_shapes: tuple | None) -> tuple:
+    per_token = (p.batch, p.K, p.channels, *p.spatial)
+    bc = (p.batch, p.K, p.groups, p.N, *p.spatial)
+    per_channel = (p.K, p.channels)
+    canonical = (per_token, per_token, (p.K, p.channels, p.N), bc, bc, per_channel, (p.batch, p.channels, *p.spatial),
+                 per_channel)  # fmt: skip
+    if given_shapes is None:
+        return canonical
+    return tuple(
+        tuple(g) if g is not None and math.prod(g) == math.prod(c) else c
+        for g, c in zip(given_shapes, canonical, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -592,6 +628,8 @@ class _Launch:
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
+_ZERO_ADJOINTS: dict[tuple, torch.Tensor] = {}
+_GRAD_SHAPES: dict[tuple, tuple] = {}
 
 
 def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad) -> _Launch:

@@ -1,0 +1,127 @@
+"""The canonical shapes that ``selective_scan`` hands a backend, and the way back for gradients.
+
+Canonical shapes (K orders, C channels, G groups, N states, S the spatial shape)::
+
+    u, delta     (B, K, C, *S)   natural layout per order (a stride-0 expand when shared)
+    A            (K, C, N)       real, negative for a decaying state
+    B, C         (B, K, G, N, *S)
+    D, delta_bias (K, C) or None
+    z            (B, C, *S) or None, shared by all orders
+
+Every canonical tensor is a view of the argument as given: an added axis of size one, or, for a constant B or C,
+a broadcast over batch and space. A backend whose autograd Function takes the arguments as given (triton) gets
+views that autograd did not record and maps its gradients back with :func:`grads_as_given`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ScanInputError
+
+__all__ = ["canonical_views", "grads_as_given"]
+
+
+def grads_as_given(grads, shapes) -> tuple:
+    """Gradients of the canonical views (:func:`canonical_views`) as gradients of the arguments as given.
+
+    ``shapes`` holds the given arguments' shapes (``None`` for an absent one). An added axis is dropped; a constant
+    B or C, broadcast to ``(B, K, C, N, *S)``, gets its gradient summed over batch and space.
+    """
+    out = []
+    for g, shape in zip(grads, shapes, strict=True):
+        if g is not None and shape is not None and g.shape != shape:
+            if g.numel() != math.prod(shape):  # a constant B/C: the broadcast's gradient is the sum
+                g = g.sum(dim=(0, *range(4, g.ndim)))
+            g = g.reshape(shape)
+        out.append(g)
+    return tuple(out)
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def canonical_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
+    """Check the arguments of ``selective_scan`` and return them as canonical views (module docstring); no copies.
+
+    Raises:
+        ScanInputError: an argument's type, shape, dtype or device does not fit; the message names it.
+    """
+    K = len(orders)
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not isinstance(x, torch.Tensor):
+            raise ScanInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_complex():
+            raise ScanInputError(f"{name} is complex ({x.dtype}); only real selective scans are supported")
+        if not x.is_floating_point():
+            raise ScanInputError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != u.device:
+            raise ScanInputError(f"{name} is on {x.device} but u is on {u.device}; put all inputs on one device")
+
+    per_order = K > 1
+    nd = u.ndim - (3 if per_order else 2)
+    layout = "(B, K, C, *S)" if per_order else "(B, C, *S)"
+    if nd < 1:
+        raise ScanInputError(f"u must be {layout} with at least one spatial axis, got shape {_shape(u)}")
+    u4 = u if per_order else u.unsqueeze(1)
+    batch, _, channels, *spatial = u4.shape
+    if per_order and u4.shape[1] != K:
+        raise ScanInputError(f"u has {u4.shape[1]} orders on axis 1 but {K} orders were given; expected {layout}")
+    if _shape(delta) != _shape(u):
+        raise ScanInputError(f"delta must have the shape of u {_shape(u)}, got {_shape(delta)}")
+    delta4 = delta if per_order else delta.unsqueeze(1)
+
+    A3 = A if A.ndim == 3 else A.unsqueeze(0)
+    if A3.ndim != 3 or A3.shape[:2] != (K, channels):
+        expected = f"({K}, {channels}, N)" + (f" or ({channels}, N)" if K == 1 else "")
+        raise ScanInputError(f"A must be {expected}, got {_shape(A)}")
+    N = A3.shape[2]
+
+    B5, C5 = (_canonical_bc(name, x, batch, K, channels, N, spatial) for name, x in (("B", B), ("C", C)))
+    if B5.shape[2] != C5.shape[2]:
+        raise ScanInputError(f"B and C must have the same number of groups, got {B5.shape[2]} and {C5.shape[2]}")
+
+    def per_channel(name: str, x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        x2 = x if x.ndim == 2 else x.unsqueeze(0)
+        if x2.shape != (K, channels) or x.device != u.device:
+            expected = f"({K}, {channels})" + (f" or ({channels},)" if K == 1 else "")
+            raise ScanInputError(f"{name} must be {expected} on {u.device}, got {_shape(x)} on {x.device}")
+        return x2
+
+    if z is not None and (_shape(z) != (batch, channels, *spatial) or z.device != u.device):
+        raise ScanInputError(f"z must be {(batch, channels, *spatial)} on {u.device}, got {_shape(z)} on {z.device}")
+    return u4, delta4, A3, B5, C5, per_channel("D", D), z, per_channel("delta_bias", delta_bias)
+
+
+def _canonical_bc(name, x, batch, K, channels, N, spatial):
+    nd = len(spatial)
+    if x.ndim == (2 if K == 1 else 3):  # constant per channel: one group per channel, broadcast over S
+        x3 = x if x.ndim == 3 else x.unsqueeze(0)
+        if x3.shape != (K, channels, N):
+            raise ScanInputError(f"constant {name} must be {(K, channels, N)[3 - x.ndim :]}, got {_shape(x)}")
+        return x3.reshape(1, K, channels, N, *([1] * nd)).expand(batch, K, channels, N, *spatial)
+    extra = x.ndim - nd
+    if K == 1 and extra in (2, 3):
+        x5 = x.unsqueeze(1).unsqueeze(1) if extra == 2 else x.unsqueeze(1)
+    elif extra == 4:
+        x5 = x
+    else:
+        x5 = None
+    ok = (
+        x5 is not None
+        and x5.shape[0] == batch
+        and x5.shape[1] == K
+        and x5.shape[3] == N
+        and tuple(x5.shape[4:]) == tuple(spatial)
+        and channels % x5.shape[2] == 0
+    )
+    if not ok:
+        S = ", ".join(map(str, spatial))
+        forms = f"({batch}, {N}, {S}) or ({batch}, G, {N}, {S})" if K == 1 else f"({batch}, {K}, G, {N}, {S})"
+        raise ScanInputError(f"{name} must be {forms} with G dividing C={channels}, or constant; got {_shape(x)}")
+    return x5
