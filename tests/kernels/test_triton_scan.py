@@ -384,7 +384,7 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
     assert layout.vector_mode((SLICE,), (4, 4, 4), cube[:, :1]) == 0
     # by default the per-order path runs for raster and reversed orders only; with a strided order, on request
     pair = cube[:, :2]
-    assert P().vector_mode(True, (RASTER, REVERSED), (4, 4, 4), pair) == 2
+    assert P().vector_mode(True, (RASTER, REVERSED), (4, 4, 4), pair) == 3  # raster and reversed only
     assert P().vector_mode(True, (RASTER, REVERSED, SLICE), (4, 4, 4), cube) == 0
     assert P(mixed_vectors=True).vector_mode(True, (RASTER, REVERSED, SLICE), (4, 4, 4), cube) == 2
     assert P().vector_mode(False, (RASTER,), (4, 4, 4), cube[:, :1]) == 0  # off the inline-PTX path
@@ -396,10 +396,11 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
     [
         ((48,), (RASTER,), torch.float32, 1),  # 3 chunks over 2 segments
         ((48,), (RASTER,), torch.bfloat16, 1),
-        ((2, 4, 4), (REVERSED,), torch.float16, 2),
+        ((2, 4, 4), (REVERSED,), torch.float16, 3),
+        ((4, 2, 4), (RASTER, REVERSED), torch.bfloat16, 3),  # each program reads its order's way
         ((4, 4, 4), (RASTER, REVERSED, SLICE), torch.float32, 2),  # neighbours forwards, backwards, gathered
     ],
-    ids=["raster-fp32", "raster-bf16", "reversed-fp16", "segmamba-fp32"],
+    ids=["raster-fp32", "raster-bf16", "reversed-fp16", "bidirectional-bf16", "segmamba-fp32"],
 )
 def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spatial, orders, dtype, mode):
     # the GPU path (16-byte chunk moves, the per-token forward, the warp reduce-scatter of dB/dC, per-order
@@ -499,14 +500,16 @@ def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
 
 
 def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
-    # the default forward settings cap registers only for the per-token path (every order raster, VEC_MODE 1):
-    # there 128 keeps 16 one-warp programs per SM; calls with a strided order spill and keep the compiler's choice
+    # the default forward settings cap registers only for the per-token path without token offsets (every order
+    # raster, VEC_MODE 1, or raster and reversed, VEC_MODE 3): there 128 keeps 16 one-warp programs per SM; calls
+    # with a strided order spill and keep the compiler's choice
     import dataclasses
 
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     gpu_like = dataclasses.replace(configs.forward_config(), segments=2, emulate_ptx=True)
     assert gpu_like.raster_maxnreg == 128
-    for orders, spatial, vec, cap in (((RASTER,), (48,), 1, 128), ((RASTER, SLICE), (2, 4, 6), 0, None)):
+    cases = (((RASTER,), (48,), 1, 128), ((RASTER, REVERSED), (2, 4, 4), 3, 128), ((RASTER, SLICE), (2, 4, 6), 0, None))
+    for orders, spatial, vec, cap in cases:
         low, ref = make_inputs(spatial, len(orders), channels=32, N=16, seed=9)
         with configs.override(forward=gpu_like):
             assert_matches_reference(low, ref, orders, dtype=torch.float32, grads=False)
@@ -597,7 +600,7 @@ def test_gpu_vector_path_matches_torch_backend(dtype):
 @pytest.mark.parametrize(
     ("orders", "options", "mode"),
     [
-        ((RASTER, REVERSED), {}, 2),  # bidirectional: the per-order path by default
+        ((RASTER, REVERSED), {}, 3),  # bidirectional: the per-order path by default
         ((RASTER, REVERSED, SLICE), {"mixed_vectors": True}, 2),  # opt-in with a strided order
         ((RASTER, REVERSED, SLICE), {"lines": True}, 0),  # line mode (forward; tiles), plain backward
         ((RASTER,), {"save_pre_gate": False}, 1),  # dz from the rebuilt pre-gate output

@@ -641,6 +641,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
     g_b, g_k, g_c = _output_strides(gy, merge)
     # du and ddelta are fresh (B, K, C, *S) tensors: contiguous and aligned
     vec = cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy)
+    vec = 2 if vec == 3 else vec  # raster and reversed orders only: the backward decides per read as for a mixed call
     strides = (
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),

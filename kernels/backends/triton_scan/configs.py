@@ -43,12 +43,14 @@ class PassConfig:
             of as many as ``fill_strided`` asks for. On an H100, SegMamba's three orders at 64³ (bf16): 8.0 / 28.8 ms
             forward / forward+backward with it, 10.4 / 41 ms with ``fill_strided`` 32 alone.
         maxnreg: cap on registers per thread (``None``: the compiler's choice).
-        raster_maxnreg: (forward) the cap for calls whose every order is the raster one (``VEC_MODE`` 1, the
-            per-token path), in place of ``maxnreg``. At 128 both forward passes keep 16 one-warp programs per SM
-            (the compiler's choice, 162-255 registers, kept 8-12): on an H100 S1 fp32 ran 1.63 -> 1.23 ms of
-            kernels, S1 bf16 1.03 -> 0.92, U-Mamba's 64³ stage 2.46 -> 1.90, with a few spills to L1. Calls with
-            strided orders spill more and ran slower (SegMamba's three orders 8.1 -> 10.7 ms), and the backward
-            (255 registers) ran 0-11 % slower with 168 or 200 (benchmarks/RESULTS.md).
+        raster_maxnreg: (forward) the cap for calls whose every order is raster or reversed raster (``VEC_MODE``
+            1 or 3, the per-token path without token offsets), in place of ``maxnreg``. At 128 both forward passes
+            keep 16 one-warp programs per SM (the compiler's choice, 162-255 registers, kept 8-12): on an H100 S1
+            fp32 ran 1.63 -> 1.23 ms of kernels, S1 bf16 1.03 -> 0.92, U-Mamba's 64³ stage 2.46 -> 1.90, with a few
+            spills to L1; SegMamba's 64³ bf16 reversed order alone 2.03 -> 1.72 ms, raster + reversed 3.99 -> 3.26.
+            Calls with strided orders spill more and ran slower (three orders 8.1 -> 10.7 ms; 168-232 registers
+            were 2-9 % slower too), and the backward (255 registers) ran 0-11 % slower with 168 or 200
+            (benchmarks/RESULTS.md).
         inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
             launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
         mixed_vectors: take the per-order path (``VEC_MODE`` 2) also for calls that mix raster or reversed orders

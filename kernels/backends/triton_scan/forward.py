@@ -134,9 +134,9 @@ def _fwd_kernel(
     # its thread's registers); B_n and C_n of a chunk are loaded once per program and broadcast to its lanes.
     # END_ONLY: the segment pass — the segment's end state from zero and its Σ Δ, no output.
     # VEC_MODE (the GPU path, rows 16-byte aligned, whole chunks): the main pass runs token by token (tokens.py)
-    # and chunks that are 16 neighbours in memory move by 16-byte loads — 1: every order is the raster one; 2: some
-    # orders are raster or reversed (decided per program from the order's strides), the others load token by token
-    # and take tiles in the segment pass; 0: tiles only.
+    # and chunks that are 16 neighbours in memory move by 16-byte loads — 1: every order is the raster one; 3: every
+    # order is raster or reversed (decided per program); 2: some orders are raster or reversed (decided per program
+    # from the order's strides), the others load token by token and take tiles in the segment pass; 0: tiles only.
     # LINES > 1 (layout.lines): a segment per line of cps chunks, and lane l runs segment LINES·pid(1) + l % LINES
     # of channel c0 + l // LINES: the lanes' pointers are shifted by the distance between neighbouring segments.
     tl.static_assert(BLOCK_T == 16, "the recurrence is written out for chunks of 16 tokens")
@@ -215,9 +215,9 @@ def _fwd_kernel(
             h0 = _chunk16(
                 h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
                 u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
-                VEC_MODE == 2, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, BLOCK_N,
+                VEC_MODE >= 2, VEC_MODE == 2, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, BLOCK_N,
             )  # fmt: skip
-        elif VEC_MODE == 2:  # the segment pass of a mixed call
+        elif VEC_MODE >= 2:  # the segment pass of a mixed call
             if neighbours:
                 h0, dt_sum = _chunk_tiles(
                     h0, dt_sum, c, base, rev, L, N, sB_n, sC_n, t, nn, ch, bias, Dv, u_rows, d_rows, z_rows, o_rows,
@@ -533,7 +533,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
         "VEC_MODE": vec, "LINES": lines,
     }  # fmt: skip
-    cap = cfg.raster_maxnreg if vec == 1 else cfg.maxnreg
+    cap = cfg.raster_maxnreg if vec in (1, 3) else cfg.maxnreg  # no token offsets: few registers to spare
     if cap:
         flags["maxnreg"] = cap
     block = min(1024, layout.next_power_of_2(p.L))

@@ -195,15 +195,18 @@ def vector_mode(
 ) -> int:
     """The kernels' ``VEC_MODE``.
 
-    1: every order is the raster one; 2: some are raster or reversed raster (the kernels decide per order), and the
-    others too unless ``with_strided`` is False (then 0 for such a call); 0: none, or rows not aligned.
+    1: every order is the raster one; 3: every order is raster or reversed raster (the kernels decide per order
+    which way a chunk's neighbours are read); 2: some are, and the others are strided (decided per order too; 0 for
+    such a call unless ``with_strided``); 0: none, or rows not aligned.
     """
     if not _aligned(spatial, tensors):
         return 0
     dirs = directions(orders, spatial)
     if all(d == 1 for d in dirs):
         return 1
-    return 2 if any(dirs) and (with_strided or all(dirs)) else 0
+    if all(dirs):
+        return 3
+    return 2 if any(dirs) and with_strided else 0
 
 
 def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:

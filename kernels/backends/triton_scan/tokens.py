@@ -256,14 +256,19 @@ def _store16r(p, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14
 
 
 @triton.jit
-def _read16(rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY: tl.constexpr):
+def _read16(rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY: tl.constexpr, STRIDED: tl.constexpr):
     # A chunk's 16 tokens of each lane's row, as 16 fp32 vectors: 16-byte words from `base` (taken in reverse for a
     # reversed order) when the chunk is 16 neighbours in memory, else one token at a time at o0..o15. ANY = False:
-    # every order of the call is the raster one.
-    if ANY:
+    # every order of the call is the raster one; STRIDED = False: every order is raster or reversed.
+    if STRIDED:
         if not neighbours:
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _gather16(rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i)
         elif rev != 0:
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16r(rows + base + zero_i)
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(rows + base + zero_i)
+    elif ANY:
+        if rev != 0:
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16r(rows + base + zero_i)
         else:
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _load16(rows + base + zero_i)
@@ -273,12 +278,17 @@ def _read16(rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9,
 
 
 @triton.jit
-def _write16(rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, ANY: tl.constexpr):
+def _write16(rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15, ANY: tl.constexpr, STRIDED: tl.constexpr):
     # The inverse of _read16.
-    if ANY:
+    if STRIDED:
         if not neighbours:
             _scatter16(rows, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
         elif rev != 0:
+            _store16r(rows + base, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+        else:
+            _store16(rows + base, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
+    elif ANY:
+        if rev != 0:
             _store16r(rows + base, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
         else:
             _store16(rows + base, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15)
@@ -290,20 +300,20 @@ def _write16(rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9
 def _chunk16(
     h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
     u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
-    ANY: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, GATE: tl.constexpr,
-    STORE_PRE: tl.constexpr, BLOCK_N: tl.constexpr,
+    ANY: tl.constexpr, STRIDED: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    GATE: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One chunk of 16 tokens (q0 ..) from the (BLOCK_N, SUB) chunk-start state h0; writes y (and the pre-gate output)
     # and returns the state after the chunk. Each quantity is 16 per-channel vectors, one per token. An order whose
     # chunk is 16 neighbours in memory from offset `base` on moves it by 16-byte loads (a reversed order reads them
-    # in reverse); any other order (ANY: the call may have some) loads one token at a time. ANY = False: every
-    # order is the raster one.
-    if ANY:
+    # in reverse); any other order (STRIDED: the call may have some) loads one token at a time. ANY = False: every
+    # order is the raster one. Without STRIDED no token offsets are computed (nor kept in registers).
+    if STRIDED:
         o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _offsets16(q0, L, fast, mid, st_fast, st_mid, st_slow, rev)
     else:  # unused: every chunk is 16 neighbours
         o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i, zero_i
-    u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _read16(u_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY)
-    r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _read16(d_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY)
+    u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15 = _read16(u_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY, STRIDED)
+    r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15 = _read16(d_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY, STRIDED)
     d0 = _delta(r0, bias, HAS_BIAS, SOFTPLUS)
     d1 = _delta(r1, bias, HAS_BIAS, SOFTPLUS)
     d2 = _delta(r2, bias, HAS_BIAS, SOFTPLUS)
@@ -375,8 +385,8 @@ def _chunk16(
     for n in tl.static_range(BLOCK_N):
         A_n = tl.load(A_rows + n) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
         h0_n = tl.sum(tl.where(nn[:, None] == n, h0, 0.0), axis=0)
-        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _read16(B_base + n * sB_n, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY)
-        e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _read16(C_base + n * sC_n, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY)
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = _read16(B_base + n * sB_n, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY, STRIDED)
+        e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15 = _read16(C_base + n * sC_n, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY, STRIDED)
         h_end, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _steps16(
             h0_n, A_n,
             d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, d10, d11, d12, d13, d14, d15,
@@ -387,9 +397,9 @@ def _chunk16(
         )
         h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
     if GATE:
-        z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _read16(z_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY)
+        z0, z1, z2, z3, z4, z5, z6, z7, z8, z9, z10, z11, z12, z13, z14, z15 = _read16(z_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, zero_i, ANY, STRIDED)
         if STORE_PRE:
-            _write16(p_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15, ANY)
+            _write16(p_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15, ANY, STRIDED)
         y0 = _gate(y0, z0)
         y1 = _gate(y1, z1)
         y2 = _gate(y2, z2)
@@ -406,6 +416,6 @@ def _chunk16(
         y13 = _gate(y13, z13)
         y14 = _gate(y14, z14)
         y15 = _gate(y15, z15)
-    _write16(o_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15, ANY)
+    _write16(o_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15, ANY, STRIDED)
     return h_next
 # fmt: on
