@@ -458,8 +458,8 @@ def kernel_profile(rows, calls: int = 5) -> list[dict]:
             )  # fmt: skip
             out.append({"shape": name, "dtype": dtname, "z": z, "pass": tag, "per_call_ms": per_call,
                         "kernels_ms": sum(k["ms"] for k in kernels), "kernels": kernels})  # fmt: skip
-            print(f"profile {name} {dtname} {tag}: per call {per_call:.3f} ms, kernels {out[-1]['kernels_ms']:.3f} ms",
-                  flush=True)  # fmt: skip
+            print(f"profile {name} {dtname} z={z} {tag}: per call {per_call:.3f} ms, kernels "
+                  f"{out[-1]['kernels_ms']:.3f} ms", flush=True)  # fmt: skip
     return out
 
 
@@ -512,13 +512,13 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
                 cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}, {med['host_us']:.0f}")
             lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {cells[0]} | {cells[1]} |")
     if profile_rows:
-        head = ("| kernels of a call (torch.profiler) | dtype | pass | per call ms | kernels ms | largest kernels: "
+        head = ("| kernels of a call (torch.profiler) | dtype | z | pass | per call ms | kernels ms | largest kernels: "
                 "ms per call (launches per call) |")  # fmt: skip
-        lines += ["", head, "|---|---|---|---|---|---|"]
+        lines += ["", head, "|---|---|---|---|---|---|---|"]
         for r in profile_rows:
             top = "; ".join(f"{k['name'][:40]} {k['ms']:.3f} (×{k['per_call']:g})" for k in r["kernels"][:5])
-            lines.append(f"| {r['shape']} | {r['dtype']} | {r['pass']} | {r['per_call_ms']:.3f} | "
-                         f"{r['kernels_ms']:.3f} | {top} |")  # fmt: skip
+            lines.append(f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['pass']} | "
+                         f"{r['per_call_ms']:.3f} | {r['kernels_ms']:.3f} | {top} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
