@@ -93,7 +93,7 @@ def selective_scan(
         raise ScanInputError(f"merge must be 'sum' or 'stack', got {merge!r}")
     given = (u, delta, A, B, C, D, z, delta_bias)
     grad = torch.is_grad_enabled()
-    if grad:  # unrecorded views first: one autograd node per view costs more host time than a small scan's kernels
+    if grad:  # unrecorded views first: autograd would walk a node per view in every backward (host time)
         with torch.no_grad():
             canonical = canonical_views(*given, orders)
         grad = any(x is not None and x.requires_grad for x in given)

@@ -515,11 +515,12 @@ def backward(
             lambda: torch.zeros(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32),
         )  # fmt: skip
     grad_last = grad_last.float().contiguous()  # (B, K, C, N): the adjoint after the last token
-    rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
+    # the passes' fp32 scratch in one allocation, cut by one call into flat 256-byte-aligned pieces (the kernels
+    # take pointers and derive every offset; an allocation and a view per buffer cost host time at every call)
+    scratch = torch.empty(sum(launch.scratch), device=dev, dtype=torch.float32).split(launch.scratch)
+    rho, mid, dA_slot, seg_rho, seg_dt, dA_part, dD_part, dbias_part, dB_part, dC_part = scratch
 
     if nsplit > 1:  # launched first: the GPU starts while the host allocates the rest
-        seg_rho = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
-        seg_dt = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
         _bwd_segment_launch[launch.segment_grid](
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, launch.table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit, *launch.segment_strides,
@@ -533,14 +534,9 @@ def backward(
 
     du = torch.empty(shapes[0], device=dev, dtype=u.dtype)
     ddelta = torch.empty(shapes[1], device=dev, dtype=delta.dtype)
-    dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
-    dC_part = torch.empty_like(dB_part)
-    # per-segment partials and per-state slots, channels fastest: (B, K, nsplit, [N,] C)
-    dA_part = torch.empty(p.batch, p.K, nsplit, p.channels, p.N, device=dev, dtype=torch.float32)
-    dD_part = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
-    dbias_part = torch.empty_like(dD_part)
-    mid = torch.empty_like(rho)
-    dA_slot = torch.empty_like(rho)
+    if not launch.fused_bc:  # the partials are the gradients: owned and shaped (B, K, G, 1, N, *S)
+        dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
+        dC_part = torch.empty_like(dB_part)
     _bwd_launch[launch.grid](
         u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
@@ -551,7 +547,7 @@ def backward(
     )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(
-        dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, shapes
+        dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, bpg, launch.fused_bc, shapes
     )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
@@ -560,10 +556,14 @@ FINISH_BLOCK = 1024  # tokens per program of _bwd_finish_kernel's dB/dC sums
 FINISH_ROWS, FINISH_COLS = 64, 64  # its tile of (batch, segment) rows × columns for the dA, dD, d(delta_bias) sums
 
 
-def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int, shapes):
-    """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops)."""
-    dev, bpg = dA_part.device, dB_part.shape[3]
-    fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)  # else the partials are the gradients
+def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int, bpg: int,
+            fused_bc: bool, shapes):  # fmt: skip
+    """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops).
+
+    ``bpg`` channel blocks per group wrote dB/dC partials; without ``fused_bc`` (one block, fp32 B and C) the
+    partials are the gradients.
+    """
+    dev = dA_part.device
     if fused_bc:
         dB = torch.empty(shapes[3], device=dev, dtype=B.dtype)
         dC = torch.empty(shapes[4], device=dev, dtype=C.dtype)
@@ -625,6 +625,9 @@ class _Launch:
     strides: tuple[int, ...]
     segment_strides: tuple[int, ...]
     options: dict
+    fused_bc: bool  # dB/dC partials summed and cast by the finish pass (else they are the gradients)
+    scratch: tuple[int, ...]  # fp32 elements of rho, mid, dA_slot, seg_rho, seg_dt, dA/dD/dbias partials, dB/dC
+    # partials (0 when not fused_bc), each rounded up to 64 (256 bytes)
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
@@ -651,6 +654,13 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
     )  # fmt: skip
+    bpg = p.cpg // sub
+    fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)
+    bk = p.batch * p.K
+    states = bk * nsplit * p.N * p.channels  # (B, K, nsplit, N, C): rho, mid, dA_slot, seg_rho; dA partials
+    per_channel = bk * nsplit * p.channels  # (B, K, nsplit, C): seg_dt, dD and d(delta_bias) partials
+    bc = bk * p.groups * bpg * p.N * p.L if fused_bc else 0  # (B, K, G, bpg, N, *S)
+    sizes = (states, states, states, states, per_channel, states, per_channel, per_channel, bc, bc)
     return _Launch(
         sub=sub,
         nsplit=nsplit,
@@ -666,6 +676,8 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         strides=strides,
         segment_strides=segment_strides,
         options={"maxnreg": cfg.maxnreg} if cfg.maxnreg else {},
+        fused_bc=fused_bc,
+        scratch=tuple(-(-n // 64) * 64 for n in sizes),
     )
 
 
