@@ -5,7 +5,9 @@
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
 saved) and forward+backward with CUDA events (median after warm-up; random inputs as in the spec's method, never
-zeros) and reports them beside the upstream mamba_ssm numbers measured on the same card kind, with the achieved
+zeros) and reports them beside the upstream mamba_ssm numbers measured on the same card kind. Each is timed twice:
+through ``selective_scan`` and autograd, and as the backend's forward and backward entry points alone ("ops
+alone"), which is how the spec timed upstream's ``fwd`` and ``bwd`` ops. Also reported: the achieved
 "floor bytes / time" (kernels.md §3), the distance to the physical floor (max of the DRAM and exp terms) and the
 peak extra device memory beyond inputs and outputs. ``--sweep`` compares the default settings with each opt-in
 path of configs.PassConfig, ``--layer`` times
@@ -194,6 +196,36 @@ def scan_call(args, orders, backend, grad=False):
     return out, leaves
 
 
+def op_calls(args, orders, grad_out):
+    """``(fwd, fwd_bwd)``: the Triton backend's forward and backward entry points on canonical tensors, no autograd.
+
+    The spec timed upstream this way (kernels.md §4.1: its ``fwd`` and ``bwd`` ops called directly, their sum the
+    forward+backward), so these columns compare like with like; the per-call columns add ``selective_scan``'s
+    checks and autograd, which the host-bound shapes feel.
+    """
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+    from medmamba.kernels.backends.triton_scan import forward as triton_forward
+    from medmamba.kernels.backends.triton_scan.layout import natural_spatial
+    from medmamba.kernels.canonical import canonical_views
+
+    with torch.no_grad():
+        u, delta, A, B, C, D, z, bias = canonical_views(*args, orders)
+        nd = u.ndim - 3
+        u, delta, B, C = (natural_spatial(x, nd) for x in (u, delta, B, C))
+        gy = natural_spatial(grad_out, nd)
+    tensors = (u, delta, A, B, C, D, z, bias)
+    kw = {"orders": orders, "delta_softplus": True, "merge": "sum"}
+
+    def fwd():
+        return triton_forward.forward(*tensors, save=False, **kw).out
+
+    def fwd_bwd():
+        res = triton_forward.forward(*tensors, save=True, **kw)
+        return triton_backward.backward(gy, None, *tensors, res.states, res.pre_gate, p=res.plan, **kw)
+
+    return fwd, fwd_bwd
+
+
 def bench_shape(row, bw, card, reps_fwd, reps_bwd, check=True):
     name, batch, d, spatial, orders, dtname, z = row
     dtype = DTYPES[dtname]
@@ -236,6 +268,9 @@ def bench_shape(row, bw, card, reps_fwd, reps_bwd, check=True):
     del leaves
     res["fwd_bwd_ms"], res["fwd_bwd_min_ms"] = cuda_time(fwd_bwd, reps_bwd)
     res["fwd_bwd_b2b_ms"] = back_to_back_ms(fwd_bwd, reps_bwd)
+    op_fwd, op_fwd_bwd = op_calls(args, orders, grad_out)
+    res["fwd_op_ms"] = cuda_time(op_fwd, reps_fwd)[0]
+    res["fwd_bwd_op_ms"] = cuda_time(op_fwd_bwd, reps_bwd)[0]
 
     e = 4 if dtname == "fp32" else 2
     fb, bb = floor_bytes(batch, d, L, N, e, z, K)
@@ -250,6 +285,8 @@ def bench_shape(row, bw, card, reps_fwd, reps_bwd, check=True):
         res["upstream_fwd_ms"], res["upstream_bwd_ms"] = up
         res["speedup_fwd"] = up[0] / res["fwd_ms"]
         res["speedup_fwd_bwd"] = (up[0] + up[1]) / res["fwd_bwd_ms"]
+        res["speedup_op_fwd"] = up[0] / res["fwd_op_ms"]
+        res["speedup_op_fwd_bwd"] = (up[0] + up[1]) / res["fwd_bwd_op_ms"]
     torch.cuda.empty_cache()
     return res
 
@@ -469,9 +506,10 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
     lines = [head, ""]
     lines.append(
         "| shape | dtype | z | K | fwd ms | upstream fwd | × | fwd+bwd ms | upstream fwd+bwd | × | back to back: fwd / "
-        "fwd+bwd ms | fwd GB/s | fwd × floor | extra MiB fwd / fwd+bwd | err vs torch |"
+        "fwd+bwd ms | ops alone: fwd / fwd+bwd ms (×) | fwd GB/s | fwd × floor | extra MiB fwd / fwd+bwd | "
+        "err vs torch |"
     )
-    lines.append("|" + "---|" * 15)
+    lines.append("|" + "---|" * 16)
     for r in rows:
         up_f = r.get("upstream_fwd_ms")
         up_fb = (r["upstream_fwd_ms"] + r["upstream_bwd_ms"]) if up_f is not None else None
@@ -480,6 +518,8 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
             f"{up_f if up_f is not None else '-'} | {r.get('speedup_fwd', float('nan')):.2f} | {r['fwd_bwd_ms']:.3f} | "
             f"{f'{up_fb:.3f}' if up_fb is not None else '-'} | {r.get('speedup_fwd_bwd', float('nan')):.2f} | "
             f"{r.get('fwd_b2b_ms', float('nan')):.3f} / {r.get('fwd_bwd_b2b_ms', float('nan')):.3f} | "
+            f"{r.get('fwd_op_ms', float('nan')):.3f} / {r.get('fwd_bwd_op_ms', float('nan')):.3f} "
+            f"({r.get('speedup_op_fwd', float('nan')):.2f} / {r.get('speedup_op_fwd_bwd', float('nan')):.2f}) | "
             f"{r['fwd_GBps']:.0f} | {r['fwd_x_floor']:.1f} | {r['fwd_extra_MiB']:.0f} / {r['fwd_bwd_extra_MiB']:.0f} | "
             f"{r.get('rel_err_vs_torch', float('nan')):.1e} |"
         )
