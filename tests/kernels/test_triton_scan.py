@@ -402,15 +402,20 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
     ],
     ids=["raster-fp32", "raster-bf16", "reversed-fp16", "bidirectional-bf16", "segmamba-fp32"],
 )
-def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spatial, orders, dtype, mode):
+def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spatial, orders, dtype, mode, monkeypatch):
     # the GPU path (16-byte chunk moves, the per-token forward, the warp reduce-scatter of dB/dC, per-order
     # decisions of a mixed call) with its inline PTX emulated (ptx.INTERPRETING): its logic, not its speed
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
     low, ref = make_inputs(spatial, len(orders), channels=32, N=16, dtype=dtype, seed=11)
     cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True)
     canonical = [x.unsqueeze(1) if len(orders) == 1 else x for x in (low[0], low[3])]
     assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
+    monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     with configs.override(forward=cfg, backward=cfg):
         assert_matches_reference(low, ref, orders, dtype=dtype)
+    # the backward runs the forward's mode too (raster and reversed orders: no token offsets either)
+    assert {launch.vec_mode for launch in triton_backward._LAUNCHES.values()} == {mode}
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,17 @@ __all__ = ["backward"]
 
 
 @triton.jit
+def _half_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE: tl.constexpr):
+    # Offsets of tokens q of an order. Under VEC_MODE 1 and 3 (raster or reversed raster orders, whole chunks) they
+    # need no divisions; under 3 the direction is the order's.
+    if VEC_MODE == 3:
+        lin = tl.where(rev != 0, L - 1 - q, q)
+    else:
+        lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE == 1)
+    return lin
+
+
+@triton.jit
 def _bwd_half(
     c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, start_ptr, has_start,
     rho_rows,
@@ -71,16 +82,19 @@ def _bwd_half(
     q0 = (c * 2 + half) * HALF
     q = q0 + tl.arange(0, HALF)
     valid = q < L
-    lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE == 1)
+    lin = _half_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE)
     tok = valid[:, None]
     VEC: tl.constexpr = VEC_MODE != 0
     MIXED: tl.constexpr = VEC_MODE == 2
+    BOTH_WAYS: tl.constexpr = VEC_MODE == 3
     base = tl.where(rev != 0, L - HALF - q0, q0)  # the half's lowest offset when its tokens are neighbours
-    u = _load_tile(u_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)  # (HALF, SUB)
-    pre, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, HALF, VEC, neighbours, rev, MIXED)
-    gy = _load_tile(g_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
+    u = _load_tile(u_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED, BOTH_WAYS)  # (HALF, SUB)
+    pre, dt = _load_delta(
+        d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, HALF, VEC, neighbours, rev, MIXED, BOTH_WAYS
+    )
+    gy = _load_tile(g_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED, BOTH_WAYS)
     if HAS_Z:
-        zz = _load_tile(z_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
+        zz = _load_tile(z_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED, BOTH_WAYS)
         sig = tl.sigmoid(zz)
         if GATE_GRAD:  # ∂out/∂z = y·silu'(z) = y·σ(z)·(1 + z·(1 − σ(z)))
             g_dz = gy * sig * (1.0 + zz * (1.0 - sig))
@@ -90,7 +104,7 @@ def _bwd_half(
         # dB/dC by a reduce-scatter over the warp: lane l sums token (l >> 2) & 7, lanes l % 4 == 0 store it
         lane = _lane_id(tl.arange(0, SUB))
         q_l = (c * 2 + half) * HALF + ((lane >> 2) & 7)
-        lin_l = _token_offsets(q_l, L, fast, mid, st_fast, st_mid, st_slow, rev)
+        lin_l = _half_offsets(q_l, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE)
         store_l = (q_l < L) & ((lane & 3) == 0)
         d0, d1, d2, d3, d4, d5, d6, d7 = _split8(dtu, SUB)
         g0, g1, g2, g3, g4, g5, g6, g7 = _split8(gy, SUB)
@@ -233,13 +247,16 @@ def _bwd_kernel(
         # the state after the first half, from the chunk-start state
         q = c * BLOCK_T + th
         valid = q < L
-        lin = _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE == 1)
+        lin = _half_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE)
         tok = valid[:, None]
         base = tl.where(rev != 0, L - HALF - c * BLOCK_T, c * BLOCK_T)
         VEC: tl.constexpr = VEC_MODE != 0
         MIXED: tl.constexpr = VEC_MODE == 2
-        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, HALF, VEC, neighbours, rev, MIXED)
-        dtu = dt * _load_tile(u_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED)
+        BOTH_WAYS: tl.constexpr = VEC_MODE == 3
+        _, dt = _load_delta(
+            d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS, base, HALF, VEC, neighbours, rev, MIXED, BOTH_WAYS
+        )
+        dtu = dt * _load_tile(u_rows, lin, tok, base, HALF, VEC, neighbours, rev, MIXED, BOTH_WAYS)
         total = tl.sum(dt, axis=0)
         after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the half
         for n in range(N):
@@ -644,7 +661,6 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
     g_b, g_k, g_c = _output_strides(gy, merge)
     # du and ddelta are fresh (B, K, C, *S) tensors: contiguous and aligned
     vec = cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy)
-    vec = 2 if vec == 3 else vec  # raster and reversed orders only: the backward decides per read as for a mixed call
     strides = (
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),

@@ -23,10 +23,11 @@ def _softplus(x):
 
 @triton.jit
 def _load_tile(rows, lin, tok, base, T: tl.constexpr, VEC: tl.constexpr, neighbours=True, rev=0,
-               MIXED: tl.constexpr = False):  # fmt: skip
+               MIXED: tl.constexpr = False, BOTH_WAYS: tl.constexpr = False):  # fmt: skip
     # The (T, SUB) fp32 tile rows[s] + lin[t] (0 where not tok). VEC: the T tokens are neighbours in memory from
     # `base` on (a multiple of T) and all in range, and each thread's row comes by 16-byte loads, in token order
     # (a reversed order's rows flipped). MIXED: whether they are is decided at run time (neighbours, rev).
+    # BOTH_WAYS: they are, and only the direction (rev) is decided at run time.
     if VEC:
         if MIXED:
             if neighbours:
@@ -36,6 +37,11 @@ def _load_tile(rows, lin, tok, base, T: tl.constexpr, VEC: tl.constexpr, neighbo
                     x = _vload_tile(rows + base, T, False)
             else:
                 x = tl.load(rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+        elif BOTH_WAYS:
+            if rev != 0:
+                x = _vload_tile(rows + base, T, True)
+            else:
+                x = _vload_tile(rows + base, T, False)
         else:
             x = _vload_tile(rows + base, T, False)
     else:
@@ -141,11 +147,11 @@ def _chunk_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC: tl.const
 @triton.jit
 def _load_delta(
     d_rows, lin, tok, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, q0=0, T: tl.constexpr = 16,
-    VEC: tl.constexpr = False, neighbours=True, rev=0, MIXED: tl.constexpr = False,
+    VEC: tl.constexpr = False, neighbours=True, rev=0, MIXED: tl.constexpr = False, BOTH_WAYS: tl.constexpr = False,
 ):  # fmt: skip
     # (delta + bias, Δ) of a (T, SUB) tile: Δ = softplus(delta + bias) if asked, 0 on padding tokens (exp(0·A) = 1
     # and Δ·u·B = 0: the scan's identity)
-    pre = _load_tile(d_rows, lin, tok, q0, T, VEC, neighbours, rev, MIXED)
+    pre = _load_tile(d_rows, lin, tok, q0, T, VEC, neighbours, rev, MIXED, BOTH_WAYS)
     if HAS_BIAS:
         pre += bias[None, :]
     dt = pre
