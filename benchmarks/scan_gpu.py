@@ -312,17 +312,22 @@ def bench_torch_backend(card):
     return out
 
 
-def sweep_variants() -> list[tuple[str, configs.PassConfig | None]]:
-    """The settings ``--sweep`` compares: the defaults, then each opt-in path of configs.PassConfig."""
-    base = configs.forward_config()  # each variant changes one setting of the defaults
+def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassConfig] | None]]:
+    """The settings ``--sweep`` compares: the defaults, then each opt-in path of configs.PassConfig, as
+    ``(label, (forward settings, backward settings))``; each variant changes one setting of both passes' defaults."""
+    fwd, bwd = configs.forward_config(), configs.backward_config()
 
     def variant(**changes):
-        return dataclasses.replace(base, **changes)
+        return dataclasses.replace(fwd, **changes), dataclasses.replace(bwd, **changes)
 
     return [
         ("default", None),
         ("raster_maxnreg=None (the compiler's registers)", variant(raster_maxnreg=None)),
-        ("mixed_vectors", variant(mixed_vectors=True)),
+        (
+            "mixed_vectors=False (tiles for calls with a strided order)",
+            variant(mixed_vectors=False, mixed_vectors_saving=False),
+        ),
+        ("mixed_vectors (also in the forward without saving)", variant(mixed_vectors=True)),
         ("lines", variant(lines=True)),
         ("save_pre_gate=False", variant(save_pre_gate=False)),
         ("line_segments=False", variant(line_segments=False)),
@@ -339,8 +344,8 @@ SWEEP_ROWS = [
 
 
 def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5)) -> list[dict]:
-    """Forward and forward+backward of each row under each of :func:`sweep_variants` (the same setting for both
-    passes), after a check against the torch backend's output."""
+    """Forward and forward+backward of each row under each of :func:`sweep_variants`, after a check against the
+    torch backend's output."""
     results = []
     for row in rows:
         name, batch, d, spatial, orders, dtname, z = row
@@ -349,7 +354,7 @@ def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5)) -> list[dict]:
         with torch.no_grad():
             want = scan_call(args, orders, "torch").float()
         for label, cfg in sweep_variants():
-            with configs.override(cfg, cfg) if cfg is not None else configs.override():
+            with configs.override(*cfg) if cfg is not None else configs.override():
                 with torch.no_grad():
                     got = scan_call(args, orders, "triton").float()
                 err = ((got - want).norm() / want.norm()).item()

@@ -507,13 +507,14 @@ def test_launch_settings_are_derived_once_per_call_signature(monkeypatch):
 def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
     # the default forward settings cap registers only for the per-token path without token offsets (every order
     # raster, VEC_MODE 1, or raster and reversed, VEC_MODE 3): there 128 keeps 16 one-warp programs per SM; calls
-    # with a strided order spill and keep the compiler's choice
+    # with a strided order (here saving for the backward: the per-order path, VEC_MODE 2) spill and keep the
+    # compiler's choice
     import dataclasses
 
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     gpu_like = dataclasses.replace(configs.forward_config(), segments=2, emulate_ptx=True)
     assert gpu_like.raster_maxnreg == 128
-    cases = (((RASTER,), (48,), 1, 128), ((RASTER, REVERSED), (2, 4, 4), 3, 128), ((RASTER, SLICE), (2, 4, 6), 0, None))
+    cases = (((RASTER,), (48,), 1, 128), ((RASTER, REVERSED), (2, 4, 4), 3, 128), ((RASTER, SLICE), (2, 4, 6), 2, None))
     for orders, spatial, vec, cap in cases:
         low, ref = make_inputs(spatial, len(orders), channels=32, N=16, seed=9)
         with configs.override(forward=gpu_like):
@@ -521,6 +522,30 @@ def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
         (launch,) = triton_forward._LAUNCHES.values()
         assert launch.flags["VEC_MODE"] == vec and launch.flags.get("maxnreg") == cap
         triton_forward._LAUNCHES.clear()
+
+
+def test_default_settings_take_the_per_order_path_for_training_calls_with_a_strided_order(monkeypatch):
+    # SegMamba's three orders: a training step's forward and the backward move the raster and reversed programs'
+    # chunks by 16-byte loads (VEC_MODE 2); a forward without gradients stays on tiles (faster there, configs.py)
+    import dataclasses
+
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    orders, spatial = (RASTER, REVERSED, SLICE), (4, 4, 4)
+    fwd = dataclasses.replace(configs.forward_config(), segments=2, emulate_ptx=True)
+    bwd = dataclasses.replace(configs.backward_config(), segments=2, emulate_ptx=True)
+    cube = torch.zeros(1, 3, 32, *spatial)
+    assert fwd.vector_mode(True, orders, spatial, cube) == 0
+    assert fwd.vector_mode(True, orders, spatial, cube, saving=True) == 2
+    assert bwd.vector_mode(True, orders, spatial, cube) == 2
+    low, ref = make_inputs(spatial, len(orders), channels=32, N=16, seed=21)
+    for grads, modes in ((False, {0}), (True, {2})):
+        monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+        monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
+        with configs.override(fwd, bwd), torch.set_grad_enabled(grads):
+            assert_matches_reference(low, ref, orders, dtype=torch.float32, grads=grads)
+        assert {launch.flags["VEC_MODE"] for launch in triton_forward._LAUNCHES.values()} == modes
+        assert {launch.vec_mode for launch in triton_backward._LAUNCHES.values()} == (modes if grads else set())
 
 
 def test_availability_and_spatial_limit():

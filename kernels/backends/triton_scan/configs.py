@@ -54,9 +54,14 @@ class PassConfig:
         inline_ptx: let the kernels use warp-level PTX through inline assembly (shuffles, 16-byte loads) where the
             launch allows it (a CUDA device, one warp of 32 channels); the interpreter runs the plain-Triton path.
         mixed_vectors: take the per-order path (``VEC_MODE`` 2) also for calls that mix raster or reversed orders
-            with strided ones (SegMamba's three orders). Calls whose orders are all raster or reversed (a
-            bidirectional scan) take it anyway. Off by default: on an H100 the three-order layer ran 10.75 / 41.2 ms
-            with it and 10.35 / 40.6 ms without, its slice order dominating either way (benchmarks/RESULTS.md).
+            with strided ones (SegMamba's three orders): their raster and reversed programs move chunks by 16-byte
+            loads, the strided ones gather. Calls whose orders are all raster or reversed (a bidirectional scan)
+            take such a path anyway. On by default in the backward; in the forward only for calls that save for the
+            backward (``mixed_vectors_saving``). On an H100, SegMamba's three orders at 64³ (bf16 + z, back to
+            back): forward 8.08 ms on tiles, 8.20 mixed; forward+backward 27.09 ms with both passes on tiles,
+            26.41 with the backward mixed, 25.86 with both.
+        mixed_vectors_saving: (forward) ``mixed_vectors`` for the calls that save for the backward (a training
+            step's forward) only.
         lines: run calls with a strided order as one segment per line, neighbouring lines across a program's 32
             lanes (layout.lines), in the forward. Off by default: correct, but on an H100 no faster (SegMamba's
             slice order at 64³, bf16: 4.83 ms forward with it, 4.16 without); its B/C loads stay one instruction
@@ -81,6 +86,7 @@ class PassConfig:
     raster_maxnreg: int | None = None
     inline_ptx: bool = True
     mixed_vectors: bool = False
+    mixed_vectors_saving: bool = False
     lines: bool = False
     save_pre_gate: bool = True
     emulate_ptx: bool = False
@@ -91,18 +97,27 @@ class PassConfig:
         return self.inline_ptx and (device.type == "cuda" or emulated) and sub == 32 and num_warps == 1
 
     def vector_mode(
-        self, ptx: bool, orders: Sequence[ScanOrder], spatial: Sequence[int], *tensors: torch.Tensor
+        self,
+        ptx: bool,
+        orders: Sequence[ScanOrder],
+        spatial: Sequence[int],
+        *tensors: torch.Tensor,
+        saving: bool = False,
     ) -> int:
-        """The kernels' ``VEC_MODE`` for a launch (see layout.vector_mode); 0 off the inline-PTX path."""
+        """The kernels' ``VEC_MODE`` for a launch (see layout.vector_mode); 0 off the inline-PTX path.
+
+        ``saving``: a forward call that saves for the backward (``mixed_vectors_saving`` applies).
+        """
         if not ptx:
             return 0
-        return layout.vector_mode(orders, spatial, *tensors, with_strided=self.mixed_vectors)
+        mixed = self.mixed_vectors or (saving and self.mixed_vectors_saving)
+        return layout.vector_mode(orders, spatial, *tensors, with_strided=mixed)
 
 
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³
 # 13.9 -> 10.7 ms forward and 51.0 -> 44.9 ms forward+backward at 32 instead of 8
-_FORWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, raster_maxnreg=128)
-_BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32)
+_FORWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, raster_maxnreg=128, mixed_vectors_saving=True)
+_BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, mixed_vectors=True)
 _overrides: list[dict[str, PassConfig]] = []
 
 

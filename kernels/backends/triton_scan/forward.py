@@ -527,7 +527,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         z_arg.stride(0), z_arg.stride(1), y_b, y_k, y_c, y_b, y_k, y_c,
     )  # fmt: skip
     ptx = cfg.ptx(dev, sub, num_warps) and p.block_n == p.N
-    vec = 0 if lines > 1 else cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg)
+    vec = 0 if lines > 1 else cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, saving=save)
     flags = {
         "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
