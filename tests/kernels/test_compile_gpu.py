@@ -1,4 +1,4 @@
-"""The conv, norm and backward-finish kernels compile for an H100 (sm_90) on this CPU machine, for every variant.
+"""The conv, norm, backward-finish and line-vector kernels compile for an H100 (sm_90) on this CPU machine.
 
 The interpreter runs Python where the compiler needs Triton (e.g. ``None`` inside a tuple of kernel arguments
 compiles under ``TRITON_INTERPRET=1`` but not for a GPU), so each launch variant is also compiled here.
@@ -19,7 +19,7 @@ import itertools
 from triton import compile as compile_kernel
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from medmamba.kernels.backends.triton_scan import backward, conv, norm
+from medmamba.kernels.backends.triton_scan import backward, conv, lines, norm
 
 def build(fn, const, types):
     names = fn.arg_names
@@ -41,11 +41,16 @@ for has_bc, has_d, has_bias in [(True, True, True), (False, False, True), (True,
     const = {"HAS_BC": has_bc, "HAS_D": has_d, "HAS_BIAS": has_bias, "BLOCK": backward.FINISH_BLOCK,
              "ROWS": backward.FINISH_ROWS, "COLS": backward.FINISH_COLS}
     build(backward._bwd_finish_kernel, const, grads)
+seq = {n: "*bf16" for n in ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "pre_ptr")} | {"order_ptr": "*i32"}
+for end, save in [(True, False), (False, True), (False, False)]:
+    const = {"SUB": 32, "LV": 4, "HAS_D": save, "HAS_BIAS": save, "SOFTPLUS": True, "GATE": save, "STORE_PRE": save,
+             "SAVE_STATES": save, "END_ONLY": end}
+    build(lines._fwd_lines_kernel, const, seq)
 print("compiled")
 """
 
 
-def test_conv_norm_and_finish_kernels_compile_for_sm90():
+def test_conv_norm_finish_and_line_vector_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     run = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]

@@ -439,6 +439,51 @@ def test_strided_orders_run_line_by_line(spatial, orders, dtype, expected):
         assert_matches_reference(low, ref, orders, dtype=dtype)
 
 
+@pytest.mark.parametrize(
+    ("spatial", "order", "dtype", "options", "lv"),
+    [
+        ((16, 2, 8), SLICE, torch.float32, {"batch": 2}, 4),  # 16 lines: 4 groups chained by the carry pass
+        ((16, 2, 8), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 4),  # B/C groups of 32 channels
+        ((32, 4), ScanOrder((1, 0)), torch.float32, {"z": False, "D": False, "bias": False}, 4),  # 2D, one group
+        ((16, 1, 4), TEMPORAL, torch.float16, {}, 2),
+        ((32, 2, 16), SLICE, torch.float32, {}, 8),  # lines of two chunks
+    ],
+    ids=["slice-fp32-carry", "slice-bf16-groups", "2d-column-major-plain", "temporal-fp16-lv2", "slice-lv8"],
+)
+def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, lv, monkeypatch):
+    # lines.py: a thread's LV neighbouring lines side by side, one segment per line, groups of LV lines chained by
+    # the carry pass; the chunk-start states it saves feed the chunk path's backward. Forward and every gradient
+    # against float64, with the defaults (LV 4) or another LV
+    import dataclasses
+
+    kw = {"channels": 32, "N": 16, "seed": 17, **options}
+    low, ref = make_inputs(spatial, 1, dtype=dtype, **kw)
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    cfg = dataclasses.replace(configs.forward_config(), line_vectors=lv)
+    assert configs.forward_config().line_vectors == 4
+    with configs.override(forward=cfg):
+        assert_matches_reference(low, ref, (order,), dtype=dtype)
+        assert_matches_reference(low, ref, (order,), dtype=dtype, merge="stack", grads=False)
+    assert {launch.line_vectors for launch in triton_forward._LAUNCHES.values()} == {lv}
+
+
+def test_calls_that_cannot_run_as_line_vectors():
+    assert layout.line_groups((SLICE,), (16, 2, 8), 4) == 16
+    assert layout.line_groups((ScanOrder((1, 0)),), (32, 4), 4) == 32
+    assert layout.line_groups((SLICE,), (16, 2, 8), 0) == 0  # off
+    assert layout.line_groups((SLICE,), (16, 2, 6), 4) == 0  # 6 lines per slow step: not whole groups of 4
+    assert layout.line_groups((SLICE,), (12, 2, 8), 4) == 0  # lines of 12 tokens: not whole chunks
+    assert layout.line_groups((RASTER,), (16, 2, 8), 4) == 0  # not strided
+    assert layout.line_groups((SLICE, RASTER), (16, 2, 8), 4) == 0  # two orders
+    assert layout.line_groups((ScanOrder((1, 2, 0), True),), (16, 2, 8), 4) == 0  # reversed
+    assert layout.line_groups((ScanOrder((2, 1, 0)),), (16, 8, 8), 4) == 0  # second axis strided too
+    # 8 states: the chunk path
+    low, ref = make_inputs((16, 2, 8), 1, channels=32, N=8, seed=2)
+    triton_forward._LAUNCHES.clear()
+    assert_matches_reference(low, ref, (SLICE,), dtype=torch.float32, grads=False)
+    assert [launch.line_vectors for launch in triton_forward._LAUNCHES.values()] == [0]
+
+
 def test_orders_that_cannot_run_line_by_line():
     assert layout.lines((RASTER, REVERSED), (16, 8, 8), 4, 32) == (1, 0)  # no strided order
     assert layout.lines((SLICE,), (16, 2, 4), 4, 32) == (1, 0)  # 4 lines per row: not 8 neighbours
@@ -651,6 +696,19 @@ def test_gpu_bidirectional_and_opt_in_paths_match_torch_backend(orders, options,
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
     with configs.override(forward=cfg, backward=cfg):
         assert_matches_reference(low, ref, orders, dtype=torch.bfloat16, other="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_line_vectors_match_torch_backend(dtype):
+    # one strided order (SegMamba's slice order alone) runs as line vectors by default (lines.py): 512 lines of 32
+    # tokens in groups of 4, chained by the carry pass; every gradient through the chunk path's backward
+    spatial = (32, 16, 32)
+    low, ref = make_inputs(spatial, 1, batch=2, channels=64, N=16, dtype=dtype, seed=12, device="cuda")
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    triton_forward._LAUNCHES.clear()
+    assert_matches_reference(low, ref, (SLICE,), dtype=dtype, other="torch")
+    assert {launch.line_vectors for launch in triton_forward._LAUNCHES.values()} == {4}
 
 
 @pytest.mark.gpu

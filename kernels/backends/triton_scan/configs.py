@@ -66,6 +66,9 @@ class PassConfig:
             lanes (layout.lines), in the forward. Off by default: correct, but on an H100 no faster (SegMamba's
             slice order at 64³, bf16: 4.83 ms forward with it, 4.16 without); its B/C loads stay one instruction
             per value (kernels/README.md).
+        line_vectors: (forward) run calls of one strided order whose lines are neighbours in memory (SegMamba's
+            slice order alone, Vivim's temporal one, a column-major 2D order) as line vectors (lines.py): this
+            many lines per thread, side by side, with 16 states; 0: off.
         save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
             one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
             where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
@@ -88,6 +91,7 @@ class PassConfig:
     mixed_vectors: bool = False
     mixed_vectors_saving: bool = False
     lines: bool = False
+    line_vectors: int = 0
     save_pre_gate: bool = True
     emulate_ptx: bool = False
 
@@ -116,7 +120,9 @@ class PassConfig:
 
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³
 # 13.9 -> 10.7 ms forward and 51.0 -> 44.9 ms forward+backward at 32 instead of 8
-_FORWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, raster_maxnreg=128, mixed_vectors_saving=True)
+_FORWARD = PassConfig(
+    sub=32, num_warps=1, fill=8, fill_strided=32, raster_maxnreg=128, mixed_vectors_saving=True, line_vectors=4
+)
 _BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, mixed_vectors=True)
 _overrides: list[dict[str, PassConfig]] = []
 

@@ -36,6 +36,7 @@ from medmamba.kernels.orders import ScanOrder
 from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
 from .launch import Launcher
+from .lines import _fwd_lines_kernel
 from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Plan", "forward", "plan"]
@@ -310,6 +311,7 @@ def _merge_kernel(
 _fwd_launch = Launcher(_fwd_kernel)
 _fwd_carry_launch = Launcher(_fwd_carry_kernel)
 _merge_launch = Launcher(_merge_kernel)
+_lines_launch = Launcher(_fwd_lines_kernel)
 
 
 @dataclass(frozen=True)
@@ -441,6 +443,8 @@ def forward(
     Dv = D.float().contiguous() if D is not None else A
     bias = delta_bias.float().contiguous() if delta_bias is not None else A
     z_arg = z if z is not None else u
+    if launch.line_vectors:
+        return _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps)
     # what the first pass writes first: the GPU starts while the host allocates the rest
     y = torch.empty(launch.y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
@@ -502,6 +506,7 @@ class _Launch:
     strides: tuple[int, ...]
     flags: dict
     y_shape: tuple[int, ...]  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
+    line_vectors: int = 0  # lines per thread of the line-vector passes (lines.py); 0: the chunk passes
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
@@ -510,6 +515,10 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg) -> _Launch:
     p = plan(u, A, B)
     dev = u.device
+    line_len = layout.line_groups(orders, p.spatial, cfg.line_vectors) if p.N == 16 else 0
+    if line_len and layout.channel_blocking(p.channels, p.groups, 32) == 32:
+        return _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg,
+                                     line_len)  # fmt: skip
     sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     lines, line_len = lines_of(p, cfg, orders, u)
@@ -554,3 +563,68 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         flags=flags,
         y_shape=(p.batch, p.channels, *p.spatial) if one_summed else (p.batch, p.K, p.channels, *p.spatial),
     )
+
+
+def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg, line_len):
+    # one order scanned line by line: a segment per line, cfg.line_vectors lines per program (lines.py)
+    lv = cfg.line_vectors
+    nlines = p.L // line_len
+    z_arg = z if z is not None else u
+    pre = save and z is not None and cfg.save_pre_gate
+    strides = (
+        u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), B.stride(0), B.stride(2), B.stride(3),
+        C.stride(0), C.stride(2), C.stride(3), z_arg.stride(0), z_arg.stride(1),
+        p.channels * p.L, p.L, p.channels * p.L, p.L,
+    )  # fmt: skip
+    flags = {
+        "SUB": 32, "LV": lv, "HAS_D": D is not None, "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus,
+        "num_warps": 1,
+    }  # fmt: skip
+    ngroups = nlines // lv
+    return _Launch(
+        plan=p,
+        cps=line_len // p.block_t,
+        nsplit=nlines,
+        n_state=p.nchunks if save else ngroups,
+        grid=(p.channels // 32, ngroups, p.batch),
+        carry_grid=(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch),
+        merge_grid=(0, 0),
+        merge_block=0,
+        fused_merge=False,
+        pre_per_order=pre,
+        table=layout.order_table(orders, p.spatial, u.device),
+        strides=strides,
+        flags=flags,
+        y_shape=(p.batch, p.channels, *p.spatial) if merge == "sum" else (p.batch, 1, p.channels, *p.spatial),
+        line_vectors=lv,
+    )
+
+
+def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save) -> ForwardResult:
+    # the segment pass (per-line maps and per-group maps), the carry over groups, the main pass (lines.py)
+    p, dev, f32 = launch.plan, u.device, torch.float32
+    nlines, cps, lv = launch.nsplit, launch.cps, launch.line_vectors
+    ngroups = nlines // lv
+    y = torch.empty(launch.y_shape, device=dev, dtype=u.dtype)
+    pre = torch.empty_like(y) if launch.pre_per_order else None
+    line_state = torch.empty(p.batch, nlines, p.N, p.channels, device=dev, dtype=f32)
+    line_dt = torch.empty(p.batch, nlines, p.channels, device=dev, dtype=f32)
+    seg_state = torch.empty(p.batch, 1, p.channels, ngroups, p.N, device=dev, dtype=f32)
+    seg_dt = torch.empty(p.batch, 1, p.channels, ngroups, device=dev, dtype=f32)
+    last = torch.empty(p.batch, 1, p.channels, p.N, device=dev, dtype=f32)
+    states = torch.empty(p.batch, 1, launch.n_state, p.N, p.channels, device=dev, dtype=f32)
+    z_arg = z if z is not None else u
+    pre_arg = pre if pre is not None else y
+    tensors = (u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, seg_state, seg_dt, line_state, line_dt,
+               launch.table, p.channels, p.cpg, cps, launch.n_state, nlines, ngroups, *launch.strides)  # fmt: skip
+    _lines_launch[launch.grid](*tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
+                               **launch.flags)  # fmt: skip
+    if ngroups > 1:
+        _fwd_carry_launch[launch.carry_grid](
+            A, seg_state, seg_dt, states, p.channels, p.N, 1, ngroups, lv * cps, launch.n_state,
+            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(ngroups),
+            num_warps=CARRY_WARPS,
+        )  # fmt: skip
+    _lines_launch[launch.grid](*tensors, GATE=z is not None, STORE_PRE=pre is not None, SAVE_STATES=save,
+                               END_ONLY=False, **launch.flags)  # fmt: skip
+    return ForwardResult(y, last, states if save else None, pre, p)

@@ -34,6 +34,7 @@ __all__ = [
     "directions",
     "interpreted",
     "line_chunks",
+    "line_groups",
     "lines",
     "natural_spatial",
     "next_power_of_2",
@@ -139,6 +140,21 @@ def lines(orders: Sequence[ScanOrder], spatial: Sequence[int], element_size: int
             return 1, 0
         F = fast
     return (G, F) if F else (1, 0)
+
+
+def line_groups(orders: Sequence[ScanOrder], spatial: Sequence[int], per_thread: int) -> int:
+    """Line length ``F`` when a call can run as line vectors (lines.py), ``per_thread`` lines a thread; 0: no.
+
+    One order that scans an axis of stride > 1 first, whose second axis has stride 1 (its lines are neighbours in
+    memory, see :func:`lines`), not reversed, with lines of whole chunks and a multiple of ``per_thread`` lines per
+    value of its slowest axis (a group of lines shares it).
+    """
+    if len(orders) != 1 or per_thread < 1:
+        return 0
+    ((fast, mid, st_fast, st_mid, _, rev),) = order_rows(orders, spatial)
+    if fast < 2 or st_fast == 1 or st_mid != 1 or rev or fast % 16 or mid % per_thread:
+        return 0
+    return fast
 
 
 def line_chunks(orders: Sequence[ScanOrder], spatial: Sequence[int], chunk: int, most: int = 8) -> int:
