@@ -44,6 +44,7 @@ __all__ = ["ForwardResult", "Plan", "forward", "plan"]
 CARRY_CHANNELS = 16  # channels per program of the carry passes
 CARRY_SEGMENTS = 32  # segments chained at a time by the carry passes (an associative scan over them)
 CARRY_WARPS = 8
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
 
 
 def carry_segments(nsplit: int) -> int:
@@ -516,7 +517,8 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     p = plan(u, A, B)
     dev = u.device
     line_len = layout.line_groups(orders, p.spatial, cfg.line_vectors) if p.N == 16 else 0
-    if line_len and layout.channel_blocking(p.channels, p.groups, 32) == 32:
+    groups_fit = line_len and p.L // line_len // cfg.line_vectors <= MAX_GRID_Y  # a grid axis of line groups
+    if groups_fit and layout.channel_blocking(p.channels, p.groups, 32) == 32:
         return _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg,
                                      line_len)  # fmt: skip
     sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
