@@ -330,6 +330,8 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("mixed_vectors (also in the forward without saving)", variant(mixed_vectors=True)),
         ("lines", variant(lines=True)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
+        ("maxnreg=128", variant(maxnreg=128)),
+        ("maxnreg=168", variant(maxnreg=168)),
         ("save_pre_gate=False", variant(save_pre_gate=False)),
         ("line_segments=False", variant(line_segments=False)),
         ("no line segments, fill_strided=48", variant(fill_strided=48, line_segments=False)),

@@ -465,6 +465,12 @@ def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, 
         assert_matches_reference(low, ref, (order,), dtype=dtype)
         assert_matches_reference(low, ref, (order,), dtype=dtype, merge="stack", grads=False)
     assert {launch.line_vectors for launch in triton_forward._LAUNCHES.values()} == {lv}
+    assert all("maxnreg" not in launch.flags for launch in triton_forward._LAUNCHES.values())
+    if lv == 4:  # a register cap reaches the line-vector launches
+        triton_forward._LAUNCHES.clear()
+        with configs.override(forward=dataclasses.replace(cfg, maxnreg=168)):
+            assert_matches_reference(low, ref, (order,), dtype=dtype, grads=False)
+        assert [launch.flags["maxnreg"] for launch in triton_forward._LAUNCHES.values()] == [168]
 
 
 def test_calls_that_cannot_run_as_line_vectors(monkeypatch):

@@ -42,7 +42,8 @@ class PassConfig:
             (layout.line_chunks: at least two chunks, each segment starting at the same place in its line), instead
             of as many as ``fill_strided`` asks for. On an H100, SegMamba's three orders at 64³ (bf16): 8.0 / 28.8 ms
             forward / forward+backward with it, 10.4 / 41 ms with ``fill_strided`` 32 alone.
-        maxnreg: cap on registers per thread (``None``: the compiler's choice).
+        maxnreg: cap on registers per thread (``None``: the compiler's choice); in the forward, for the chunk passes of
+            calls that are not all raster or reversed, and for the line-vector passes.
         raster_maxnreg: (forward) the cap for calls whose every order is raster or reversed raster (``VEC_MODE``
             1 or 3, the per-token path without token offsets), in place of ``maxnreg``. At 128 both forward passes
             keep 16 one-warp programs per SM (the compiler's choice, 162-255 registers, kept 8-12): on an H100 S1

@@ -582,6 +582,8 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
         "SUB": 32, "LV": lv, "HAS_D": D is not None, "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus,
         "num_warps": 1,
     }  # fmt: skip
+    if cfg.maxnreg:
+        flags["maxnreg"] = cfg.maxnreg
     ngroups = nlines // lv
     return _Launch(
         plan=p,
