@@ -221,6 +221,9 @@ def op_calls(args, orders, grad_out):
 
     def fwd_bwd():
         res = triton_forward.forward(*tensors, save=True, **kw)
+        if res.parts:  # a call run as groups of orders (PassConfig.split_orders)
+            return triton_backward.grouped_backward(gy, None, *tensors, res.parts, res.pre_gate, orders=orders,
+                                                    delta_softplus=True)  # fmt: skip
         return triton_backward.backward(gy, None, *tensors, res.states, res.pre_gate, p=res.plan, **kw)
 
     return fwd, fwd_bwd
@@ -328,13 +331,14 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             variant(mixed_vectors=False, mixed_vectors_saving=False),
         ),
         ("mixed_vectors (also in the forward without saving)", variant(mixed_vectors=True)),
-        ("lines", variant(lines=True)),
+        ("split_orders=False (mixed orders in one call)", variant(split_orders=False)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
-        ("maxnreg=128", variant(maxnreg=128)),
+        ("strided_maxnreg=None (the compiler's registers)", variant(strided_maxnreg=None)),
+        ("strided_maxnreg=168", variant(strided_maxnreg=168)),
+        ("strided_maxnreg=200", variant(strided_maxnreg=200)),
         ("maxnreg=168", variant(maxnreg=168)),
         ("save_pre_gate=False", variant(save_pre_gate=False)),
         ("line_segments=False", variant(line_segments=False)),
-        ("no line segments, fill_strided=48", variant(fill_strided=48, line_segments=False)),
     ]
 
 
@@ -346,11 +350,13 @@ SWEEP_ROWS = [
 ]
 
 
-def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5)) -> list[dict]:
+def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5), only: str | None = None) -> list[dict]:
     """Forward and forward+backward of each row under each of :func:`sweep_variants`, after a check against the
-    torch backend's output."""
+    torch backend's output. ``only``: the rows whose name contains it."""
     results = []
     for row in rows:
+        if only and only not in row[0]:
+            continue
         name, batch, d, spatial, orders, dtname, z = row
         args = make_inputs(batch, d, spatial, orders, DTYPES[dtname], z)
         grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=DTYPES[dtname])
@@ -597,7 +603,8 @@ def dry_run(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="compare the default settings with each opt-in path")
+    ap.add_argument("--only", help="--sweep: only the rows whose name contains this (e.g. SegMamba)")
     ap.add_argument("--layer", action="store_true")
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
@@ -632,7 +639,7 @@ def main() -> int:
 
     t0 = time.time()
     if args.sweep:
-        sweep_rows.extend(sweep())
+        sweep_rows.extend(sweep(only=args.only))
         save()
     if not args.no_shapes:
         for row in shapes(args.quick):

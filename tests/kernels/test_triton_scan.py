@@ -465,12 +465,13 @@ def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, 
         assert_matches_reference(low, ref, (order,), dtype=dtype)
         assert_matches_reference(low, ref, (order,), dtype=dtype, merge="stack", grads=False)
     assert {launch.line_vectors for launch in triton_forward._LAUNCHES.values()} == {lv}
-    assert all("maxnreg" not in launch.flags for launch in triton_forward._LAUNCHES.values())
-    if lv == 4:  # a register cap reaches the line-vector launches
+    # the cap for calls of strided orders only reaches the line-vector launches (128 by default), maxnreg does not
+    assert {launch.flags["maxnreg"] for launch in triton_forward._LAUNCHES.values()} == {128}
+    if lv == 4:
         triton_forward._LAUNCHES.clear()
-        with configs.override(forward=dataclasses.replace(cfg, maxnreg=168)):
+        with configs.override(forward=dataclasses.replace(cfg, strided_maxnreg=None, maxnreg=168)):
             assert_matches_reference(low, ref, (order,), dtype=dtype, grads=False)
-        assert [launch.flags["maxnreg"] for launch in triton_forward._LAUNCHES.values()] == [168]
+        assert ["maxnreg" in launch.flags for launch in triton_forward._LAUNCHES.values()] == [False]
 
 
 def test_calls_that_cannot_run_as_line_vectors(monkeypatch):
@@ -495,6 +496,67 @@ def test_calls_that_cannot_run_as_line_vectors(monkeypatch):
     triton_forward._LAUNCHES.clear()
     assert_matches_reference(low, ref, (SLICE,), dtype=torch.float32, grads=False)
     assert [launch.line_vectors for launch in triton_forward._LAUNCHES.values()] == [0]
+
+
+@pytest.mark.parametrize(
+    ("orders", "dtype", "options", "ranges"),
+    [
+        ((RASTER, REVERSED, SLICE), torch.float32, {}, ((0, 2), (2, 3))),  # SegMamba's three orders
+        ((SLICE, RASTER), torch.bfloat16, {}, ((0, 1), (1, 2))),
+        ((RASTER, SLICE, REVERSED), torch.float16, {"z": False, "D": False, "batch": 2}, ((0, 1), (1, 2), (2, 3))),
+    ],
+    ids=["segmamba-fp32", "slice-first-bf16", "slice-between-fp16-plain"],
+)
+def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, options, ranges, monkeypatch):
+    # PassConfig.split_orders: each strided order alone as line vectors, the raster and reversed orders between
+    # them in one call; outputs summed, gradients joined along the orders, the gate's gradient taken once
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    spatial = (16, 1, 4)  # slice lines of 16 tokens, 4 of them: one group of line vectors
+    low, ref = make_inputs(spatial, len(orders), **{"channels": 32, "N": 16, "seed": 23, **options})
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
+    assert configs.forward_config().split_orders
+    assert_matches_reference(low, ref, orders, dtype=dtype)
+    grouped = [x for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Groups)]
+    assert [g.ranges for g in grouped] == [ranges]
+    lv = sorted(x.line_vectors for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Launch))
+    assert lv == [0] * (len(ranges) - 1) + [4]  # the strided order ran as line vectors
+    assert {key[0].K for key in triton_backward._LAUNCHES} == {b - a for a, b in ranges}  # one backward per group
+    if len(ranges) != 2 or dtype != torch.float32:
+        return
+    # the last state alone carries a gradient: no output gradient reaches the grouped backward
+    got = selective_scan(*low, orders=orders, return_last_state=True, backend="triton")
+    want = selective_scan(*ref, orders=orders, return_last_state=True, backend="reference")
+    weights = torch.randn(want.last_state.shape, generator=generator(5), dtype=torch.float64)
+    (du,) = torch.autograd.grad((got.last_state * weights.float()).sum(), low[0])
+    (du_want,) = torch.autograd.grad((want.last_state * weights).sum(), ref[0])
+    torch.testing.assert_close(du.double(), du_want, rtol=1e-4, atol=1e-4 * max(du_want.abs().max().item(), 1.0))
+    with torch.no_grad():  # and the forward without gradients
+        assert_matches_reference(low, ref, orders, dtype=dtype, grads=False)
+
+
+def test_calls_that_run_as_one_despite_mixing_orders():
+    import dataclasses
+
+    def ranges(orders, spatial=(16, 2, 8), merge="sum", N=16, channels=32, z=True, **changes):
+        cfg = dataclasses.replace(configs.forward_config(), **changes)
+        p = triton_forward.Plan(2, len(orders), channels, 1, N, math.prod(spatial), spatial, 16, N, 0)
+        return triton_forward._order_ranges(p, orders, merge, torch.zeros(1) if z else None, cfg)
+
+    segmamba = (RASTER, REVERSED, SLICE)
+    assert ranges(segmamba) == ((0, 2), (2, 3))
+    assert ranges((RASTER, SLICE, SLICE, REVERSED)) == ((0, 1), (1, 2), (2, 3), (3, 4))
+    assert ranges(segmamba, merge="stack") == ()  # stacked outputs: one call
+    assert ranges(segmamba, split_orders=False) == ()
+    assert ranges(segmamba, save_pre_gate=False) == ()  # the one-order groups would save no pre-gate output
+    assert ranges(segmamba, save_pre_gate=False, z=False) == ((0, 2), (2, 3))
+    assert ranges(segmamba, N=8) == ()  # the slice order alone would not run as line vectors
+    assert ranges(segmamba, channels=16) == ()
+    assert ranges(segmamba, spatial=(16, 2, 6)) == ()
+    assert ranges(segmamba, line_vectors=0) == ()
+    assert ranges((RASTER, REVERSED)) == ()  # no strided order
+    assert ranges((SLICE,)) == ()
 
 
 def test_orders_that_cannot_run_line_by_line():
@@ -668,7 +730,12 @@ def test_gpu_segmamba_sized_layer_scan_matches_torch_backend(dtype):
     orders = (RASTER, REVERSED, SLICE)
     low, ref = make_inputs((16, 24, 20), 3, batch=2, channels=96, N=16, dtype=dtype, seed=2, device="cuda")
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    triton_forward._LAUNCHES.clear()
     assert_matches_reference(low, ref, orders, dtype=dtype, other="torch")
+    # by default as two groups (PassConfig.split_orders): raster and reversed, then the slice order as line vectors
+    launches = list(triton_forward._LAUNCHES.values())
+    assert [x.ranges for x in launches if isinstance(x, triton_forward._Groups)] == [((0, 2), (2, 3))]
+    assert sorted(x.line_vectors for x in launches if isinstance(x, triton_forward._Launch)) == [0, 4]
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ class TritonScan(torch.autograd.Function):
     Saved for backward: the canonical views (no copies), the fp32 chunk-start states ``(B, K, nchunks, N, C)``
     (``N/BLOCK_T`` of an fp32 copy of u: one full copy at N = 16, BLOCK_T = 16) and, with a gate, the pre-gate
     output in the input dtype (``(B, C, *S)`` for ``merge="sum"``, ``(B, K, C, *S)`` for ``"stack"``; with one
-    order and ``PassConfig(save_pre_gate=False)`` none: the backward rebuilds it).
+    order and ``PassConfig(save_pre_gate=False)`` none: the backward rebuilds it). A call run as groups of orders
+    (``PassConfig.split_orders``) saves each group's states and the summed pre-gate output.
     """
 
     @staticmethod
@@ -36,17 +37,26 @@ class TritonScan(torch.autograd.Function):
         res = _forward.forward(
             u, delta, A, B, C, D, z, delta_bias, orders=orders, delta_softplus=delta_softplus, merge=merge, save=True
         )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, res.states, res.pre_gate)
+        states = [part.states for part in res.parts] if res.parts else [res.states]
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, res.pre_gate, *states)
         ctx.plan, ctx.orders, ctx.delta_softplus, ctx.merge = res.plan, orders, delta_softplus, merge
+        ctx.parts = tuple((part.start, part.stop, part.plan) for part in res.parts)
         return res.out, res.last_state
 
     @staticmethod
     def backward(ctx, grad_out, grad_last):  # type: ignore[override]
         """Gradients of all eight inputs by recomputation from the saved chunk states."""
-        u, delta, A, B, C, D, z, delta_bias, states, pre_gate = ctx.saved_tensors
-        grads = _backward.backward(
-            grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, states, pre_gate,
-            p=ctx.plan, orders=ctx.orders, delta_softplus=ctx.delta_softplus, merge=ctx.merge,
-            given_shapes=ctx.given_shapes,
-        )  # fmt: skip
+        u, delta, A, B, C, D, z, delta_bias, pre_gate, *states = ctx.saved_tensors
+        if ctx.parts:
+            parts = [_forward.Part(a, b, s, p) for (a, b, p), s in zip(ctx.parts, states, strict=True)]
+            grads = _backward.grouped_backward(
+                grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, parts, pre_gate,
+                orders=ctx.orders, delta_softplus=ctx.delta_softplus,
+            )  # fmt: skip
+        else:
+            grads = _backward.backward(
+                grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, states[0], pre_gate,
+                p=ctx.plan, orders=ctx.orders, delta_softplus=ctx.delta_softplus, merge=ctx.merge,
+                given_shapes=ctx.given_shapes,
+            )  # fmt: skip
         return (None, *grads_as_given(grads, ctx.given_shapes), None, None, None)

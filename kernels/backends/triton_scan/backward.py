@@ -47,11 +47,11 @@ from .common import (
     _store_tile,
     _token_offsets,
 )
-from .forward import CARRY_CHANNELS, CARRY_WARPS, Plan, carry_segments, split
+from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, carry_segments, split
 from .launch import Launcher
 from .ptx import _lane_id, _lane_sum8
 
-__all__ = ["backward"]
+__all__ = ["backward", "grouped_backward"]
 
 
 @triton.jit
@@ -569,6 +569,52 @@ def backward(
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
+def grouped_backward(
+    grad_out: torch.Tensor | None,
+    grad_last: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    parts: Sequence[Part],
+    pre_gate: torch.Tensor | None,
+    *,
+    orders: Sequence[ScanOrder],
+    delta_softplus: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of a ``merge="sum"`` call that ran as groups of orders (PassConfig.split_orders), canonical shapes.
+
+    The gate's gradient is taken once, from the summed pre-gate output; each group's backward then runs ungated on
+    its orders, and the per-order gradients are joined along the orders.
+    """
+    p = parts[0].plan
+    if grad_out is None:
+        grad_out = torch.zeros((p.batch, p.channels, *p.spatial), device=u.device, dtype=u.dtype)
+    gy = layout.natural_spatial(grad_out, len(p.spatial))
+    dz = None
+    if z is not None:
+        dz = torch.empty(z.shape, device=u.device, dtype=z.dtype)
+        gy = _gate(gy, pre_gate, z, dz, p, "sum")
+
+    grads = []
+    for part in parts:
+        k = slice(part.start, part.stop)
+        dl, uk, dk, Bk, Ck = (None if x is None else x[:, k] for x in (grad_last, u, delta, B, C))
+        Ak, Dk, bk = (None if x is None else x[k] for x in (A, D, delta_bias))
+        kw = {"p": part.plan, "orders": orders[k], "delta_softplus": delta_softplus, "merge": "sum"}
+        grads.append(backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, **kw))
+    axes = (1, 1, 0, 1, 1, 0, None, 0)  # the orders' axis of du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
+    joined = [
+        dz if axis is None else (None if ga[0] is None else torch.cat(ga, dim=axis))
+        for ga, axis in zip(zip(*grads, strict=True), axes, strict=True)
+    ]
+    return tuple(joined)
+
+
 FINISH_BLOCK = 1024  # tokens per program of _bwd_finish_kernel's dB/dC sums
 FINISH_ROWS, FINISH_COLS = 64, 64  # its tile of (batch, segment) rows × columns for the dA, dD, d(delta_bias) sums
 
@@ -671,6 +717,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
     )  # fmt: skip
     bpg = p.cpg // sub
+    cap = cfg.maxnreg if any(layout.directions(orders, p.spatial)) else cfg.strided_maxnreg
     fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)
     bk = p.batch * p.K
     states = bk * nsplit * p.N * p.channels  # (B, K, nsplit, N, C): rho, mid, dA_slot, seg_rho; dA partials
@@ -691,7 +738,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         table=layout.order_table(orders, p.spatial, dev),
         strides=strides,
         segment_strides=segment_strides,
-        options={"maxnreg": cfg.maxnreg} if cfg.maxnreg else {},
+        options={"maxnreg": cap} if cap else {},
         fused_bc=fused_bc,
         scratch=tuple(-(-n // 64) * 64 for n in sizes),
     )

@@ -43,7 +43,11 @@ class PassConfig:
             of as many as ``fill_strided`` asks for. On an H100, SegMamba's three orders at 64³ (bf16): 8.0 / 28.8 ms
             forward / forward+backward with it, 10.4 / 41 ms with ``fill_strided`` 32 alone.
         maxnreg: cap on registers per thread (``None``: the compiler's choice); in the forward, for the chunk passes of
-            calls that are not all raster or reversed, and for the line-vector passes.
+            calls that are not all raster or reversed; in the backward, for calls with a raster or reversed order.
+        strided_maxnreg: the cap for calls whose every order is strided, in place of ``maxnreg``: the forward's
+            line-vector passes, the backward's main pass. On an H100, SegMamba's slice order alone at 64³ (bf16 + z,
+            d 96; the compiler takes 255 registers in both passes): forward 1.98 -> 1.81 ms at 128, forward+backward
+            12.5 -> 10.4 ms with 168 in both passes; calls that also have raster orders ran slower with any cap.
         raster_maxnreg: (forward) the cap for calls whose every order is raster or reversed raster (``VEC_MODE``
             1 or 3, the per-token path without token offsets), in place of ``maxnreg``. At 128 both forward passes
             keep 16 one-warp programs per SM (the compiler's choice, 162-255 registers, kept 8-12): on an H100 S1
@@ -70,6 +74,11 @@ class PassConfig:
         line_vectors: (forward) run calls of one strided order whose lines are neighbours in memory (SegMamba's
             slice order alone, Vivim's temporal one, a column-major 2D order) as line vectors (lines.py): this
             many lines per thread, side by side, with 16 states; 0: off.
+        split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
+            orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
+            each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
+            ``merge="sum"`` only; the groups' outputs are summed, their gradients concatenated along the orders, the
+            gate's gradient taken once (backward.grouped_backward).
         save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
             one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
             where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
@@ -87,12 +96,14 @@ class PassConfig:
     fill_strided: int | None = None
     line_segments: bool = True
     maxnreg: int | None = None
+    strided_maxnreg: int | None = None
     raster_maxnreg: int | None = None
     inline_ptx: bool = True
     mixed_vectors: bool = False
     mixed_vectors_saving: bool = False
     lines: bool = False
     line_vectors: int = 0
+    split_orders: bool = False
     save_pre_gate: bool = True
     emulate_ptx: bool = False
 
@@ -122,9 +133,17 @@ class PassConfig:
 # H100, 2026-11-27 (fill 2-32): flat within ±3 % for raster orders at 8; the SegMamba three-order layer 64³
 # 13.9 -> 10.7 ms forward and 51.0 -> 44.9 ms forward+backward at 32 instead of 8
 _FORWARD = PassConfig(
-    sub=32, num_warps=1, fill=8, fill_strided=32, raster_maxnreg=128, mixed_vectors_saving=True, line_vectors=4
+    sub=32,
+    num_warps=1,
+    fill=8,
+    fill_strided=32,
+    raster_maxnreg=128,
+    strided_maxnreg=128,
+    mixed_vectors_saving=True,
+    line_vectors=4,
+    split_orders=True,
 )
-_BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, mixed_vectors=True)
+_BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, strided_maxnreg=168, mixed_vectors=True)
 _overrides: list[dict[str, PassConfig]] = []
 
 

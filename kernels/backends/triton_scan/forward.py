@@ -39,7 +39,7 @@ from .launch import Launcher
 from .lines import _fwd_lines_kernel
 from .tokens import _chunk16
 
-__all__ = ["ForwardResult", "Plan", "forward", "plan"]
+__all__ = ["ForwardResult", "Part", "Plan", "forward", "plan"]
 
 CARRY_CHANNELS = 16  # channels per program of the carry passes
 CARRY_SEGMENTS = 32  # segments chained at a time by the carry passes (an associative scan over them)
@@ -394,6 +394,26 @@ class ForwardResult:
     pre_gate: torch.Tensor | None  # Σ_k y_k ("sum") or y_k ("stack") before the gate, if z and saved (see
     # PassConfig.save_pre_gate)
     plan: Plan
+    parts: tuple[Part, ...] = ()  # a call run as groups of orders (PassConfig.split_orders): each group's own
+    # (states is None then)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One group of a call run as groups of orders: orders ``start:stop``, its saved states and its plan."""
+
+    start: int
+    stop: int
+    states: torch.Tensor | None
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """A call run as groups of orders (PassConfig.split_orders): the ranges ``(start, stop)`` of the orders."""
+
+    plan: Plan
+    ranges: tuple[tuple[int, int], ...]
 
 
 def forward(
@@ -439,6 +459,8 @@ def forward(
         _LAUNCHES, key, lambda: _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
                                                  save, cfg)
     )  # fmt: skip
+    if type(launch) is _Groups:
+        return _grouped_forward(launch, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save)
     p, nsplit = launch.plan, launch.nsplit
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -510,15 +532,17 @@ class _Launch:
     line_vectors: int = 0  # lines per thread of the line-vector passes (lines.py); 0: the chunk passes
 
 
-_LAUNCHES: dict[tuple, _Launch] = {}
+_LAUNCHES: dict[tuple, _Launch | _Groups] = {}
 
 
-def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg) -> _Launch:
+def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg):
     p = plan(u, A, B)
     dev = u.device
-    line_len = layout.line_groups(orders, p.spatial, cfg.line_vectors) if p.N == 16 else 0
-    groups_fit = line_len and p.L // line_len // cfg.line_vectors <= MAX_GRID_Y  # a grid axis of line groups
-    if groups_fit and layout.channel_blocking(p.channels, p.groups, 32) == 32:
+    ranges = _order_ranges(p, orders, merge, z, cfg)
+    if ranges:
+        return _Groups(p, ranges)
+    line_len = _line_vector_length(p, orders, cfg)
+    if line_len:
         return _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg,
                                      line_len)  # fmt: skip
     sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
@@ -567,6 +591,49 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     )
 
 
+def _line_vector_length(p: Plan, orders: Sequence[ScanOrder], cfg: configs.PassConfig) -> int:
+    """The line length when a call of ``orders`` runs as line vectors (lines.py), else 0."""
+    if p.N != 16 or layout.channel_blocking(p.channels, p.groups, 32) != 32:
+        return 0
+    line_len = layout.line_groups(orders, p.spatial, cfg.line_vectors)
+    return line_len if line_len and p.L // line_len // cfg.line_vectors <= MAX_GRID_Y else 0  # a grid axis of groups
+
+
+def _order_ranges(p: Plan, orders, merge: str, z, cfg: configs.PassConfig) -> tuple[tuple[int, int], ...]:
+    """The groups of a call run as groups of orders (PassConfig.split_orders), ``()``: one call."""
+    if not cfg.split_orders or merge != "sum" or p.K < 2 or (z is not None and not cfg.save_pre_gate):
+        return ()
+    dirs = layout.directions(orders, p.spatial)
+    if all(dirs) or not any(not d and _line_vector_length(p, (o,), cfg) for d, o in zip(dirs, orders, strict=True)):
+        return ()
+    ranges, start = [], 0
+    for k, d in enumerate(dirs):  # each strided order alone; raster and reversed runs between them together
+        if not d or k + 1 == len(dirs) or not dirs[k + 1]:
+            ranges.append((start, k + 1))
+            start = k + 1
+    return tuple(ranges)
+
+
+def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save):
+    # one call per group of orders; the gated outputs and the pre-gate outputs summed in order of the groups
+    parts, out, pre, lasts = [], None, None, []
+    for a, b in groups.ranges:
+        res = forward(
+            u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, z,
+            delta_bias[a:b] if delta_bias is not None else None, orders=orders[a:b], delta_softplus=delta_softplus,
+            merge="sum", save=save,
+        )  # fmt: skip
+        if out is None:  # the first group's fresh outputs take the sums
+            out, pre = res.out, res.pre_gate
+        else:
+            out.add_(res.out)
+            if pre is not None:
+                pre.add_(res.pre_gate)
+        lasts.append(res.last_state)
+        parts.append(Part(a, b, res.states, res.plan))
+    return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, groups.plan, tuple(parts))
+
+
 def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg, line_len):
     # one order scanned line by line: a segment per line, cfg.line_vectors lines per program (lines.py)
     lv = cfg.line_vectors
@@ -582,8 +649,8 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
         "SUB": 32, "LV": lv, "HAS_D": D is not None, "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus,
         "num_warps": 1,
     }  # fmt: skip
-    if cfg.maxnreg:
-        flags["maxnreg"] = cfg.maxnreg
+    if cfg.strided_maxnreg:
+        flags["maxnreg"] = cfg.strided_maxnreg
     ngroups = nlines // lv
     return _Launch(
         plan=p,
