@@ -332,6 +332,7 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ),
         ("mixed_vectors (also in the forward without saving)", variant(mixed_vectors=True)),
         ("split_orders=False (mixed orders in one call)", variant(split_orders=False)),
+        ("split_min_length=0 (short calls split too)", variant(split_min_length=0)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
         ("strided_maxnreg=None (the compiler's registers)", variant(strided_maxnreg=None)),
         ("strided_maxnreg=168", variant(strided_maxnreg=168)),
@@ -347,6 +348,8 @@ SWEEP_ROWS = [
     ("U-Mamba s1 64³", 2, 128, (64, 64, 64), (RASTER,), "fp32", True),
     ("SegMamba slice order 64³", 2, 96, (64, 64, 64), (SLICE,), "bf16", True),
     ("SegMamba 3-order layer 64³", 2, 96, (64, 64, 64), SEGMAMBA, "bf16", True),
+    ("SegMamba 3-order layer 32³", 2, 192, (32, 32, 32), SEGMAMBA, "bf16", True),
+    ("SegMamba 3-order layer 16³", 2, 384, (16, 16, 16), SEGMAMBA, "bf16", True),
 ]
 
 

@@ -510,6 +510,8 @@ def test_calls_that_cannot_run_as_line_vectors(monkeypatch):
 def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, options, ranges, monkeypatch):
     # PassConfig.split_orders: each strided order alone as line vectors, the raster and reversed orders between
     # them in one call; outputs summed, gradients joined along the orders, the gate's gradient taken once
+    import dataclasses
+
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
 
     spatial = (16, 1, 4)  # slice lines of 16 tokens, 4 of them: one group of line vectors
@@ -517,6 +519,8 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     assert configs.forward_config().split_orders
+    short = dataclasses.replace(configs.forward_config(), split_min_length=0)  # 64 tokens: split them too
+    monkeypatch.setattr(configs, "_FORWARD", short)
     assert_matches_reference(low, ref, orders, dtype=dtype)
     grouped = [x for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Groups)]
     assert [g.ranges for g in grouped] == [ranges]
@@ -540,7 +544,7 @@ def test_calls_that_run_as_one_despite_mixing_orders():
     import dataclasses
 
     def ranges(orders, spatial=(16, 2, 8), merge="sum", N=16, channels=32, z=True, **changes):
-        cfg = dataclasses.replace(configs.forward_config(), **changes)
+        cfg = dataclasses.replace(configs.forward_config(), **{"split_min_length": 0, **changes})
         p = triton_forward.Plan(2, len(orders), channels, 1, N, math.prod(spatial), spatial, 16, N, 0)
         return triton_forward._order_ranges(p, orders, merge, torch.zeros(1) if z else None, cfg)
 
@@ -557,6 +561,11 @@ def test_calls_that_run_as_one_despite_mixing_orders():
     assert ranges(segmamba, line_vectors=0) == ()
     assert ranges((RASTER, REVERSED)) == ()  # no strided order
     assert ranges((SLICE,)) == ()
+    # short calls stay one (the groups' host time): 32³ tokens by default
+    assert configs.forward_config().split_min_length == 32768
+    assert ranges(segmamba, split_min_length=257) == ()
+    assert ranges(segmamba, split_min_length=256) == ((0, 2), (2, 3))
+    assert ranges(segmamba, spatial=(32, 32, 32), split_min_length=32768) == ((0, 2), (2, 3))
 
 
 def test_orders_that_cannot_run_line_by_line():
@@ -730,9 +739,14 @@ def test_gpu_segmamba_sized_layer_scan_matches_torch_backend(dtype):
     orders = (RASTER, REVERSED, SLICE)
     low, ref = make_inputs((16, 24, 20), 3, batch=2, channels=96, N=16, dtype=dtype, seed=2, device="cuda")
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
-    triton_forward._LAUNCHES.clear()
     assert_matches_reference(low, ref, orders, dtype=dtype, other="torch")
-    # by default as two groups (PassConfig.split_orders): raster and reversed, then the slice order as line vectors
+    # as two groups (PassConfig.split_orders, here below its default length): raster and reversed, then the slice
+    # order as line vectors
+    import dataclasses
+
+    triton_forward._LAUNCHES.clear()
+    with configs.override(forward=dataclasses.replace(configs.forward_config(), split_min_length=0)):
+        assert_matches_reference(low, ref, orders, dtype=dtype, other="torch")
     launches = list(triton_forward._LAUNCHES.values())
     assert [x.ranges for x in launches if isinstance(x, triton_forward._Groups)] == [((0, 2), (2, 3))]
     assert sorted(x.line_vectors for x in launches if isinstance(x, triton_forward._Launch)) == [0, 4]

@@ -78,7 +78,12 @@ class PassConfig:
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
             ``merge="sum"`` only; the groups' outputs are summed, their gradients concatenated along the orders, the
-            gate's gradient taken once (backward.grouped_backward).
+            gate's gradient taken once (backward.grouped_backward). On an H100, SegMamba's three orders at 64³ (bf16 +
+            z, d 96): 8.43 / 26.40 -> 5.31 / 22.67 ms forward / forward+backward per call.
+        split_min_length: (forward) split only calls of at least this many tokens per sequence. Each group is a
+            call of its own, with its host prologue (0.15-0.25 ms on the lent hosts): short calls (SegMamba's 16³
+            stage), host-bound already, would pay it without a kernel gain to match. 32³ was chosen by that
+            estimate, not yet timed.
         save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
             one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
             where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
@@ -104,6 +109,7 @@ class PassConfig:
     lines: bool = False
     line_vectors: int = 0
     split_orders: bool = False
+    split_min_length: int = 0
     save_pre_gate: bool = True
     emulate_ptx: bool = False
 
@@ -142,6 +148,7 @@ _FORWARD = PassConfig(
     mixed_vectors_saving=True,
     line_vectors=4,
     split_orders=True,
+    split_min_length=32768,
 )
 _BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, strided_maxnreg=168, mixed_vectors=True)
 _overrides: list[dict[str, PassConfig]] = []

@@ -601,7 +601,9 @@ def _line_vector_length(p: Plan, orders: Sequence[ScanOrder], cfg: configs.PassC
 
 def _order_ranges(p: Plan, orders, merge: str, z, cfg: configs.PassConfig) -> tuple[tuple[int, int], ...]:
     """The groups of a call run as groups of orders (PassConfig.split_orders), ``()``: one call."""
-    if not cfg.split_orders or merge != "sum" or p.K < 2 or (z is not None and not cfg.save_pre_gate):
+    if not cfg.split_orders or merge != "sum" or p.K < 2 or cfg.split_min_length > p.L:
+        return ()
+    if z is not None and not cfg.save_pre_gate:  # the one-order groups would save no pre-gate output to sum
         return ()
     dirs = layout.directions(orders, p.spatial)
     if all(dirs) or not any(not d and _line_vector_length(p, (o,), cfg) for d, o in zip(dirs, orders, strict=True)):
