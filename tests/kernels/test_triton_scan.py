@@ -515,7 +515,7 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
 
     spatial = (16, 1, 4)  # slice lines of 16 tokens, 4 of them: one group of line vectors
-    low, ref = make_inputs(spatial, len(orders), **{"channels": 32, "N": 16, "seed": 23, **options})
+    low, ref = make_inputs(spatial, len(orders), dtype=dtype, **{"channels": 32, "N": 16, "seed": 23, **options})
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     assert configs.forward_config().split_orders
@@ -527,6 +527,12 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
     lv = sorted(x.line_vectors for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Launch))
     assert lv == [0] * (len(ranges) - 1) + [4]  # the strided order ran as line vectors
     assert {key[0].K for key in triton_backward._LAUNCHES} == {b - a for a, b in ranges}  # one backward per group
+    if dtype == torch.bfloat16:  # rounded to bf16 once, after the fp32 sum, as one call: equal but for rare ties
+        with torch.no_grad():
+            grouped_out = selective_scan(*low, orders=orders, backend="triton").out
+            with configs.override(forward=dataclasses.replace(short, split_orders=False)):
+                one_call = selective_scan(*low, orders=orders, backend="triton").out
+        assert (grouped_out != one_call).float().mean().item() < 0.02
     if len(ranges) != 2 or dtype != torch.float32:
         return
     # the last state alone carries a gradient: no output gradient reaches the grouped backward
@@ -543,18 +549,17 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
 def test_calls_that_run_as_one_despite_mixing_orders():
     import dataclasses
 
-    def ranges(orders, spatial=(16, 2, 8), merge="sum", N=16, channels=32, z=True, **changes):
+    def ranges(orders, spatial=(16, 2, 8), merge="sum", N=16, channels=32, **changes):
         cfg = dataclasses.replace(configs.forward_config(), **{"split_min_length": 0, **changes})
         p = triton_forward.Plan(2, len(orders), channels, 1, N, math.prod(spatial), spatial, 16, N, 0)
-        return triton_forward._order_ranges(p, orders, merge, torch.zeros(1) if z else None, cfg)
+        return triton_forward._order_ranges(p, orders, merge, cfg)
 
     segmamba = (RASTER, REVERSED, SLICE)
     assert ranges(segmamba) == ((0, 2), (2, 3))
     assert ranges((RASTER, SLICE, SLICE, REVERSED)) == ((0, 1), (1, 2), (2, 3), (3, 4))
     assert ranges(segmamba, merge="stack") == ()  # stacked outputs: one call
     assert ranges(segmamba, split_orders=False) == ()
-    assert ranges(segmamba, save_pre_gate=False) == ()  # the one-order groups would save no pre-gate output
-    assert ranges(segmamba, save_pre_gate=False, z=False) == ((0, 2), (2, 3))
+    assert ranges(segmamba, save_pre_gate=False) == ((0, 2), (2, 3))  # the merge keeps the pre-gate output
     assert ranges(segmamba, N=8) == ()  # the slice order alone would not run as line vectors
     assert ranges(segmamba, channels=16) == ()
     assert ranges(segmamba, spatial=(16, 2, 6)) == ()

@@ -77,8 +77,9 @@ class PassConfig:
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
-            ``merge="sum"`` only; the groups' outputs are summed, their gradients concatenated along the orders, the
-            gate's gradient taken once (backward.grouped_backward). On an H100, SegMamba's three orders at 64³ (bf16 +
+            ``merge="sum"`` only; the groups write their orders' outputs into one fp32 buffer that the merge sums and
+            gates as for one call, their gradients are concatenated along the orders, the gate's gradient is taken
+            once (backward.grouped_backward). On an H100, SegMamba's three orders at 64³ (bf16 +
             z, d 96): 8.43 / 26.40 -> 5.31 / 22.67 ms forward / forward+backward per call.
         split_min_length: (forward) split only calls of at least this many tokens per sequence. Each group is a
             call of its own, with its host prologue (0.15-0.25 ms on the lent hosts): short calls (SegMamba's 16³

@@ -410,10 +410,15 @@ class Part:
 
 @dataclass(frozen=True)
 class _Groups:
-    """A call run as groups of orders (PassConfig.split_orders): the ranges ``(start, stop)`` of the orders."""
+    """A call run as groups of orders (PassConfig.split_orders).
+
+    ``ranges``: the ``(start, stop)`` of each group's orders; the merge's launch sums and gates their outputs.
+    """
 
     plan: Plan
     ranges: tuple[tuple[int, int], ...]
+    merge_grid: tuple[int, int]
+    merge_block: int
 
 
 def forward(
@@ -430,6 +435,7 @@ def forward(
     delta_softplus: bool,
     merge: str,
     save: bool,
+    out: torch.Tensor | None = None,
 ) -> ForwardResult:
     """Run the forward passes over canonical inputs (spatial blocks contiguous, see layout.natural_spatial).
 
@@ -446,6 +452,8 @@ def forward(
         delta_softplus: apply softplus to ``delta + delta_bias``.
         merge: ``"sum"`` or ``"stack"``.
         save: keep every chunk-start state and, with z, the pre-gate output (for the backward).
+        out: for ``merge="stack"`` without z, the ``(B, K, C, *S)`` tensor the outputs go to (rows of the spatial
+            size contiguous, e.g. a slice of one fp32 buffer for several groups of orders) instead of a fresh one.
     """
     dev = u.device
     cfg = configs.forward_config()
@@ -454,10 +462,11 @@ def forward(
         C.dtype, None if z is None else (z.stride(), z.dtype), A.shape, D is None, delta_bias is None, orders,
         delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z),
         dev.type != "cuda" and layout.interpreted(),  # the emulated GPU path exists only under the interpreter
+        None if out is None else (out.stride(), out.dtype),
     )  # fmt: skip
     launch = layout.remembered(
         _LAUNCHES, key, lambda: _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
-                                                 save, cfg)
+                                                 save, cfg, out)
     )  # fmt: skip
     if type(launch) is _Groups:
         return _grouped_forward(launch, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save)
@@ -467,10 +476,13 @@ def forward(
     bias = delta_bias.float().contiguous() if delta_bias is not None else A
     z_arg = z if z is not None else u
     if launch.line_vectors:
-        return _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save)
+        return _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps)
     # what the first pass writes first: the GPU starts while the host allocates the rest
-    y = torch.empty(launch.y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
+    if out is None:
+        y = torch.empty(launch.y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
+    else:
+        y = out
     pre = torch.empty_like(y) if launch.pre_per_order else None
     pre_arg = pre if pre is not None else y
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
@@ -535,16 +547,17 @@ class _Launch:
 _LAUNCHES: dict[tuple, _Launch | _Groups] = {}
 
 
-def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg):
+def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg, out):
     p = plan(u, A, B)
     dev = u.device
-    ranges = _order_ranges(p, orders, merge, z, cfg)
+    block = min(1024, layout.next_power_of_2(p.L))
+    ranges = _order_ranges(p, orders, merge, cfg)
     if ranges:
-        return _Groups(p, ranges)
+        return _Groups(p, ranges, (p.batch * p.channels, layout.cdiv(p.L, block)), block)
     line_len = _line_vector_length(p, orders, cfg)
     if line_len:
         return _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg,
-                                     line_len)  # fmt: skip
+                                     line_len, out)  # fmt: skip
     sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     lines, line_len = lines_of(p, cfg, orders, u)
@@ -553,13 +566,16 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     fused_merge = merge == "sum" and p.K > 1
     keep = cfg.save_pre_gate or p.K > 1  # else the backward rebuilds it (backward.GATE_GRAD)
     pre_per_order = not fused_merge and save and z is not None and keep
-    # y and the pre-gate output are fresh (B, K, C, *S) tensors: contiguous and aligned
+    # y and the pre-gate output are fresh (B, K, C, *S) tensors: contiguous and aligned (or y is the given out)
     y_b, y_k, y_c = p.K * p.channels * p.L, p.channels * p.L, p.L
+    if out is not None:
+        y_b, y_k, y_c = out.stride(0), out.stride(1), out.stride(2)
+    pre_b, pre_k, pre_c = p.K * p.channels * p.L, p.channels * p.L, p.L
     z_arg = z if z is not None else u
     strides = (
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
-        z_arg.stride(0), z_arg.stride(1), y_b, y_k, y_c, y_b, y_k, y_c,
+        z_arg.stride(0), z_arg.stride(1), y_b, y_k, y_c, pre_b, pre_k, pre_c,
     )  # fmt: skip
     ptx = cfg.ptx(dev, sub, num_warps) and p.block_n == p.N
     vec = 0 if lines > 1 else cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, saving=save)
@@ -571,7 +587,6 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     cap = cfg.raster_maxnreg if vec in (1, 3) else cfg.maxnreg  # no token offsets: few registers to spare
     if cap:
         flags["maxnreg"] = cap
-    block = min(1024, layout.next_power_of_2(p.L))
     one_summed = merge == "sum" and p.K == 1  # then y, the output, is (B, C, *S): the memory of (B, 1, C, *S)
     return _Launch(
         plan=p,
@@ -599,11 +614,9 @@ def _line_vector_length(p: Plan, orders: Sequence[ScanOrder], cfg: configs.PassC
     return line_len if line_len and p.L // line_len // cfg.line_vectors <= MAX_GRID_Y else 0  # a grid axis of groups
 
 
-def _order_ranges(p: Plan, orders, merge: str, z, cfg: configs.PassConfig) -> tuple[tuple[int, int], ...]:
+def _order_ranges(p: Plan, orders, merge: str, cfg: configs.PassConfig) -> tuple[tuple[int, int], ...]:
     """The groups of a call run as groups of orders (PassConfig.split_orders), ``()``: one call."""
     if not cfg.split_orders or merge != "sum" or p.K < 2 or cfg.split_min_length > p.L:
-        return ()
-    if z is not None and not cfg.save_pre_gate:  # the one-order groups would save no pre-gate output to sum
         return ()
     dirs = layout.directions(orders, p.spatial)
     if all(dirs) or not any(not d and _line_vector_length(p, (o,), cfg) for d, o in zip(dirs, orders, strict=True)):
@@ -617,26 +630,31 @@ def _order_ranges(p: Plan, orders, merge: str, z, cfg: configs.PassConfig) -> tu
 
 
 def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save):
-    # one call per group of orders; the gated outputs and the pre-gate outputs summed in order of the groups
-    parts, out, pre, lasts = [], None, None, []
+    # one call per group of orders, each writing its orders' ungated outputs into one fp32 (B, K, C, *S) buffer;
+    # then the merge sums the K orders in order and gates, as for one call: one rounding to the output's dtype
+    p = groups.plan
+    y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=u.device, dtype=torch.float32)
+    parts, lasts = [], []
     for a, b in groups.ranges:
         res = forward(
-            u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, z,
+            u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, None,
             delta_bias[a:b] if delta_bias is not None else None, orders=orders[a:b], delta_softplus=delta_softplus,
-            merge="sum", save=save,
+            merge="stack", save=save, out=y[:, a:b],
         )  # fmt: skip
-        if out is None:  # the first group's fresh outputs take the sums
-            out, pre = res.out, res.pre_gate
-        else:
-            out.add_(res.out)
-            if pre is not None:
-                pre.add_(res.pre_gate)
         lasts.append(res.last_state)
         parts.append(Part(a, b, res.states, res.plan))
-    return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, groups.plan, tuple(parts))
+    out = torch.empty(p.batch, p.channels, *p.spatial, device=u.device, dtype=u.dtype)
+    pre = torch.empty_like(out) if (save and z is not None) else None
+    z_arg = z if z is not None else u
+    _merge_launch[groups.merge_grid](
+        y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
+        HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=groups.merge_block, num_warps=4,
+    )  # fmt: skip
+    return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, p, tuple(parts))
 
 
-def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg, line_len):
+def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg, line_len,
+                          out):  # fmt: skip
     # one order scanned line by line: a segment per line, cfg.line_vectors lines per program (lines.py)
     lv = cfg.line_vectors
     nlines = p.L // line_len
@@ -645,7 +663,7 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
     strides = (
         u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), B.stride(0), B.stride(2), B.stride(3),
         C.stride(0), C.stride(2), C.stride(3), z_arg.stride(0), z_arg.stride(1),
-        p.channels * p.L, p.L, p.channels * p.L, p.L,
+        *((p.channels * p.L, p.L) if out is None else (out.stride(0), out.stride(2))), p.channels * p.L, p.L,
     )  # fmt: skip
     flags = {
         "SUB": 32, "LV": lv, "HAS_D": D is not None, "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus,
@@ -673,13 +691,13 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
     )
 
 
-def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save) -> ForwardResult:
+def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> ForwardResult:
     # the segment pass (per-line maps and per-group maps), the carry over groups, the main pass (lines.py)
     p, dev, f32 = launch.plan, u.device, torch.float32
     nlines, cps, lv = launch.nsplit, launch.cps, launch.line_vectors
     ngroups = nlines // lv
-    y = torch.empty(launch.y_shape, device=dev, dtype=u.dtype)
-    pre = torch.empty_like(y) if launch.pre_per_order else None
+    y = torch.empty(launch.y_shape, device=dev, dtype=u.dtype) if out is None else out
+    pre = torch.empty(launch.y_shape, device=dev, dtype=u.dtype) if launch.pre_per_order else None
     line_state = torch.empty(p.batch, nlines, p.N, p.channels, device=dev, dtype=f32)
     line_dt = torch.empty(p.batch, nlines, p.channels, device=dev, dtype=f32)
     seg_state = torch.empty(p.batch, 1, p.channels, ngroups, p.N, device=dev, dtype=f32)
