@@ -442,11 +442,11 @@ def test_strided_orders_run_line_by_line(spatial, orders, dtype, expected):
 @pytest.mark.parametrize(
     ("spatial", "order", "dtype", "options", "lv"),
     [
-        ((16, 2, 8), SLICE, torch.float32, {"batch": 2}, 4),  # 16 lines: 4 groups chained by the carry pass
-        ((16, 2, 8), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 4),  # B/C groups of 32 channels
+        ((16, 2, 4), SLICE, torch.float32, {"batch": 2}, 4),  # 8 lines: 2 groups chained by the carry pass
+        ((16, 1, 8), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 4),  # B/C groups of 32 channels
         ((32, 4), ScanOrder((1, 0)), torch.float32, {"z": False, "D": False, "bias": False}, 4),  # 2D, one group
         ((16, 1, 4), TEMPORAL, torch.float16, {}, 2),
-        ((32, 2, 16), SLICE, torch.float32, {}, 8),  # lines of two chunks
+        ((32, 1, 16), SLICE, torch.float32, {}, 8),  # lines of two chunks
     ],
     ids=["slice-fp32-carry", "slice-bf16-groups", "2d-column-major-plain", "temporal-fp16-lv2", "slice-lv8"],
 )
@@ -542,8 +542,6 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
     (du,) = torch.autograd.grad((got.last_state * weights.float()).sum(), low[0])
     (du_want,) = torch.autograd.grad((want.last_state * weights).sum(), ref[0])
     torch.testing.assert_close(du.double(), du_want, rtol=1e-4, atol=1e-4 * max(du_want.abs().max().item(), 1.0))
-    with torch.no_grad():  # and the forward without gradients
-        assert_matches_reference(low, ref, orders, dtype=dtype, grads=False)
 
 
 def test_calls_that_run_as_one_despite_mixing_orders():

@@ -182,7 +182,7 @@ def _bwd_kernel(
     L, CH, N, K, G, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
-    sz_b, sz_c, sg_b, sg_k, sg_c,
+    sz_b, sz_c, sg_b, sg_k, sg_c, so_b,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr = False,
@@ -222,7 +222,7 @@ def _bwd_kernel(
     d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
     g_rows = gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c
     z_rows = z_ptr + b * sz_b + ch64 * sz_c
-    tok_rows = chan_row * L  # du/ddelta are (B, K, C, L) contiguous
+    tok_rows = b * so_b + (k * CH + ch64) * L  # du/ddelta: (B, K, C, L), rows contiguous, batch stride so_b
     B_base = B_ptr + b * sB_b + k * sB_k + grp.to(tl.int64) * sB_g
     C_base = C_ptr + b * sC_b + k * sC_k + grp.to(tl.int64) * sC_g
     part_row = ((bk.to(tl.int64) * G + grp) * bpg + blk_in_grp) * N  # dB/dC partials (B, K, G, BPG, N, L)
@@ -490,8 +490,12 @@ def backward(
     delta_softplus: bool,
     merge: str,
     given_shapes: tuple | None = None,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs.
+
+    ``into``: ``(du, ddelta)`` to write instead of fresh tensors, ``(B, K, C, *S)`` views with contiguous ``(K, C,
+    *S)`` blocks and one batch stride (slices along K of larger buffers: groups of orders).
 
     ``given_shapes``: the shapes of the arguments as given (canonical.py); a gradient is allocated in its argument's
     shape wherever that holds the same elements in the same order (an added axis of size one), which spares a view
@@ -549,15 +553,18 @@ def backward(
             BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
         )  # fmt: skip
 
-    du = torch.empty(shapes[0], device=dev, dtype=u.dtype)
-    ddelta = torch.empty(shapes[1], device=dev, dtype=delta.dtype)
+    if into is None:
+        du = torch.empty(shapes[0], device=dev, dtype=u.dtype)
+        ddelta = torch.empty(shapes[1], device=dev, dtype=delta.dtype)
+    else:
+        du, ddelta = into
     if not launch.fused_bc:  # the partials are the gradients: owned and shaped (B, K, G, 1, N, *S)
         dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
     _bwd_launch[launch.grid](
         u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
         du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
-        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides,
+        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides, du.stride(0),
         SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_Z=gate_grad,
         SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode, GATE_GRAD=gate_grad,
         num_warps=launch.num_warps, **launch.options,
@@ -589,7 +596,7 @@ def grouped_backward(
     """Gradients of a ``merge="sum"`` call that ran as groups of orders (PassConfig.split_orders), canonical shapes.
 
     The gate's gradient is taken once, from the summed pre-gate output; each group's backward then runs ungated on
-    its orders, and the per-order gradients are joined along the orders.
+    its orders, and the per-order gradients are joined along the orders (du and dΔ written in place).
     """
     p = parts[0].plan
     if grad_out is None:
@@ -600,18 +607,22 @@ def grouped_backward(
         dz = torch.empty(z.shape, device=u.device, dtype=z.dtype)
         gy = _gate(gy, pre_gate, z, dz, p, "sum")
 
+    du = torch.empty(p.batch, parts[-1].stop, p.channels, *p.spatial, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(du.shape, device=u.device, dtype=delta.dtype)
     grads = []
     for part in parts:
         k = slice(part.start, part.stop)
         dl, uk, dk, Bk, Ck = (None if x is None else x[:, k] for x in (grad_last, u, delta, B, C))
         Ak, Dk, bk = (None if x is None else x[k] for x in (A, D, delta_bias))
         kw = {"p": part.plan, "orders": orders[k], "delta_softplus": delta_softplus, "merge": "sum"}
-        grads.append(backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, **kw))
-    axes = (1, 1, 0, 1, 1, 0, None, 0)  # the orders' axis of du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
+        into = (du[:, k], ddelta[:, k])
+        grads.append(backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, into=into, **kw))
+    axes = (None, None, 0, 1, 1, 0, None, 0)  # the orders' axis of dA, dB, dC, dD and ddelta_bias
     joined = [
-        dz if axis is None else (None if ga[0] is None else torch.cat(ga, dim=axis))
+        None if axis is None or ga[0] is None else torch.cat(ga, dim=axis)
         for ga, axis in zip(zip(*grads, strict=True), axes, strict=True)
     ]
+    joined[0], joined[1], joined[6] = du, ddelta, dz
     return tuple(joined)
 
 
