@@ -181,6 +181,7 @@ def _ddp_worker(rank, folder):
     loop = make_loop(folder, epochs=2, batches=regression_batches(seed=rank), dist_env=env)  # each rank its own data
     loop.run()
     torch.save(loop.network.state_dict(), folder / f"rank{rank}.pt")
+    dist.barrier()  # as the trainers do: a rank that tears down while the other still talks aborts in Gloo
     dist.destroy_process_group()
 
 
