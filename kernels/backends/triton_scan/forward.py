@@ -508,12 +508,7 @@ def forward(
     )  # fmt: skip
 
     if launch.fused_merge:
-        out = torch.empty(p.batch, p.channels, *p.spatial, device=dev, dtype=u.dtype)
-        pre = torch.empty_like(out) if (save and z is not None) else None
-        _merge_launch[launch.merge_grid](
-            y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
-            HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=launch.merge_block, num_warps=4,
-        )  # fmt: skip
+        out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block)
     else:  # y is the output: (B, K, C, *S) stacked, or allocated as (B, C, *S) for one order summed
         out = y
     return ForwardResult(out, last, states if save else None, pre, p)
@@ -643,14 +638,23 @@ def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, order
         )  # fmt: skip
         lasts.append(res.last_state)
         parts.append(Part(a, b, res.states, res.plan))
+    out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block)
+    return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, p, tuple(parts))
+
+
+def _merge(y, z, u, p: Plan, save: bool, grid, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(out, pre_gate)``: the fp32 per-order outputs ``y`` (B, K, C, *S) summed in order and gated, in u's dtype.
+
+    The pre-gate sum is kept when a gated call saves for the backward.
+    """
     out = torch.empty(p.batch, p.channels, *p.spatial, device=u.device, dtype=u.dtype)
     pre = torch.empty_like(out) if (save and z is not None) else None
     z_arg = z if z is not None else u
-    _merge_launch[groups.merge_grid](
+    _merge_launch[grid](
         y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
-        HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=groups.merge_block, num_warps=4,
+        HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=block, num_warps=4,
     )  # fmt: skip
-    return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, p, tuple(parts))
+    return out, pre
 
 
 def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg, line_len,
