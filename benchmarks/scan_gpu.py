@@ -334,6 +334,7 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("split_orders=False (mixed orders in one call)", variant(split_orders=False)),
         ("split_min_length=0 (short calls split too)", variant(split_min_length=0)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
+        ("backward line_vectors=2 (lines_backward.py)", (fwd, dataclasses.replace(bwd, line_vectors=2))),
         ("strided_maxnreg=None (the compiler's registers)", variant(strided_maxnreg=None)),
         ("strided_maxnreg=168", variant(strided_maxnreg=168)),
         ("strided_maxnreg=200", variant(strided_maxnreg=200)),
@@ -353,9 +354,13 @@ SWEEP_ROWS = [
 ]
 
 
-def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5), only: str | None = None) -> list[dict]:
+def sweep(
+    rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5), only: str | None = None, variants: str | None = None
+) -> list[dict]:
     """Forward and forward+backward of each row under each of :func:`sweep_variants`, after a check against the
-    torch backend's output. ``only``: the rows whose name contains it."""
+    torch backend's output. ``only``: the rows whose name contains it; ``variants``: comma-separated parts of the
+    variants' labels to run (the defaults always run)."""
+    picked = [v.strip() for v in variants.split(",")] if variants else None
     results = []
     for row in rows:
         if only and only not in row[0]:
@@ -366,6 +371,8 @@ def sweep(rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5), only: str | None = N
         with torch.no_grad():
             want = scan_call(args, orders, "torch").float()
         for label, cfg in sweep_variants():
+            if picked and cfg is not None and not any(part in label for part in picked):
+                continue
             with configs.override(*cfg) if cfg is not None else configs.override():
                 with torch.no_grad():
                     got = scan_call(args, orders, "triton").float()
@@ -607,7 +614,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="compare the default settings with each opt-in path")
-    ap.add_argument("--only", help="--sweep: only the rows whose name contains this (e.g. SegMamba)")
+    ap.add_argument("--only", help="--sweep, --profile: only the rows whose name contains this (e.g. SegMamba)")
+    ap.add_argument(
+        "--variants", help="--sweep: only the variants whose label contains one of these comma-separated parts"
+    )
     ap.add_argument("--layer", action="store_true")
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
@@ -642,7 +652,7 @@ def main() -> int:
 
     t0 = time.time()
     if args.sweep:
-        sweep_rows.extend(sweep(only=args.only))
+        sweep_rows.extend(sweep(only=args.only, variants=args.variants))
         save()
     if not args.no_shapes:
         for row in shapes(args.quick):
@@ -662,7 +672,9 @@ def main() -> int:
         launch_rows.extend(launch_ab(picked))
         save()
     if args.profile:
-        profile_rows.extend(kernel_profile([r for r in shapes(False) if r[0] in PROFILE_ROWS]))
+        candidates = {r[0]: r for r in [*shapes(False), *SWEEP_ROWS]}.values()
+        picked = [r for r in candidates if (args.only in r[0] if args.only else r[0] in PROFILE_ROWS)]
+        profile_rows.extend(kernel_profile(picked))
         save()
     print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows))
     return 0

@@ -1,6 +1,7 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
-    python benchmarks/scan_sass.py [--kernel forward|segment|backward] [--dtype fp32|bf16|fp16] [--json]
+    python benchmarks/scan_sass.py [--kernel forward|segment|backward|lines-backward] [--dtype fp32|bf16|fp16]
+        [--lv 2] [--maxnreg N] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -24,18 +25,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from medmamba.kernels.backends.triton_scan import backward, forward
+from medmamba.kernels.backends.triton_scan import backward, forward, lines_backward
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pre_ptr", "du_ptr", "ddl_ptr")
 
 
-def compile_sm90(kernel: str, dtype: str, ptx: bool = True) -> str:
+def compile_sm90(kernel: str, dtype: str, ptx: bool = True, lv: int = 2, maxnreg: int | None = None) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
     ``ptx``: the GPU's inline-PTX path (warp shuffles); False compiles the plain-Triton path the interpreter runs.
+    ``lv``: lines per thread of the line-vector backward; ``maxnreg``: a register cap, as PassConfig's.
     """
-    if kernel == "backward":
+    if kernel == "lines-backward":
+        fn = lines_backward._bwd_lines_kernel
+        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True}
+    elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
                  "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False}  # fmt: skip
@@ -58,7 +63,8 @@ def compile_sm90(kernel: str, dtype: str, ptx: bool = True) -> str:
             sig[name] = "i32"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
+    options = {"num_warps": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
 def sass_report(ptx: str) -> dict:
@@ -90,15 +96,18 @@ def sass_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=("forward", "segment", "backward"), default="backward",
-                    help="forward main pass, forward segment pass (end states only) or backward")  # fmt: skip
+    ap.add_argument("--kernel", choices=("forward", "segment", "backward", "lines-backward"), default="backward",
+                    help="forward main pass, forward segment pass (end states only), backward or the line-vector "
+                         "backward's main pass")  # fmt: skip
+    ap.add_argument("--lv", type=int, default=2, help="lines-backward: lines per thread")
+    ap.add_argument("--maxnreg", type=int, help="a register cap (PassConfig.maxnreg and its kin)")
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of u, Δ, B, C, z")
     ap.add_argument(
         "--plain", action="store_true", help="the plain-Triton path (no inline PTX), as the interpreter runs"
     )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
-    report = sass_report(compile_sm90(args.kernel, args.dtype, ptx=not args.plain))
+    report = sass_report(compile_sm90(args.kernel, args.dtype, ptx=not args.plain, lv=args.lv, maxnreg=args.maxnreg))
     if args.json:
         print(json.dumps(report, indent=1))
         return

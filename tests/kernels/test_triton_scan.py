@@ -154,15 +154,19 @@ def test_segments_groups_and_channel_blocks():
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("block_s", [2, 4])
-def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s):
+@pytest.mark.parametrize("block_s, tile, N, blocks", [(2, 512, 2, (2, 2)), (4, 512, 2, (4, 2)), (4, 8, 3, (4, 2))])
+def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s, tile, N, blocks):
     # 6 segments (5 boundaries) chained 2 or 4 at a time by the carry passes' associative scan: the state and the
-    # adjoint must cross block boundaries into a partial last block
-    from medmamba.kernels.backends.triton_scan import forward
+    # adjoint must cross block boundaries into a partial last block. With a tile of 8, a program takes 2 of the 3
+    # states (a partial last block of states): the grid's state blocks must cover every state of every channel
+    from medmamba.kernels.backends.triton_scan import backward, forward
 
     monkeypatch.setattr(forward, "CARRY_SEGMENTS", block_s)
-    assert forward.carry_segments(6) == block_s
-    low, ref = make_inputs((4, 6, 8), 2, batch=2, channels=4, seed=3)  # 12 chunks of 16 tokens
+    monkeypatch.setattr(forward, "CARRY_TILE", tile)
+    monkeypatch.setattr(forward, "_LAUNCHES", {})  # the carry grids are remembered per signature
+    monkeypatch.setattr(backward, "_LAUNCHES", {})
+    assert forward.carry_blocks(6, 1 << (N - 1).bit_length()) == blocks  # BLOCK_N: N's next power of 2
+    low, ref = make_inputs((4, 6, 8), 2, batch=2, channels=4, N=N, seed=3)  # 12 chunks of 16 tokens
     cfg = P(sub=2, num_warps=1, segments=6)
     with configs.override(cfg, cfg):
         assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
@@ -474,6 +478,59 @@ def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, 
         assert ["maxnreg" in launch.flags for launch in triton_forward._LAUNCHES.values()] == [False]
 
 
+@pytest.mark.parametrize(
+    ("spatial", "order", "dtype", "options", "forward_lv"),
+    [
+        ((32, 1, 4), SLICE, torch.float32, {"batch": 2}, 4),  # lines of two chunks; two batch entries
+        ((16, 2, 2), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 0),  # B/C groups; chunk-path forward
+    ],
+    ids=["slice-fp32-two-chunks", "slice-bf16-groups-chunk-forward"],
+)
+def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, forward_lv, monkeypatch):
+    # lines_backward.py (opt-in: the backward's line_vectors): two lines per thread, every line a segment of the
+    # segment and carry passes, the chunk-start states saved by either forward. Every gradient against float64;
+    # without z, D and delta_bias, in a group of SegMamba-like orders: test_calls_mixing_strided_and_raster_orders…
+    import dataclasses
+
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    kw = {"channels": 32, "N": 16, "seed": 23, **options}
+    low, ref = make_inputs(spatial, 1, dtype=dtype, **kw)
+    monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
+    fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
+    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2)
+    assert configs.backward_config().line_vectors == 0  # opt-in until timed on a GPU
+    with configs.override(forward=fwd, backward=bwd):
+        assert_matches_reference(low, ref, (order,), dtype=dtype)
+    assert [launch.line_vectors for launch in triton_backward._LAUNCHES.values()] == [2]
+
+
+def test_line_vector_backward_never_reads_the_first_chunks_unwritten_state():
+    # the chunk path's forward leaves the sequence's first chunk-start state unwritten (the scan starts from zero);
+    # the line-vector backward must not read it: NaN there changes no gradient
+    import dataclasses
+
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+    from medmamba.kernels.canonical import canonical_views
+
+    low, _ = make_inputs((16, 2, 2), 1, channels=32, N=16, seed=29)
+    u, delta, A, B, C, D, z, bias = canonical_views(*low, (SLICE,))
+    u, delta, B, C = (layout.natural_spatial(x, 3) for x in (u, delta, B, C))
+    kw = {"orders": (SLICE,), "delta_softplus": True, "merge": "sum"}
+    fwd = dataclasses.replace(configs.forward_config(), line_vectors=0)
+    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2)
+    with configs.override(forward=fwd, backward=bwd):
+        res = triton_forward.forward(u, delta, A, B, C, D, z, bias, save=True, **kw)
+        gy = torch.randn(res.out.shape, generator=generator(30))
+        clean = triton_backward.backward(gy, None, u, delta, A, B, C, D, z, bias, res.states, res.pre_gate,
+                                         p=res.plan, **kw)  # fmt: skip
+        res.states[:, :, 0] = float("nan")
+        poisoned = triton_backward.backward(gy, None, u, delta, A, B, C, D, z, bias, res.states, res.pre_gate,
+                                            p=res.plan, **kw)  # fmt: skip
+    for name, a, b in zip(NAMES, clean, poisoned, strict=True):
+        assert torch.equal(a, b) and a.isfinite().all(), name
+
+
 def test_calls_that_cannot_run_as_line_vectors(monkeypatch):
     assert layout.line_groups((SLICE,), (16, 2, 8), 4) == 16
     assert layout.line_groups((ScanOrder((1, 0)),), (32, 4), 4) == 32
@@ -499,17 +556,19 @@ def test_calls_that_cannot_run_as_line_vectors(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("orders", "dtype", "options", "ranges"),
+    ("orders", "dtype", "options", "ranges", "backward_lv"),
     [
-        ((RASTER, REVERSED, SLICE), torch.float32, {}, ((0, 2), (2, 3))),  # SegMamba's three orders
-        ((SLICE, RASTER), torch.bfloat16, {}, ((0, 1), (1, 2))),
-        ((RASTER, SLICE, REVERSED), torch.float16, {"z": False, "D": False, "batch": 2}, ((0, 1), (1, 2), (2, 3))),
+        ((RASTER, REVERSED, SLICE), torch.float32, {}, ((0, 2), (2, 3)), 0),  # SegMamba's three orders
+        ((SLICE, RASTER), torch.bfloat16, {}, ((0, 1), (1, 2)), 0),
+        ((RASTER, SLICE, REVERSED), torch.float16, {"z": False, "D": False, "batch": 2}, ((0, 1), (1, 2), (2, 3)), 2),
     ],
-    ids=["segmamba-fp32", "slice-first-bf16", "slice-between-fp16-plain"],
+    ids=["segmamba-fp32", "slice-first-bf16", "slice-between-fp16-plain-lv-backward"],
 )
-def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, options, ranges, monkeypatch):
+def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, options, ranges, backward_lv, monkeypatch):
     # PassConfig.split_orders: each strided order alone as line vectors, the raster and reversed orders between
-    # them in one call; outputs summed, gradients joined along the orders, the gate's gradient taken once
+    # them in one call; outputs summed, gradients joined along the orders, the gate's gradient taken once. The
+    # last case's slice order takes the line-vector backward, writing du and dΔ into the middle of the orders'
+    # buffer (a batch stride of three orders)
     import dataclasses
 
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
@@ -521,7 +580,9 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
     assert configs.forward_config().split_orders
     short = dataclasses.replace(configs.forward_config(), split_min_length=0)  # 64 tokens: split them too
     monkeypatch.setattr(configs, "_FORWARD", short)
+    monkeypatch.setattr(configs, "_BACKWARD", dataclasses.replace(configs.backward_config(), line_vectors=backward_lv))
     assert_matches_reference(low, ref, orders, dtype=dtype)
+    assert sorted(x.line_vectors for x in triton_backward._LAUNCHES.values()) == [0] * (len(ranges) - 1) + [backward_lv]
     grouped = [x for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Groups)]
     assert [g.ranges for g in grouped] == [ranges]
     lv = sorted(x.line_vectors for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Launch))

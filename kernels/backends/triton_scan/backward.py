@@ -47,8 +47,9 @@ from .common import (
     _store_tile,
     _token_offsets,
 )
-from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, carry_segments, split
+from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, _line_vector_length, carry_blocks, carry_grid, split
 from .launch import Launcher
+from .lines_backward import _bwd_lines_kernel
 from .ptx import _lane_id, _lane_sum8
 
 __all__ = ["backward", "grouped_backward"]
@@ -356,8 +357,9 @@ def _bwd_carry_kernel(
     # segments at a time (an associative scan, as forward._fwd_carry_kernel): r_{s-1} = ρ_s + exp(A·ΣΔ_s)·r_s.
     bk = tl.program_id(1).to(tl.int64)
     k = bk % K
-    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.arange(0, BLOCK_N)
+    n_blocks = tl.cdiv(N, BLOCK_N)  # a program: BLOCK_C channels × BLOCK_N states
+    ch = (tl.program_id(0) // n_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = ch < CH
     ok = (n < N)[:, None] & c_ok[None, :]
     A = tl.load(A_ptr + (k * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (BLOCK_N, BLOCK_C)
@@ -469,6 +471,7 @@ _bwd_carry_launch = Launcher(_bwd_carry_kernel)
 _bwd_launch = Launcher(_bwd_kernel)
 _gate_grad_launch = Launcher(_gate_grad_kernel)
 _bwd_finish_launch = Launcher(_bwd_finish_kernel)
+_bwd_lines_launch = Launcher(_bwd_lines_kernel)
 
 
 def backward(
@@ -550,7 +553,8 @@ def backward(
         )  # fmt: skip
         _bwd_carry_launch[launch.carry_grid](
             A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
-            BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit), num_warps=CARRY_WARPS,
+            BLOCK_N=launch.carry_blocks[1], BLOCK_C=CARRY_CHANNELS, BLOCK_S=launch.carry_blocks[0],
+            num_warps=CARRY_WARPS,
         )  # fmt: skip
 
     if into is None:
@@ -561,14 +565,23 @@ def backward(
     if not launch.fused_bc:  # the partials are the gradients: owned and shaped (B, K, G, 1, N, *S)
         dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
-    _bwd_launch[launch.grid](
-        u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
-        du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
-        p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides, du.stride(0),
-        SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, HAS_Z=gate_grad,
-        SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode, GATE_GRAD=gate_grad,
-        num_warps=launch.num_warps, **launch.options,
-    )  # fmt: skip
+    if launch.line_vectors:  # one strided order, its lines side by side (lines_backward.py)
+        _bwd_lines_launch[launch.grid](
+            u, delta, A32, B, C, Dv, bias, gy, states, grad_last, rho, mid, dA_slot, launch.table,
+            du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
+            p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
+            SUB=launch.sub, LV=launch.line_vectors, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, num_warps=1, **launch.options,
+        )  # fmt: skip
+    else:
+        _bwd_launch[launch.grid](
+            u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
+            du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
+            p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides, du.stride(0),
+            SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+            HAS_Z=gate_grad, SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode,
+            GATE_GRAD=gate_grad, num_warps=launch.num_warps, **launch.options,
+        )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(
         dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, bpg, launch.fused_bc, shapes
@@ -695,11 +708,13 @@ class _Launch:
     grid: tuple[int, int, int]
     segment_grid: tuple[int, int, int]
     carry_grid: tuple[int, int]
+    carry_blocks: tuple[int, int]  # BLOCK_S, BLOCK_N of the carry pass
     table: torch.Tensor
     strides: tuple[int, ...]
     segment_strides: tuple[int, ...]
     options: dict
     fused_bc: bool  # dB/dC partials summed and cast by the finish pass (else they are the gradients)
+    line_vectors: int  # lines per thread of the main pass (lines_backward.py); 0: the chunk path
     scratch: tuple[int, ...]  # fp32 elements of rho, mid, dA_slot, seg_rho, seg_dt, dA/dD/dbias partials, dB/dC
     # partials (0 when not fused_bc), each rounded up to 64 (256 bytes)
 
@@ -712,6 +727,10 @@ _GRAD_SHAPES: dict[tuple, tuple] = {}
 def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad) -> _Launch:
     dev = u.device
     sub, nsplit, cps = split(p, cfg, dev, orders)  # as the forward
+    # line vectors: an ungated call of one strided order whose lines are neighbours; every line a segment
+    line_len = _line_vector_length(p, orders, cfg) if p.K == 1 and not gate_grad and p.block_t == 16 else 0
+    if line_len:
+        sub, nsplit, cps = 32, p.L // line_len, line_len // p.block_t
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     ptx = cfg.ptx(dev, sub, num_warps)
     seg_sub = layout.channel_blocking(p.channels, p.groups, 32)
@@ -727,8 +746,17 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         delta.stride(0), delta.stride(1), delta.stride(2), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
     )  # fmt: skip
+    grid = (p.channels // sub, nsplit, p.batch * p.K)
+    if line_len:
+        strides = (
+            u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), B.stride(0), B.stride(2), B.stride(3),
+            C.stride(0), C.stride(2), C.stride(3), g_b, g_c,
+        )  # fmt: skip
+        grid = (p.channels // sub, nsplit // cfg.line_vectors, p.batch)
     bpg = p.cpg // sub
     cap = cfg.maxnreg if any(layout.directions(orders, p.spatial)) else cfg.strided_maxnreg
+    if line_len:  # the compiler's 255 registers spill 360 bytes (sm_90a, bf16); a cap of 168 spilled 2,500
+        cap = None
     fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)
     bk = p.batch * p.K
     states = bk * nsplit * p.N * p.channels  # (B, K, nsplit, N, C): rho, mid, dA_slot, seg_rho; dA partials
@@ -743,14 +771,16 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         ptx=ptx,
         vec_mode=vec,
         segment_sub=seg_sub,
-        grid=(p.channels // sub, nsplit, p.batch * p.K),
+        grid=grid,
         segment_grid=(p.channels // seg_sub, nsplit, p.batch * p.K),
-        carry_grid=(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K),
+        carry_grid=carry_grid(p.channels, p.N, p.batch * p.K, nsplit, p.block_n),
+        carry_blocks=carry_blocks(nsplit, p.block_n),
         table=layout.order_table(orders, p.spatial, dev),
         strides=strides,
         segment_strides=segment_strides,
         options={"maxnreg": cap} if cap else {},
         fused_bc=fused_bc,
+        line_vectors=cfg.line_vectors if line_len else 0,
         scratch=tuple(-(-n // 64) * 64 for n in sizes),
     )
 

@@ -42,14 +42,26 @@ from .tokens import _chunk16
 __all__ = ["ForwardResult", "Part", "Plan", "forward", "plan"]
 
 CARRY_CHANNELS = 16  # channels per program of the carry passes
-CARRY_SEGMENTS = 32  # segments chained at a time by the carry passes (an associative scan over them)
+CARRY_SEGMENTS = 256  # at most this many segments chained at a time by the carry passes (an associative scan)
+CARRY_TILE = 512  # segments × states of a carry program's step (× CARRY_CHANNELS channels)
 CARRY_WARPS = 8
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second and third axes
 
 
-def carry_segments(nsplit: int) -> int:
-    """``BLOCK_S`` of the carry passes for ``nsplit`` segments (their ``nsplit - 1`` boundaries)."""
-    return min(CARRY_SEGMENTS, layout.next_power_of_2(max(1, nsplit - 1)))
+def carry_blocks(nsplit: int, block_n: int) -> tuple[int, int]:
+    """``(BLOCK_S, BLOCK_N)`` of the carry passes for ``nsplit`` segments (their ``nsplit - 1`` boundaries).
+
+    The chain is sequential in steps of BLOCK_S segments, so many segments (SegMamba's 8,192 lines at 64³) take
+    large steps over fewer states; the states, independent of each other, then spread over more programs (the
+    carry passes ran on 12 programs, 0.6 ms for those lines).
+    """
+    block_s = min(CARRY_SEGMENTS, layout.next_power_of_2(max(1, nsplit - 1)))
+    return block_s, max(1, min(block_n, CARRY_TILE // block_s))
+
+
+def carry_grid(channels: int, N: int, rows: int, nsplit: int, block_n: int) -> tuple[int, int]:
+    """The carry passes' grid: (channel blocks × state blocks, ``rows`` = batch × orders)."""
+    return layout.cdiv(channels, CARRY_CHANNELS) * layout.cdiv(N, carry_blocks(nsplit, block_n)[1]), rows
 
 
 @triton.jit
@@ -262,8 +274,9 @@ def _fwd_carry_kernel(
     # h -> exp(A·ΣΔ)·h + h_seg: a chain of one segment per step was latency-bound.
     bk = tl.program_id(1).to(tl.int64)
     k = bk % K
-    ch = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.arange(0, BLOCK_N)
+    n_blocks = tl.cdiv(N, BLOCK_N)  # a program: BLOCK_C channels × BLOCK_N states
+    ch = (tl.program_id(0) // n_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = ch < CH
     ok = (n < N)[:, None] & c_ok[None, :]
     A = tl.load(A_ptr + (k * CH + ch[None, :]) * N + n[:, None], mask=ok, other=0.0)  # (BLOCK_N, BLOCK_C)
@@ -495,10 +508,10 @@ def forward(
         )  # fmt: skip
     states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     if nsplit > 1:
+        block_s, block_n = carry_blocks(nsplit, p.block_n)
         _fwd_carry_launch[launch.carry_grid](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
-            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(nsplit),
-            num_warps=CARRY_WARPS,
+            SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
         )  # fmt: skip
 
     _fwd_launch[launch.grid](
@@ -589,7 +602,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         nsplit=nsplit,
         n_state=p.nchunks if save else nsplit,
         grid=(p.channels * lines // sub, nsplit // lines, p.batch * p.K),
-        carry_grid=(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch * p.K),
+        carry_grid=carry_grid(p.channels, p.N, p.batch * p.K, nsplit, p.block_n),
         merge_grid=(p.batch * p.channels, layout.cdiv(p.L, block)),
         merge_block=block,
         fused_merge=fused_merge,
@@ -682,7 +695,7 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
         nsplit=nlines,
         n_state=p.nchunks if save else ngroups,
         grid=(p.channels // 32, ngroups, p.batch),
-        carry_grid=(layout.cdiv(p.channels, CARRY_CHANNELS), p.batch),
+        carry_grid=carry_grid(p.channels, p.N, p.batch, ngroups, p.block_n),
         merge_grid=(0, 0),
         merge_block=0,
         fused_merge=False,
@@ -715,10 +728,10 @@ def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> Fo
     _lines_launch[launch.grid](*tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
                                **launch.flags)  # fmt: skip
     if ngroups > 1:
+        block_s, block_n = carry_blocks(ngroups, p.block_n)
         _fwd_carry_launch[launch.carry_grid](
             A, seg_state, seg_dt, states, p.channels, p.N, 1, ngroups, lv * cps, launch.n_state,
-            SAVE_STATES=save, BLOCK_N=p.block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=carry_segments(ngroups),
-            num_warps=CARRY_WARPS,
+            SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
         )  # fmt: skip
     _lines_launch[launch.grid](*tensors, GATE=z is not None, STORE_PRE=pre is not None, SAVE_STATES=save,
                                END_ONLY=False, **launch.flags)  # fmt: skip
