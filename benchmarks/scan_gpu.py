@@ -335,6 +335,10 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("split_min_length=0 (short calls split too)", variant(split_min_length=0)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
         ("backward line_vectors=2 (lines_backward.py)", (fwd, dataclasses.replace(bwd, line_vectors=2))),
+        (
+            "backward line_vectors=2, inline_ptx=False (dB/dC by tl.sum)",
+            (fwd, dataclasses.replace(bwd, line_vectors=2, inline_ptx=False)),
+        ),
         ("strided_maxnreg=None (the compiler's registers)", variant(strided_maxnreg=None)),
         ("strided_maxnreg=168", variant(strided_maxnreg=168)),
         ("strided_maxnreg=200", variant(strided_maxnreg=200)),

@@ -39,7 +39,7 @@ def compile_sm90(kernel: str, dtype: str, ptx: bool = True, lv: int = 2, maxnreg
     """
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
-        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True}
+        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx}
     elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,

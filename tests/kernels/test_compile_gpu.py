@@ -1,4 +1,4 @@
-"""The conv, norm, backward-finish and line-vector (forward and backward) kernels compile for an H100 (sm_90) on this CPU machine.
+"""The conv, norm, backward-finish and line-vector kernels (forward and backward) compile for an H100 (sm_90) here.
 
 The interpreter runs Python where the compiler needs Triton (e.g. ``None`` inside a tuple of kernel arguments
 compiles under ``TRITON_INTERPRET=1`` but not for a GPU), so each launch variant is also compiled here.
@@ -46,7 +46,7 @@ for end, save in [(True, False), (False, True), (False, False)]:
     const = {"SUB": 32, "LV": 4, "HAS_D": save, "HAS_BIAS": save, "SOFTPLUS": True, "GATE": save, "STORE_PRE": save,
              "SAVE_STATES": save, "END_ONLY": end}
     build(lines._fwd_lines_kernel, const, seq)
-const = {"SUB": 32, "LV": 2, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True}
+const = {"SUB": 32, "LV": 2, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": True}
 build(lines_backward._bwd_lines_kernel, const, seq | {"du_ptr": "*bf16", "ddl_ptr": "*bf16"})
 print("compiled")
 """

@@ -481,7 +481,7 @@ def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, 
 @pytest.mark.parametrize(
     ("spatial", "order", "dtype", "options", "forward_lv"),
     [
-        ((32, 1, 4), SLICE, torch.float32, {"batch": 2}, 4),  # lines of two chunks; two batch entries
+        ((32, 1, 4), SLICE, torch.float32, {"batch": 2}, 4),  # lines of two chunks; two batch entries; lane sums
         ((16, 2, 2), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 0),  # B/C groups; chunk-path forward
     ],
     ids=["slice-fp32-two-chunks", "slice-bf16-groups-chunk-forward"],
@@ -498,7 +498,8 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     low, ref = make_inputs(spatial, 1, dtype=dtype, **kw)
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
-    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2)
+    # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated), the second tl.sum
+    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=forward_lv == 4)
     assert configs.backward_config().line_vectors == 0  # opt-in until timed on a GPU
     with configs.override(forward=fwd, backward=bwd):
         assert_matches_reference(low, ref, (order,), dtype=dtype)

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .common import _order_row, _softplus
-from .lines import _store_lines
+from .lines import _pick, _store_lines
+from .ptx import _lane_id, _lane_sum8
 
 __all__: list[str] = []
 
@@ -95,9 +96,10 @@ def _reduce_store(ptr, line_off, q, st_fast, x, LV: tl.constexpr):
 @triton.jit
 def _half(
     q0, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
-    start_rows, start_stride, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj,
+    start_rows, start_stride, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane, lane_off,
     N, CH, L, sB_n, sC_n,
     LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    LANE_SUMS: tl.constexpr,
 ):  # fmt: skip
     # Tokens q0 … q0 + 7 of the LV lines, from their start states (start_rows + n·CH, lines start_stride apart) with
     # the adjoint ρ of the tokens after them (the ρ slots, lines N·CH apart, updated to the half's own); writes du,
@@ -215,23 +217,41 @@ def _half(
         dA = e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3 + e4 * t4 + e5 * t5 + e6 * t6 + e7 * t7
         _store_lines(dA_rows + n * CH, N * CH, _load_lines(dA_rows + n * CH, N * CH, jj, LV) + dA, jj, LV)
         dBn = dB_rows + n * L
-        _reduce_store(dBn, line_off, q0 + 0, st_fast, l0 * t0 * u0, LV)
-        _reduce_store(dBn, line_off, q0 + 1, st_fast, l1 * t1 * u1, LV)
-        _reduce_store(dBn, line_off, q0 + 2, st_fast, l2 * t2 * u2, LV)
-        _reduce_store(dBn, line_off, q0 + 3, st_fast, l3 * t3 * u3, LV)
-        _reduce_store(dBn, line_off, q0 + 4, st_fast, l4 * t4 * u4, LV)
-        _reduce_store(dBn, line_off, q0 + 5, st_fast, l5 * t5 * u5, LV)
-        _reduce_store(dBn, line_off, q0 + 6, st_fast, l6 * t6 * u6, LV)
-        _reduce_store(dBn, line_off, q0 + 7, st_fast, l7 * t7 * u7, LV)
         dCn = dC_rows + n * L
-        _reduce_store(dCn, line_off, q0 + 0, st_fast, g0 * h0, LV)
-        _reduce_store(dCn, line_off, q0 + 1, st_fast, g1 * h1, LV)
-        _reduce_store(dCn, line_off, q0 + 2, st_fast, g2 * h2, LV)
-        _reduce_store(dCn, line_off, q0 + 3, st_fast, g3 * h3, LV)
-        _reduce_store(dCn, line_off, q0 + 4, st_fast, g4 * h4, LV)
-        _reduce_store(dCn, line_off, q0 + 5, st_fast, g5 * h5, LV)
-        _reduce_store(dCn, line_off, q0 + 6, st_fast, g6 * h6, LV)
-        _reduce_store(dCn, line_off, q0 + 7, st_fast, g7 * h7, LV)
+        if LANE_SUMS:
+            # a reduce-scatter over the warp per line (ptx._lane_sum8): lane l gets the sum of token (l >> 2) & 7,
+            # and lanes l % 4 == 0 store it; 9 shuffles per line and 8 tokens where the butterflies of tl.sum take 40
+            store_l = (lane & 3) == 0
+            for j in tl.static_range(LV):
+                dB_l = _lane_sum8(
+                    _pick(l0 * t0 * u0, jj, j), _pick(l1 * t1 * u1, jj, j), _pick(l2 * t2 * u2, jj, j),
+                    _pick(l3 * t3 * u3, jj, j), _pick(l4 * t4 * u4, jj, j), _pick(l5 * t5 * u5, jj, j),
+                    _pick(l6 * t6 * u6, jj, j), _pick(l7 * t7 * u7, jj, j), lane,
+                )  # fmt: skip
+                dC_l = _lane_sum8(
+                    _pick(g0 * h0, jj, j), _pick(g1 * h1, jj, j), _pick(g2 * h2, jj, j), _pick(g3 * h3, jj, j),
+                    _pick(g4 * h4, jj, j), _pick(g5 * h5, jj, j), _pick(g6 * h6, jj, j), _pick(g7 * h7, jj, j),
+                    lane,
+                )  # fmt: skip
+                tl.store(dBn + lane_off + j, dB_l, mask=store_l)
+                tl.store(dCn + lane_off + j, dC_l, mask=store_l)
+        else:
+            _reduce_store(dBn, line_off, q0 + 0, st_fast, l0 * t0 * u0, LV)
+            _reduce_store(dBn, line_off, q0 + 1, st_fast, l1 * t1 * u1, LV)
+            _reduce_store(dBn, line_off, q0 + 2, st_fast, l2 * t2 * u2, LV)
+            _reduce_store(dBn, line_off, q0 + 3, st_fast, l3 * t3 * u3, LV)
+            _reduce_store(dBn, line_off, q0 + 4, st_fast, l4 * t4 * u4, LV)
+            _reduce_store(dBn, line_off, q0 + 5, st_fast, l5 * t5 * u5, LV)
+            _reduce_store(dBn, line_off, q0 + 6, st_fast, l6 * t6 * u6, LV)
+            _reduce_store(dBn, line_off, q0 + 7, st_fast, l7 * t7 * u7, LV)
+            _reduce_store(dCn, line_off, q0 + 0, st_fast, g0 * h0, LV)
+            _reduce_store(dCn, line_off, q0 + 1, st_fast, g1 * h1, LV)
+            _reduce_store(dCn, line_off, q0 + 2, st_fast, g2 * h2, LV)
+            _reduce_store(dCn, line_off, q0 + 3, st_fast, g3 * h3, LV)
+            _reduce_store(dCn, line_off, q0 + 4, st_fast, g4 * h4, LV)
+            _reduce_store(dCn, line_off, q0 + 5, st_fast, g5 * h5, LV)
+            _reduce_store(dCn, line_off, q0 + 6, st_fast, g6 * h6, LV)
+            _reduce_store(dCn, line_off, q0 + 7, st_fast, g7 * h7, LV)
     gd = _finish_token(q0 + 0, u0, t0, g0, lb0, la0, d_rows, du_rows, dd_rows, line_off, st_fast, bias, Dv, HAS_D,
                        HAS_BIAS, SOFTPLUS, LV)  # fmt: skip
     gd += _finish_token(q0 + 1, u1, t1, g1, lb1, la1, d_rows, du_rows, dd_rows, line_off, st_fast, bias, Dv, HAS_D,
@@ -275,6 +295,7 @@ def _bwd_lines_kernel(
     L, CH, N, G, CPG, cps, nlines,
     su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sg_b, sg_c, so_b,
     SUB: tl.constexpr, LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    LANE_SUMS: tl.constexpr,
 ):  # fmt: skip
     # A program: (32 channels of one group, LV neighbouring lines of the order, one batch entry), one thread per
     # channel holding its LV lines side by side; every line a segment whose incoming adjoint the carry pass left in
@@ -291,7 +312,9 @@ def _bwd_lines_kernel(
     ch = (c0 + tl.arange(0, SUB)).to(tl.int64)
     jj = tl.arange(0, LV)
     l0 = g * LV  # the program's first line; its LV lines share the slow coordinate (mid % LV == 0)
-    line_off = tl.multiple_of((l0 // mid).to(tl.int64) * st_slow + (l0 % mid), LV) + jj
+    first_line = tl.multiple_of((l0 // mid).to(tl.int64) * st_slow + (l0 % mid), LV)  # its first token's offset
+    line_off = first_line + jj
+    lane = _lane_id(tl.arange(0, SUB))  # LANE_SUMS: lane l sums token (l >> 2) & 7 of a half
     u_rows = u_ptr + b * su_b + ch * su_c
     d_rows = dl_ptr + b * sd_b + ch * sd_c
     g_rows = gy_ptr + b * sg_b + ch * sg_c
@@ -370,14 +393,16 @@ def _bwd_lines_kernel(
             if half == 1:
                 gu, gd = _half(
                     q0 + 8, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
-                    mid_rows, N * CH, all_lines, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj,
-                    N, CH, L, sB_n, sC_n, LV, HAS_D, HAS_BIAS, SOFTPLUS,
+                    mid_rows, N * CH, all_lines, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
+                    first_line + st_fast.to(tl.int64) * (q0 + 8 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
+                    HAS_BIAS, SOFTPLUS, LANE_SUMS,
                 )  # fmt: skip
             else:
                 gu, gd = _half(
                     q0, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
-                    start_rows, cps * N * CH, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj,
-                    N, CH, L, sB_n, sC_n, LV, HAS_D, HAS_BIAS, SOFTPLUS,
+                    start_rows, cps * N * CH, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
+                    first_line + st_fast.to(tl.int64) * (q0 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
+                    HAS_BIAS, SOFTPLUS, LANE_SUMS,
                 )  # fmt: skip
             gu_acc += gu
             gd_acc += gd
