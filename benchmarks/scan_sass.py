@@ -1,7 +1,7 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
     python benchmarks/scan_sass.py [--kernel forward|segment|backward|lines-backward] [--dtype fp32|bf16|fp16]
-        [--lv 2] [--maxnreg N] [--json]
+        [--lv 2] [--maxnreg N] [--divisible] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -31,11 +31,15 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pre_ptr", "du_ptr", "ddl_ptr")
 
 
-def compile_sm90(kernel: str, dtype: str, ptx: bool = True, lv: int = 2, maxnreg: int | None = None) -> str:
+def compile_sm90(
+    kernel: str, dtype: str, ptx: bool = True, lv: int = 2, maxnreg: int | None = None, divisible: bool = False
+) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
     ``ptx``: the GPU's inline-PTX path (warp shuffles); False compiles the plain-Triton path the interpreter runs.
     ``lv``: lines per thread of the line-vector backward; ``maxnreg``: a register cap, as PassConfig's.
+    ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
+    launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
     """
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
@@ -61,7 +65,9 @@ def compile_sm90(kernel: str, dtype: str, ptx: bool = True, lv: int = 2, maxnreg
             sig[name] = f"*{dtype}" if name in INPUTS else "*fp32"
         else:
             sig[name] = "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    sizes = {n for n in names if sig[n] == "i32" and (n in ("L", "CH", "CPG") or re.fullmatch(r"s[a-zA-Z]+_[a-z]+", n))}
+    marked = {n for n in names if sig[n].startswith("*") or (divisible and n in sizes)}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in marked}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     options = {"num_warps": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
@@ -101,13 +107,17 @@ def main() -> None:
                          "backward's main pass")  # fmt: skip
     ap.add_argument("--lv", type=int, default=2, help="lines-backward: lines per thread")
     ap.add_argument("--maxnreg", type=int, help="a register cap (PassConfig.maxnreg and its kin)")
+    ap.add_argument(
+        "--divisible", action="store_true", help="lengths, channel counts and strides specialised as multiples of 16"
+    )
     ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="dtype of u, Δ, B, C, z")
     ap.add_argument(
         "--plain", action="store_true", help="the plain-Triton path (no inline PTX), as the interpreter runs"
     )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
-    report = sass_report(compile_sm90(args.kernel, args.dtype, ptx=not args.plain, lv=args.lv, maxnreg=args.maxnreg))
+    ptx = compile_sm90(args.kernel, args.dtype, not args.plain, args.lv, args.maxnreg, args.divisible)
+    report = sass_report(ptx)
     if args.json:
         print(json.dumps(report, indent=1))
         return

@@ -154,9 +154,9 @@ def test_segments_groups_and_channel_blocks():
         assert_matches_reference(low, ref, orders, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("block_s, tile, N, blocks", [(2, 512, 2, (2, 2)), (4, 512, 2, (4, 2)), (4, 8, 3, (4, 2))])
+@pytest.mark.parametrize("block_s, tile, N, blocks", [(4, 512, 2, (4, 2)), (4, 8, 3, (4, 2))])
 def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s, tile, N, blocks):
-    # 6 segments (5 boundaries) chained 2 or 4 at a time by the carry passes' associative scan: the state and the
+    # 6 segments (5 boundaries) chained 4 at a time by the carry passes' associative scan: the state and the
     # adjoint must cross block boundaries into a partial last block. With a tile of 8, a program takes 2 of the 3
     # states (a partial last block of states): the grid's state blocks must cover every state of every channel
     from medmamba.kernels.backends.triton_scan import backward, forward
@@ -172,10 +172,10 @@ def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s, tile, 
         assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("rows, cols", [(8, 4), (4, 2)])
+@pytest.mark.parametrize("rows, cols", [(8, 2)])
 def test_finish_pass_sums_partials_tile_by_tile(monkeypatch, rows, cols):
     # dA, dD and d(delta_bias) are summed over 2 batches × 6 segments = 12 partial rows, `rows` at a time (the last
-    # tile partial for 8), and over column blocks of `cols` (C·N = 8 and C = 4 columns, two orders)
+    # tile partial), and over column blocks of `cols` (C·N = 8 and C = 4 columns, two orders: 4 and 2 blocks)
     from medmamba.kernels.backends.triton_scan import backward
 
     monkeypatch.setattr(backward, "FINISH_ROWS", rows)
@@ -481,8 +481,8 @@ def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, 
 @pytest.mark.parametrize(
     ("spatial", "order", "dtype", "options", "forward_lv"),
     [
-        ((32, 1, 4), SLICE, torch.float32, {"batch": 2}, 4),  # lines of two chunks; two batch entries; lane sums
-        ((16, 2, 2), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 0),  # B/C groups; chunk-path forward
+        ((32, 1, 4), SLICE, torch.float32, {}, 4),  # lines of two chunks; lane sums; line-vector forward (16 states)
+        ((16, 2, 2), SLICE, torch.bfloat16, {"groups": 2, "channels": 64, "N": 4}, 0),  # B/C groups; chunk forward
     ],
     ids=["slice-fp32-two-chunks", "slice-bf16-groups-chunk-forward"],
 )
@@ -514,7 +514,7 @@ def test_line_vector_backward_never_reads_the_first_chunks_unwritten_state():
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
     from medmamba.kernels.canonical import canonical_views
 
-    low, _ = make_inputs((16, 2, 2), 1, channels=32, N=16, seed=29)
+    low, _ = make_inputs((16, 2, 2), 1, channels=32, N=4, seed=29)
     u, delta, A, B, C, D, z, bias = canonical_views(*low, (SLICE,))
     u, delta, B, C = (layout.natural_spatial(x, 3) for x in (u, delta, B, C))
     kw = {"orders": (SLICE,), "delta_softplus": True, "merge": "sum"}

@@ -728,7 +728,9 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
     dev = u.device
     sub, nsplit, cps = split(p, cfg, dev, orders)  # as the forward
     # line vectors: an ungated call of one strided order whose lines are neighbours; every line a segment
-    line_len = _line_vector_length(p, orders, cfg) if p.K == 1 and not gate_grad and p.block_t == 16 else 0
+    line_len = (
+        _line_vector_length(p, orders, cfg, any_states=True) if p.K == 1 and not gate_grad and p.block_t == 16 else 0
+    )
     if line_len:
         sub, nsplit, cps = 32, p.L // line_len, line_len // p.block_t
     num_warps = max(1, min(cfg.num_warps, sub // 32))
@@ -755,7 +757,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         grid = (p.channels // sub, nsplit // cfg.line_vectors, p.batch)
     bpg = p.cpg // sub
     cap = cfg.maxnreg if any(layout.directions(orders, p.spatial)) else cfg.strided_maxnreg
-    if line_len:  # the compiler's 255 registers spill 360 bytes (sm_90a, bf16); a cap of 168 spilled 2,500
+    if line_len:  # it takes 255 registers without spills (sm_90a, bf16); a cap of 168 spilled 2,500 bytes
         cap = None
     fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)
     bk = p.batch * p.K

@@ -75,8 +75,8 @@ class PassConfig:
             slice order alone, Vivim's temporal one, a column-major 2D order) as line vectors (lines.py): this
             many lines per thread, side by side, with 16 states; 0: off. In the backward (0 by default, opt-in
             until timed on a GPU): the main pass of such calls, ungated, as line vectors (lines_backward.py), every
-            line a segment of the segment and carry passes; 2 lines per thread fit the compiler's registers (255, 360
-            bytes of spills on sm_90a in bf16), 4 would not.
+            line a segment of the segment and carry passes; 2 lines per thread fit the compiler's registers (255, no
+            spills on sm_90a in bf16), 4 would not.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).

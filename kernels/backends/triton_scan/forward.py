@@ -614,9 +614,13 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     )
 
 
-def _line_vector_length(p: Plan, orders: Sequence[ScanOrder], cfg: configs.PassConfig) -> int:
-    """The line length when a call of ``orders`` runs as line vectors (lines.py), else 0."""
-    if p.N != 16 or layout.channel_blocking(p.channels, p.groups, 32) != 32:
+def _line_vector_length(p: Plan, orders: Sequence[ScanOrder], cfg: configs.PassConfig, any_states: bool = False) -> int:
+    """The line length when a call of ``orders`` runs as line vectors (lines.py), else 0.
+
+    ``any_states``: the backward's line vectors (lines_backward.py), whose states are a run-time loop; the forward's
+    are 16 named tiles.
+    """
+    if (p.N != 16 and not any_states) or layout.channel_blocking(p.channels, p.groups, 32) != 32:
         return 0
     line_len = layout.line_groups(orders, p.spatial, cfg.line_vectors)
     return line_len if line_len and p.L // line_len // cfg.line_vectors <= MAX_GRID_Y else 0  # a grid axis of groups
