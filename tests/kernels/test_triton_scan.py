@@ -871,6 +871,26 @@ def test_gpu_line_vectors_match_torch_backend(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("dtype", "ptx"), [(torch.bfloat16, True), (torch.float32, True), (torch.bfloat16, False)], ids=str
+)
+def test_gpu_line_vector_backward_matches_torch_backend(dtype, ptx):
+    # the opt-in line-vector backward (lines_backward.py): 512 lines of 32 tokens, two per thread, with the warp
+    # reduce-scatter of dB/dC (ptx) or tl.sum; every gradient against the torch backend
+    import dataclasses
+
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    low, ref = make_inputs((32, 16, 32), 1, batch=2, channels=64, N=16, dtype=dtype, seed=31, device="cuda")
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, inline_ptx=ptx)
+    triton_backward._LAUNCHES.clear()
+    with configs.override(backward=bwd):
+        assert_matches_reference(low, ref, (SLICE,), dtype=dtype, other="torch")
+    assert [launch.line_vectors for launch in triton_backward._LAUNCHES.values()] == [2]
+
+
+@pytest.mark.gpu
 def test_gpu_long_sequence_uses_segments_and_matches_torch_backend():
     low, ref = make_inputs((40_000,), 1, batch=1, channels=8, N=16, seed=4, device="cuda")
     ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
