@@ -508,7 +508,7 @@ def forward(
         )  # fmt: skip
     states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     if nsplit > 1:
-        block_s, block_n = carry_blocks(nsplit, p.block_n)
+        block_s, block_n = launch.carry_blocks
         _fwd_carry_launch[launch.carry_grid](
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
             SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
@@ -541,6 +541,7 @@ class _Launch:
     n_state: int
     grid: tuple[int, int, int]
     carry_grid: tuple[int, int]
+    carry_blocks: tuple[int, int]  # BLOCK_S, BLOCK_N of the carry pass
     merge_grid: tuple[int, int]
     merge_block: int
     fused_merge: bool
@@ -603,6 +604,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         n_state=p.nchunks if save else nsplit,
         grid=(p.channels * lines // sub, nsplit // lines, p.batch * p.K),
         carry_grid=carry_grid(p.channels, p.N, p.batch * p.K, nsplit, p.block_n),
+        carry_blocks=carry_blocks(nsplit, p.block_n),
         merge_grid=(p.batch * p.channels, layout.cdiv(p.L, block)),
         merge_block=block,
         fused_merge=fused_merge,
@@ -700,6 +702,7 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
         n_state=p.nchunks if save else ngroups,
         grid=(p.channels // 32, ngroups, p.batch),
         carry_grid=carry_grid(p.channels, p.N, p.batch, ngroups, p.block_n),
+        carry_blocks=carry_blocks(ngroups, p.block_n),
         merge_grid=(0, 0),
         merge_block=0,
         fused_merge=False,
@@ -732,7 +735,7 @@ def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> Fo
     _lines_launch[launch.grid](*tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
                                **launch.flags)  # fmt: skip
     if ngroups > 1:
-        block_s, block_n = carry_blocks(ngroups, p.block_n)
+        block_s, block_n = launch.carry_blocks
         _fwd_carry_launch[launch.carry_grid](
             A, seg_state, seg_dt, states, p.channels, p.N, 1, ngroups, lv * cps, launch.n_state,
             SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
