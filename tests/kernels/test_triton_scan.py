@@ -487,7 +487,7 @@ def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, 
     ids=["slice-fp32-two-chunks", "slice-bf16-groups-chunk-forward"],
 )
 def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, forward_lv, monkeypatch):
-    # lines_backward.py (opt-in: the backward's line_vectors): two lines per thread, every line a segment of the
+    # lines_backward.py (the backward's line_vectors, 2 by default): two lines per thread, every line a segment of the
     # segment and carry passes, the chunk-start states saved by either forward. Every gradient against float64;
     # without z, D and delta_bias, in a group of SegMamba-like orders: test_calls_mixing_strided_and_raster_orders…
     import dataclasses
@@ -500,7 +500,7 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
     # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated), the second tl.sum
     bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=forward_lv == 4)
-    assert configs.backward_config().line_vectors == 0  # opt-in until timed on a GPU
+    assert configs.backward_config().line_vectors == 2  # the default since the H100 timing (configs._BACKWARD)
     with configs.override(forward=fwd, backward=bwd):
         assert_matches_reference(low, ref, (order,), dtype=dtype)
     assert [launch.line_vectors for launch in triton_backward._LAUNCHES.values()] == [2]
@@ -579,13 +579,16 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     assert configs.forward_config().split_orders
-    short = dataclasses.replace(configs.forward_config(), split_min_length=0)  # 64 tokens: split them too
+    # 64 tokens: split them too; fold_merge (opt-in): a last group of one strided order sums and gates in its main
+    # pass, no merge kernel
+    short = dataclasses.replace(configs.forward_config(), split_min_length=0, fold_merge=True)
     monkeypatch.setattr(configs, "_FORWARD", short)
     monkeypatch.setattr(configs, "_BACKWARD", dataclasses.replace(configs.backward_config(), line_vectors=backward_lv))
     assert_matches_reference(low, ref, orders, dtype=dtype)
     assert sorted(x.line_vectors for x in triton_backward._LAUNCHES.values()) == [0] * (len(ranges) - 1) + [backward_lv]
     grouped = [x for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Groups)]
     assert [g.ranges for g in grouped] == [ranges]
+    assert [g.fold for g in grouped] == [orders[-1] == SLICE]
     lv = sorted(x.line_vectors for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Launch))
     assert lv == [0] * (len(ranges) - 1) + [4]  # the strided order ran as line vectors
     assert {key[0].K for key in triton_backward._LAUNCHES} == {b - a for a, b in ranges}  # one backward per group
@@ -595,6 +598,12 @@ def test_calls_mixing_strided_and_raster_orders_run_as_groups(orders, dtype, opt
             with configs.override(forward=dataclasses.replace(short, split_orders=False)):
                 one_call = selective_scan(*low, orders=orders, backend="triton").out
         assert (grouped_out != one_call).float().mean().item() < 0.02
+    if grouped[0].fold:  # the folded sum is the merge kernel's, in the same order: the same bits
+        with torch.no_grad():
+            folded = selective_scan(*low, orders=orders, backend="triton")
+            with configs.override(forward=dataclasses.replace(short, fold_merge=False)):
+                merged = selective_scan(*low, orders=orders, backend="triton")
+        assert torch.equal(folded.out, merged.out)
     if len(ranges) != 2 or dtype != torch.float32:
         return
     # the last state alone carries a gradient: no output gradient reaches the grouped backward

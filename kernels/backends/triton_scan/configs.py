@@ -73,10 +73,10 @@ class PassConfig:
             per value (kernels/README.md).
         line_vectors: (forward) run calls of one strided order whose lines are neighbours in memory (SegMamba's
             slice order alone, Vivim's temporal one, a column-major 2D order) as line vectors (lines.py): this
-            many lines per thread, side by side, with 16 states; 0: off. In the backward (0 by default, opt-in
-            until timed on a GPU): the main pass of such calls, ungated, as line vectors (lines_backward.py), every
-            line a segment of the segment and carry passes; 2 lines per thread fit the compiler's registers (255, no
-            spills on sm_90a in bf16), 4 would not.
+            many lines per thread, side by side, with 16 states; 0: off. In the backward (2 by default): the main
+            pass of such calls, ungated, as line vectors (lines_backward.py), every line a segment of the segment and
+            carry passes; 2 lines per thread fit the compiler's registers (255, no spills on sm_90a in bf16), 4
+            would not. On an H100, SegMamba's slice order at 64³ (bf16 + z): 9.66 -> 6.89 ms forward+backward.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -88,6 +88,13 @@ class PassConfig:
             call of its own, with its host prologue (0.15-0.25 ms on the lent hosts): short calls (SegMamba's 16³
             stage), host-bound already, would pay it without a kernel gain to match. 32³ was chosen by that
             estimate, not yet timed.
+        fold_merge: (forward) in a call run as groups of orders whose last group is one strided order as line
+            vectors (SegMamba's three orders), let that group's main pass add the earlier groups' fp32 outputs to its
+            own and gate (lines.py, ``ADD_K``) in place of the merge kernel: the same sum in the same order, without
+            the merge's pass over every order's output and the last order's fp32 output. Off by default: in its one
+            H100 run (SegMamba's three orders at 64³, bf16 + z) the forward took 5.07 ms where the run before took
+            5.19-5.23 without it, but the forward+backward 21.86 ms against 18.19-18.30; the A/B in one run is still
+            to do. On sm_90a (bf16, the 128-register cap) the saving main pass then spills 1,456 bytes, not 816.
         save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
             one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
             where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
@@ -114,6 +121,7 @@ class PassConfig:
     line_vectors: int = 0
     split_orders: bool = False
     split_min_length: int = 0
+    fold_merge: bool = False
     save_pre_gate: bool = True
     emulate_ptx: bool = False
 
@@ -154,7 +162,11 @@ _FORWARD = PassConfig(
     split_orders=True,
     split_min_length=32768,
 )
-_BACKWARD = PassConfig(sub=32, num_warps=1, fill=8, fill_strided=32, strided_maxnreg=168, mixed_vectors=True)
+# H100, 2026-11-28: line vectors in the backward took SegMamba's slice order at 64³ (bf16 + z) from 9.66 to 6.89 ms
+# forward+backward, and the three-order layer from 20.91 to 18.30 ms
+_BACKWARD = PassConfig(
+    sub=32, num_warps=1, fill=8, fill_strided=32, strided_maxnreg=168, mixed_vectors=True, line_vectors=2
+)
 _overrides: list[dict[str, PassConfig]] = []
 
 
