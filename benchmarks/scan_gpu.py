@@ -337,6 +337,10 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
         ("backward line_vectors=0 (the chunk path's main pass)", (fwd, dataclasses.replace(bwd, line_vectors=0))),
         (
+            "backward line_vector_segments (the segment pass as line vectors too)",
+            (fwd, dataclasses.replace(bwd, line_vector_segments=True)),
+        ),
+        (
             "backward inline_ptx=False (lines_backward.py's dB/dC by tl.sum)",
             (fwd, dataclasses.replace(bwd, inline_ptx=False)),
         ),

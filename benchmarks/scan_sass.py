@@ -1,7 +1,7 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
-    python benchmarks/scan_sass.py [--kernel forward|segment|backward|lines-backward] [--dtype fp32|bf16|fp16]
-        [--lv 2] [--maxnreg N] [--divisible] [--json]
+    python benchmarks/scan_sass.py [--kernel forward|segment|backward|lines-backward|lines-segment]
+        [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -44,6 +44,9 @@ def compile_sm90(
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx}
+    elif kernel == "lines-segment":
+        fn = lines_backward._bwd_lines_segment_kernel
+        const = {"SUB": 32, "LV": lv, "HAS_BIAS": True, "SOFTPLUS": True}
     elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
@@ -102,10 +105,11 @@ def sass_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", choices=("forward", "segment", "backward", "lines-backward"), default="backward",
-                    help="forward main pass, forward segment pass (end states only), backward or the line-vector "
-                         "backward's main pass")  # fmt: skip
-    ap.add_argument("--lv", type=int, default=2, help="lines-backward: lines per thread")
+    kernels = ("forward", "segment", "backward", "lines-backward", "lines-segment")
+    ap.add_argument("--kernel", choices=kernels, default="backward",
+                    help="forward main pass, forward segment pass (end states only), backward, or the line-vector "
+                         "backward's main or segment pass")  # fmt: skip
+    ap.add_argument("--lv", type=int, default=2, help="lines-backward, lines-segment: lines per thread")
     ap.add_argument("--maxnreg", type=int, help="a register cap (PassConfig.maxnreg and its kin)")
     ap.add_argument(
         "--divisible", action="store_true", help="lengths, channel counts and strides specialised as multiples of 16"

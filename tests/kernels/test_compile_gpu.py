@@ -1,4 +1,4 @@
-"""The conv, norm, backward-finish and line-vector kernels (forward and backward) compile for an H100 (sm_90) here.
+"""The conv, norm, backward-finish and line-vector kernels (forward, backward, its segment pass) compile for sm_90 here.
 
 The interpreter runs Python where the compiler needs Triton (e.g. ``None`` inside a tuple of kernel arguments
 compiles under ``TRITON_INTERPRET=1`` but not for a GPU), so each launch variant is also compiled here.
@@ -48,6 +48,7 @@ for end, save, add in [(True, False, 0), (False, True, 2), (False, False, 0)]:
     build(lines._fwd_lines_kernel, const, seq)
 const = {"SUB": 32, "LV": 2, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": True}
 build(lines_backward._bwd_lines_kernel, const, seq | {"du_ptr": "*bf16", "ddl_ptr": "*bf16"})
+build(lines_backward._bwd_lines_segment_kernel, {"SUB": 32, "LV": 2, "HAS_BIAS": True, "SOFTPLUS": True}, seq)
 print("compiled")
 """
 

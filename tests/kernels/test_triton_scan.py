@@ -447,16 +447,17 @@ def test_strided_orders_run_line_by_line(spatial, orders, dtype, expected):
     ("spatial", "order", "dtype", "options", "lv"),
     [
         ((16, 2, 4), SLICE, torch.float32, {"batch": 2}, 4),  # 8 lines: 2 groups chained by the carry pass
-        ((16, 1, 8), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 4),  # B/C groups of 32 channels
+        ((16, 1, 4), SLICE, torch.bfloat16, {"groups": 2, "channels": 64}, 4),  # B/C groups of 32 channels
         ((32, 4), ScanOrder((1, 0)), torch.float32, {"z": False, "D": False, "bias": False}, 4),  # 2D, one group
         ((16, 1, 4), TEMPORAL, torch.float16, {}, 2),
-        ((32, 1, 16), SLICE, torch.float32, {}, 8),  # lines of two chunks
+        ((32, 1, 8), SLICE, torch.float32, {}, 8),  # lines of two chunks
     ],
     ids=["slice-fp32-carry", "slice-bf16-groups", "2d-column-major-plain", "temporal-fp16-lv2", "slice-lv8"],
 )
 def test_one_strided_order_runs_as_line_vectors(spatial, order, dtype, options, lv, monkeypatch):
     # lines.py: a thread's LV neighbouring lines side by side, one segment per line, groups of LV lines chained by
-    # the carry pass; the chunk-start states it saves feed the chunk path's backward. Forward and every gradient
+    # the carry pass; the chunk-start states it saves feed the backward (line vectors by default; the chunk path's
+    # in test_calls_mixing_strided_and_raster_orders_run_as_groups). Forward and every gradient
     # against float64, with the defaults (LV 4) or another LV
     import dataclasses
 
@@ -498,12 +499,15 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     low, ref = make_inputs(spatial, 1, dtype=dtype, **kw)
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
-    # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated), the second tl.sum
-    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=forward_lv == 4)
+    # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated) and the line-vector segment pass
+    # (opt-in: line_vector_segments), the second tl.sum and the chunk path's segment pass
+    first = forward_lv == 4
+    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=first, line_vector_segments=first)
     assert configs.backward_config().line_vectors == 2  # the default since the H100 timing (configs._BACKWARD)
     with configs.override(forward=fwd, backward=bwd):
         assert_matches_reference(low, ref, (order,), dtype=dtype)
-    assert [launch.line_vectors for launch in triton_backward._LAUNCHES.values()] == [2]
+    launches = list(triton_backward._LAUNCHES.values())
+    assert [(x.line_vectors, x.segment_lines) for x in launches] == [(2, first)]
 
 
 def test_line_vector_backward_never_reads_the_first_chunks_unwritten_state():

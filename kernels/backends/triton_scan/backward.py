@@ -49,7 +49,7 @@ from .common import (
 )
 from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, _line_vector_length, carry_blocks, carry_grid, split
 from .launch import Launcher
-from .lines_backward import _bwd_lines_kernel
+from .lines_backward import _bwd_lines_kernel, _bwd_lines_segment_kernel
 from .ptx import _lane_id, _lane_sum8
 
 __all__ = ["backward", "grouped_backward"]
@@ -472,6 +472,7 @@ _bwd_launch = Launcher(_bwd_kernel)
 _gate_grad_launch = Launcher(_gate_grad_kernel)
 _bwd_finish_launch = Launcher(_bwd_finish_kernel)
 _bwd_lines_launch = Launcher(_bwd_lines_kernel)
+_bwd_lines_segment_launch = Launcher(_bwd_lines_segment_kernel)
 
 
 def backward(
@@ -544,13 +545,21 @@ def backward(
     scratch = torch.empty(sum(launch.scratch), device=dev, dtype=torch.float32).split(launch.scratch)
     rho, mid, dA_slot, seg_rho, seg_dt, dA_part, dD_part, dbias_part, dB_part, dC_part = scratch
 
-    if nsplit > 1:  # launched first: the GPU starts while the host allocates the rest
+    # launched first: the GPU starts while the host allocates the rest
+    if launch.segment_lines:  # every line a segment, its lines side by side (lines_backward.py)
+        _bwd_lines_segment_launch[launch.segment_grid](
+            delta, A32, C, bias, gy, seg_rho, seg_dt, launch.table, p.channels, p.N, p.cpg, cps, nsplit,
+            *launch.segment_strides, SUB=launch.sub, LV=launch.line_vectors, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=delta_softplus, num_warps=1,
+        )  # fmt: skip
+    elif nsplit > 1:
         _bwd_segment_launch[launch.segment_grid](
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, launch.table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit, *launch.segment_strides,
             SUB=launch.segment_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
             HAS_Z=gate_grad, SOFTPLUS=delta_softplus, num_warps=4,
         )  # fmt: skip
+    if nsplit > 1:
         _bwd_carry_launch[launch.carry_grid](
             A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
             BLOCK_N=launch.carry_blocks[1], BLOCK_C=CARRY_CHANNELS, BLOCK_S=launch.carry_blocks[0],
@@ -715,6 +724,7 @@ class _Launch:
     options: dict
     fused_bc: bool  # dB/dC partials summed and cast by the finish pass (else they are the gradients)
     line_vectors: int  # lines per thread of the main pass (lines_backward.py); 0: the chunk path
+    segment_lines: bool  # the segment pass as line vectors too (PassConfig.line_vector_segments)
     scratch: tuple[int, ...]  # fp32 elements of rho, mid, dA_slot, seg_rho, seg_dt, dA/dD/dbias partials, dB/dC
     # partials (0 when not fused_bc), each rounded up to 64 (256 bytes)
 
@@ -749,12 +759,17 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         z_arg.stride(0), z_arg.stride(1), g_b, g_k, g_c,
     )  # fmt: skip
     grid = (p.channels // sub, nsplit, p.batch * p.K)
+    segment_grid = (p.channels // seg_sub, nsplit, p.batch * p.K)
+    segment_lines = bool(line_len) and cfg.line_vector_segments
     if line_len:
         strides = (
             u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), B.stride(0), B.stride(2), B.stride(3),
             C.stride(0), C.stride(2), C.stride(3), g_b, g_c,
         )  # fmt: skip
         grid = (p.channels // sub, nsplit // cfg.line_vectors, p.batch)
+    if segment_lines:
+        segment_strides = (delta.stride(0), delta.stride(2), C.stride(0), C.stride(2), C.stride(3), g_b, g_c)
+        segment_grid = grid
     bpg = p.cpg // sub
     cap = cfg.maxnreg if any(layout.directions(orders, p.spatial)) else cfg.strided_maxnreg
     if line_len:  # it takes 255 registers without spills (sm_90a, bf16); a cap of 168 spilled 2,500 bytes
@@ -774,7 +789,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         vec_mode=vec,
         segment_sub=seg_sub,
         grid=grid,
-        segment_grid=(p.channels // seg_sub, nsplit, p.batch * p.K),
+        segment_grid=segment_grid,
         carry_grid=carry_grid(p.channels, p.N, p.batch * p.K, nsplit, p.block_n),
         carry_blocks=carry_blocks(nsplit, p.block_n),
         table=layout.order_table(orders, p.spatial, dev),
@@ -783,6 +798,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         options={"maxnreg": cap} if cap else {},
         fused_bc=fused_bc,
         line_vectors=cfg.line_vectors if line_len else 0,
+        segment_lines=segment_lines,
         scratch=tuple(-(-n // 64) * 64 for n in sizes),
     )
 

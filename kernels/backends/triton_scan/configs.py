@@ -77,6 +77,10 @@ class PassConfig:
             pass of such calls, ungated, as line vectors (lines_backward.py), every line a segment of the segment and
             carry passes; 2 lines per thread fit the compiler's registers (255, no spills on sm_90a in bf16), 4
             would not. On an H100, SegMamba's slice order at 64³ (bf16 + z): 9.66 -> 6.89 ms forward+backward.
+        line_vector_segments: (backward) with ``line_vectors``, run the segment pass of such calls as line vectors
+            too (lines_backward._bwd_lines_segment_kernel) in place of the chunk path's, which gathers each token of
+            the lines from its own sector: 0.95 of the 2.09 ms of segment passes of SegMamba's three orders at 64³ on
+            an H100. Opt-in until timed on a GPU.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -119,6 +123,7 @@ class PassConfig:
     mixed_vectors_saving: bool = False
     lines: bool = False
     line_vectors: int = 0
+    line_vector_segments: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     fold_merge: bool = False

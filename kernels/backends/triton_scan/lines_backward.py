@@ -20,9 +20,15 @@ token and line: on the GPU path by a reduce-scatter over the warp per line (ptx.
 thread's LV lines in its registers (benchmarks/scan_sass.py --kernel lines-backward --divisible: LV 2 in bf16, 255
 registers, no spills, 532 instructions per state and half with 36 shuffles).
 
-Chosen by ``PassConfig.line_vectors`` in the backward's settings (0: off, the default until it is timed on a GPU)
-for ungated calls of one such order (layout.line_groups); the forward's saved chunk-start states are read as they
-are, whichever path saved them.
+Chosen by ``PassConfig.line_vectors`` in the backward's settings (2 by default; 0: off) for ungated calls of one
+such order (layout.line_groups); the forward's saved chunk-start states are read as they are, whichever path saved
+them.
+
+The segment pass of such calls can run as line vectors too (``_bwd_lines_segment_kernel``,
+``PassConfig.line_vector_segments``): each line's outgoing adjoint from zero, ``ρ = Σ_t exp(A·Σ_{j≤t} Δ_j)·g_t·C_t``,
+by the reverse recurrence ``r ← exp(Δ_t·A)·(g_t·C_t + r)`` a token at a time, chunk by chunk from the last, with
+the states a run-time loop over per-line slots (ρ itself); the chunk path's segment pass gathers each token of
+the lines from its own sector.
 """
 
 from __future__ import annotations
@@ -416,3 +422,94 @@ def _bwd_lines_kernel(
         _store_lines(dD_ptr + part, CH, gu_acc, jj, LV)
     if HAS_BIAS:
         _store_lines(dbias_ptr + part, CH, gd_acc, jj, LV)
+
+
+@triton.jit
+def _bwd_lines_segment_kernel(
+    dl_ptr, A_ptr, C_ptr, bias_ptr, gy_ptr, seg_rho_ptr, seg_dt_ptr, order_ptr,
+    CH, N, CPG, cps, nlines,
+    sd_b, sd_c, sC_b, sC_g, sC_n, sg_b, sg_c,
+    SUB: tl.constexpr, LV: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):  # fmt: skip
+    # A program: (32 channels of one group, LV neighbouring lines, one batch entry), as the main pass. Every line
+    # is a segment: its adjoint at its first token from zero after its last, ρ (B, nlines, N, C), and its Σ Δ (B,
+    # nlines, C), both channels fastest, the layout of backward._bwd_segment_kernel with one order.
+    pid_blk = tl.program_id(0)
+    g = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    c0 = pid_blk * SUB
+    grp = c0 // CPG
+    _, mid, st_fast, _, st_slow, _ = _order_row(order_ptr, 0)  # one order, not reversed, st_mid == 1
+    ch = (c0 + tl.arange(0, SUB)).to(tl.int64)
+    jj = tl.arange(0, LV)
+    l0 = g * LV
+    line_off = tl.multiple_of((l0 // mid).to(tl.int64) * st_slow + (l0 % mid), LV) + jj
+    d_rows = dl_ptr + b * sd_b + ch * sd_c
+    g_rows = gy_ptr + b * sg_b + ch * sg_c
+    C_line = C_ptr + b * sC_b + grp.to(tl.int64) * sC_g
+    A_rows = A_ptr + ch * N
+    rho_rows = seg_rho_ptr + (b * nlines + l0) * N * CH + ch  # line j's are j·N·CH further
+    bias = tl.zeros([SUB], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ch)
+    dts = tl.zeros([SUB, LV], dtype=tl.float32)
+    for i in range(cps):
+        q0 = (cps - 1 - i) * 16  # chunks from the last
+        t0 = _dt(d_rows, line_off, q0 + 0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t1 = _dt(d_rows, line_off, q0 + 1, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t2 = _dt(d_rows, line_off, q0 + 2, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t3 = _dt(d_rows, line_off, q0 + 3, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t4 = _dt(d_rows, line_off, q0 + 4, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t5 = _dt(d_rows, line_off, q0 + 5, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t6 = _dt(d_rows, line_off, q0 + 6, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t7 = _dt(d_rows, line_off, q0 + 7, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t8 = _dt(d_rows, line_off, q0 + 8, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t9 = _dt(d_rows, line_off, q0 + 9, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t10 = _dt(d_rows, line_off, q0 + 10, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t11 = _dt(d_rows, line_off, q0 + 11, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t12 = _dt(d_rows, line_off, q0 + 12, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t13 = _dt(d_rows, line_off, q0 + 13, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t14 = _dt(d_rows, line_off, q0 + 14, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t15 = _dt(d_rows, line_off, q0 + 15, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        g0 = _tok(g_rows, line_off, q0 + 0, st_fast, LV)
+        g1 = _tok(g_rows, line_off, q0 + 1, st_fast, LV)
+        g2 = _tok(g_rows, line_off, q0 + 2, st_fast, LV)
+        g3 = _tok(g_rows, line_off, q0 + 3, st_fast, LV)
+        g4 = _tok(g_rows, line_off, q0 + 4, st_fast, LV)
+        g5 = _tok(g_rows, line_off, q0 + 5, st_fast, LV)
+        g6 = _tok(g_rows, line_off, q0 + 6, st_fast, LV)
+        g7 = _tok(g_rows, line_off, q0 + 7, st_fast, LV)
+        g8 = _tok(g_rows, line_off, q0 + 8, st_fast, LV)
+        g9 = _tok(g_rows, line_off, q0 + 9, st_fast, LV)
+        g10 = _tok(g_rows, line_off, q0 + 10, st_fast, LV)
+        g11 = _tok(g_rows, line_off, q0 + 11, st_fast, LV)
+        g12 = _tok(g_rows, line_off, q0 + 12, st_fast, LV)
+        g13 = _tok(g_rows, line_off, q0 + 13, st_fast, LV)
+        g14 = _tok(g_rows, line_off, q0 + 14, st_fast, LV)
+        g15 = _tok(g_rows, line_off, q0 + 15, st_fast, LV)
+        dts += t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7 + t8 + t9 + t10 + t11 + t12 + t13 + t14 + t15
+        for n in range(N):
+            A2 = tl.load(A_rows + n)[:, None] * LOG2E
+            Cp = C_line + n * sC_n
+            if i == 0:  # after the line's last token: zero
+                r = tl.zeros([SUB, LV], dtype=tl.float32)
+            else:
+                r = _load_lines(rho_rows + n * CH, N * CH, jj, LV)
+            r = tl.exp2(t15 * A2) * (g15 * _bc(Cp, line_off, q0 + 15, st_fast, LV) + r)
+            r = tl.exp2(t14 * A2) * (g14 * _bc(Cp, line_off, q0 + 14, st_fast, LV) + r)
+            r = tl.exp2(t13 * A2) * (g13 * _bc(Cp, line_off, q0 + 13, st_fast, LV) + r)
+            r = tl.exp2(t12 * A2) * (g12 * _bc(Cp, line_off, q0 + 12, st_fast, LV) + r)
+            r = tl.exp2(t11 * A2) * (g11 * _bc(Cp, line_off, q0 + 11, st_fast, LV) + r)
+            r = tl.exp2(t10 * A2) * (g10 * _bc(Cp, line_off, q0 + 10, st_fast, LV) + r)
+            r = tl.exp2(t9 * A2) * (g9 * _bc(Cp, line_off, q0 + 9, st_fast, LV) + r)
+            r = tl.exp2(t8 * A2) * (g8 * _bc(Cp, line_off, q0 + 8, st_fast, LV) + r)
+            r = tl.exp2(t7 * A2) * (g7 * _bc(Cp, line_off, q0 + 7, st_fast, LV) + r)
+            r = tl.exp2(t6 * A2) * (g6 * _bc(Cp, line_off, q0 + 6, st_fast, LV) + r)
+            r = tl.exp2(t5 * A2) * (g5 * _bc(Cp, line_off, q0 + 5, st_fast, LV) + r)
+            r = tl.exp2(t4 * A2) * (g4 * _bc(Cp, line_off, q0 + 4, st_fast, LV) + r)
+            r = tl.exp2(t3 * A2) * (g3 * _bc(Cp, line_off, q0 + 3, st_fast, LV) + r)
+            r = tl.exp2(t2 * A2) * (g2 * _bc(Cp, line_off, q0 + 2, st_fast, LV) + r)
+            r = tl.exp2(t1 * A2) * (g1 * _bc(Cp, line_off, q0 + 1, st_fast, LV) + r)
+            r = tl.exp2(t0 * A2) * (g0 * _bc(Cp, line_off, q0 + 0, st_fast, LV) + r)
+            _store_lines(rho_rows + n * CH, N * CH, r, jj, LV)
+    _store_lines(seg_dt_ptr + (b * nlines + l0) * CH + ch, CH, dts, jj, LV)
