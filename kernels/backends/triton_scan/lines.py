@@ -18,7 +18,8 @@ lines' maps, then saves the chunk-start states for the backward in the layout of
 It serves calls of one such order with 16 states (layout.line_groups says which; ``PassConfig.line_vectors`` sets
 LV). On an H100, SegMamba's slice order alone at 64³ (d 96, batch 2, z, back to back): bf16 forward 4.09 → 1.88 ms
 and forward+backward 12.79 → 12.00 ms against the chunk passes; fp32 4.08 → 4.12 and 13.34 → 13.09 ms (its main
-pass takes 255 registers). The backward is the chunk path's, reading the chunk-start states saved here.
+pass takes 255 registers). The backward reads the chunk-start states saved here: by default as line vectors too
+(lines_backward.py), else on the chunk path.
 """
 
 from __future__ import annotations

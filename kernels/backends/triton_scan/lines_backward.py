@@ -81,6 +81,32 @@ def _dt(d_rows, line_off, q, st_fast, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
 
 
 @triton.jit
+def _tok8(rows, line_off, q0, st_fast, LV: tl.constexpr):
+    # tokens q0 … q0 + 7 of the LV lines (8 named tiles: Triton has no lists of tensors)
+    return (
+        _tok(rows, line_off, q0 + 0, st_fast, LV), _tok(rows, line_off, q0 + 1, st_fast, LV),
+        _tok(rows, line_off, q0 + 2, st_fast, LV), _tok(rows, line_off, q0 + 3, st_fast, LV),
+        _tok(rows, line_off, q0 + 4, st_fast, LV), _tok(rows, line_off, q0 + 5, st_fast, LV),
+        _tok(rows, line_off, q0 + 6, st_fast, LV), _tok(rows, line_off, q0 + 7, st_fast, LV),
+    )  # fmt: skip
+
+
+@triton.jit
+def _dt8(d_rows, line_off, q0, st_fast, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LV: tl.constexpr):
+    # Δ of tokens q0 … q0 + 7
+    return (
+        _dt(d_rows, line_off, q0 + 0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 1, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 2, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 3, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 4, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 5, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 6, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+        _dt(d_rows, line_off, q0 + 7, st_fast, bias, HAS_BIAS, SOFTPLUS, LV),
+    )
+
+
+@triton.jit
 def _bc(line_ptr, line_off, q, st_fast, LV: tl.constexpr):
     # (1, LV) fp32: B_n or C_n of token q of the lines, broadcast to the channels
     return tl.load(line_ptr + line_off + _at(q, st_fast, LV)).to(tl.float32)[None, :]
@@ -113,30 +139,9 @@ def _half(
     # Tokens q0 … q0 + 7 of the LV lines, from their start states (start_rows + n·CH, lines start_stride apart) with
     # the adjoint ρ of the tokens after them (the ρ slots, lines N·CH apart, updated to the half's own); writes du,
     # dΔ and the dB/dC partials of the tokens and adds the half's dA to the slots. Returns (Σ g·u, Σ dΔ_raw).
-    u0 = _tok(u_rows, line_off, q0 + 0, st_fast, LV)
-    u1 = _tok(u_rows, line_off, q0 + 1, st_fast, LV)
-    u2 = _tok(u_rows, line_off, q0 + 2, st_fast, LV)
-    u3 = _tok(u_rows, line_off, q0 + 3, st_fast, LV)
-    u4 = _tok(u_rows, line_off, q0 + 4, st_fast, LV)
-    u5 = _tok(u_rows, line_off, q0 + 5, st_fast, LV)
-    u6 = _tok(u_rows, line_off, q0 + 6, st_fast, LV)
-    u7 = _tok(u_rows, line_off, q0 + 7, st_fast, LV)
-    t0 = _dt(d_rows, line_off, q0 + 0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t1 = _dt(d_rows, line_off, q0 + 1, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t2 = _dt(d_rows, line_off, q0 + 2, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t3 = _dt(d_rows, line_off, q0 + 3, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t4 = _dt(d_rows, line_off, q0 + 4, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t5 = _dt(d_rows, line_off, q0 + 5, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t6 = _dt(d_rows, line_off, q0 + 6, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    t7 = _dt(d_rows, line_off, q0 + 7, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-    g0 = _tok(g_rows, line_off, q0 + 0, st_fast, LV)
-    g1 = _tok(g_rows, line_off, q0 + 1, st_fast, LV)
-    g2 = _tok(g_rows, line_off, q0 + 2, st_fast, LV)
-    g3 = _tok(g_rows, line_off, q0 + 3, st_fast, LV)
-    g4 = _tok(g_rows, line_off, q0 + 4, st_fast, LV)
-    g5 = _tok(g_rows, line_off, q0 + 5, st_fast, LV)
-    g6 = _tok(g_rows, line_off, q0 + 6, st_fast, LV)
-    g7 = _tok(g_rows, line_off, q0 + 7, st_fast, LV)
+    u0, u1, u2, u3, u4, u5, u6, u7 = _tok8(u_rows, line_off, q0, st_fast, LV)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _dt8(d_rows, line_off, q0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+    g0, g1, g2, g3, g4, g5, g6, g7 = _tok8(g_rows, line_off, q0, st_fast, LV)
     lb0 = tl.zeros_like(u0)  # Σ_n λ·B per token
     lb1 = tl.zeros_like(u0)
     lb2 = tl.zeros_like(u0)
@@ -361,22 +366,9 @@ def _bwd_lines_kernel(
         start_rows = st_rows + c * N * CH
         start_ok = (l0 + jj) * cps + c > 0  # the sequence's first chunk starts from zero (its state may be unwritten)
         # the state after the chunk's first half: exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t
-        t0 = _dt(d_rows, line_off, q0 + 0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t1 = _dt(d_rows, line_off, q0 + 1, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t2 = _dt(d_rows, line_off, q0 + 2, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t3 = _dt(d_rows, line_off, q0 + 3, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t4 = _dt(d_rows, line_off, q0 + 4, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t5 = _dt(d_rows, line_off, q0 + 5, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t6 = _dt(d_rows, line_off, q0 + 6, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t7 = _dt(d_rows, line_off, q0 + 7, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        x0 = t0 * _tok(u_rows, line_off, q0 + 0, st_fast, LV)
-        x1 = t1 * _tok(u_rows, line_off, q0 + 1, st_fast, LV)
-        x2 = t2 * _tok(u_rows, line_off, q0 + 2, st_fast, LV)
-        x3 = t3 * _tok(u_rows, line_off, q0 + 3, st_fast, LV)
-        x4 = t4 * _tok(u_rows, line_off, q0 + 4, st_fast, LV)
-        x5 = t5 * _tok(u_rows, line_off, q0 + 5, st_fast, LV)
-        x6 = t6 * _tok(u_rows, line_off, q0 + 6, st_fast, LV)
-        x7 = t7 * _tok(u_rows, line_off, q0 + 7, st_fast, LV)
+        t0, t1, t2, t3, t4, t5, t6, t7 = _dt8(d_rows, line_off, q0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        u0, u1, u2, u3, u4, u5, u6, u7 = _tok8(u_rows, line_off, q0, st_fast, LV)
+        x0, x1, x2, x3, x4, x5, x6, x7 = t0 * u0, t1 * u1, t2 * u2, t3 * u3, t4 * u4, t5 * u5, t6 * u6, t7 * u7
         s7 = t7  # Σ_{j>t} Δ_j for t = 6, 5, …
         s6 = s7 + t6
         s5 = s6 + t5
@@ -455,38 +447,10 @@ def _bwd_lines_segment_kernel(
     dts = tl.zeros([SUB, LV], dtype=tl.float32)
     for i in range(cps):
         q0 = (cps - 1 - i) * 16  # chunks from the last
-        t0 = _dt(d_rows, line_off, q0 + 0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t1 = _dt(d_rows, line_off, q0 + 1, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t2 = _dt(d_rows, line_off, q0 + 2, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t3 = _dt(d_rows, line_off, q0 + 3, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t4 = _dt(d_rows, line_off, q0 + 4, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t5 = _dt(d_rows, line_off, q0 + 5, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t6 = _dt(d_rows, line_off, q0 + 6, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t7 = _dt(d_rows, line_off, q0 + 7, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t8 = _dt(d_rows, line_off, q0 + 8, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t9 = _dt(d_rows, line_off, q0 + 9, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t10 = _dt(d_rows, line_off, q0 + 10, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t11 = _dt(d_rows, line_off, q0 + 11, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t12 = _dt(d_rows, line_off, q0 + 12, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t13 = _dt(d_rows, line_off, q0 + 13, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t14 = _dt(d_rows, line_off, q0 + 14, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        t15 = _dt(d_rows, line_off, q0 + 15, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        g0 = _tok(g_rows, line_off, q0 + 0, st_fast, LV)
-        g1 = _tok(g_rows, line_off, q0 + 1, st_fast, LV)
-        g2 = _tok(g_rows, line_off, q0 + 2, st_fast, LV)
-        g3 = _tok(g_rows, line_off, q0 + 3, st_fast, LV)
-        g4 = _tok(g_rows, line_off, q0 + 4, st_fast, LV)
-        g5 = _tok(g_rows, line_off, q0 + 5, st_fast, LV)
-        g6 = _tok(g_rows, line_off, q0 + 6, st_fast, LV)
-        g7 = _tok(g_rows, line_off, q0 + 7, st_fast, LV)
-        g8 = _tok(g_rows, line_off, q0 + 8, st_fast, LV)
-        g9 = _tok(g_rows, line_off, q0 + 9, st_fast, LV)
-        g10 = _tok(g_rows, line_off, q0 + 10, st_fast, LV)
-        g11 = _tok(g_rows, line_off, q0 + 11, st_fast, LV)
-        g12 = _tok(g_rows, line_off, q0 + 12, st_fast, LV)
-        g13 = _tok(g_rows, line_off, q0 + 13, st_fast, LV)
-        g14 = _tok(g_rows, line_off, q0 + 14, st_fast, LV)
-        g15 = _tok(g_rows, line_off, q0 + 15, st_fast, LV)
+        t0, t1, t2, t3, t4, t5, t6, t7 = _dt8(d_rows, line_off, q0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        t8, t9, t10, t11, t12, t13, t14, t15 = _dt8(d_rows, line_off, q0 + 8, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+        g0, g1, g2, g3, g4, g5, g6, g7 = _tok8(g_rows, line_off, q0, st_fast, LV)
+        g8, g9, g10, g11, g12, g13, g14, g15 = _tok8(g_rows, line_off, q0 + 8, st_fast, LV)
         dts += t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7 + t8 + t9 + t10 + t11 + t12 + t13 + t14 + t15
         for n in range(N):
             A2 = tl.load(A_rows + n)[:, None] * LOG2E
