@@ -333,12 +333,12 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("mixed_vectors (also in the forward without saving)", variant(mixed_vectors=True)),
         ("split_orders=False (mixed orders in one call)", variant(split_orders=False)),
         ("split_min_length=0 (short calls split too)", variant(split_min_length=0)),
-        ("fold_merge=False (the groups' outputs summed and gated by the merge kernel)", variant(fold_merge=False)),
+        ("fold_merge (the last group adds the others' outputs and gates them)", variant(fold_merge=True)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
         ("backward line_vectors=0 (the chunk path's main pass)", (fwd, dataclasses.replace(bwd, line_vectors=0))),
         (
-            "backward line_vector_segments (the segment pass as line vectors too)",
-            (fwd, dataclasses.replace(bwd, line_vector_segments=True)),
+            "backward line_vector_segments=False (the chunk path's segment pass for line-vector calls)",
+            (fwd, dataclasses.replace(bwd, line_vector_segments=False)),
         ),
         (
             "backward inline_ptx=False (lines_backward.py's dB/dC by tl.sum)",

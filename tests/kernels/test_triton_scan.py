@@ -500,10 +500,11 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
     # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated) and the line-vector segment pass
-    # (opt-in: line_vector_segments), the second tl.sum and the chunk path's segment pass
+    # (line_vector_segments), the second tl.sum and the chunk path's segment pass
     first = forward_lv == 4
     bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=first, line_vector_segments=first)
-    assert configs.backward_config().line_vectors == 2  # the default since the H100 timing (configs._BACKWARD)
+    # the defaults since the H100 timings (configs._BACKWARD)
+    assert configs.backward_config().line_vectors == 2 and configs.backward_config().line_vector_segments
     with configs.override(forward=fwd, backward=bwd):
         assert_matches_reference(low, ref, (order,), dtype=dtype)
     launches = list(triton_backward._LAUNCHES.values())

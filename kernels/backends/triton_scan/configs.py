@@ -79,8 +79,9 @@ class PassConfig:
             would not. On an H100, SegMamba's slice order at 64³ (bf16 + z): 9.66 -> 6.89 ms forward+backward.
         line_vector_segments: (backward) with ``line_vectors``, run the segment pass of such calls as line vectors
             too (lines_backward._bwd_lines_segment_kernel) in place of the chunk path's, which gathers each token of
-            the lines from its own sector: 0.95 of the 2.09 ms of segment passes of SegMamba's three orders at 64³ on
-            an H100. Opt-in until timed on a GPU.
+            the lines from its own sector (0.95 of the 2.09 ms of segment passes of SegMamba's three orders at 64³ on
+            an H100). On by default in the backward: on an H100 (bf16 + z, A/B in one run) SegMamba's three orders
+            took 18.28 -> 17.86 ms forward+backward at 64³, 5.13 -> 5.05 at 32³, 2.08 -> 1.90 at 16³.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -95,10 +96,10 @@ class PassConfig:
         fold_merge: (forward) in a call run as groups of orders whose last group is one strided order as line
             vectors (SegMamba's three orders), let that group's main pass add the earlier groups' fp32 outputs to its
             own and gate (lines.py, ``ADD_K``) in place of the merge kernel: the same sum in the same order, without
-            the merge's pass over every order's output and the last order's fp32 output. Off by default: in its one
-            H100 run (SegMamba's three orders at 64³, bf16 + z) the forward took 5.07 ms where the run before took
-            5.19-5.23 without it, but the forward+backward 21.86 ms against 18.19-18.30; the A/B in one run is still
-            to do. On sm_90a (bf16, the 128-register cap) the saving main pass then spills 1,456 bytes, not 816.
+            the merge's pass over every order's output and the last order's fp32 output. Off: on an H100 (SegMamba's
+            three orders at 64³, bf16 + z, A/B in one run) it took 4.99 -> 5.05 ms forward and 18.30 -> 21.63 ms
+            forward+backward; on sm_90a (bf16, the 128-register cap) the saving main pass then spills 1,456 bytes,
+            not 816.
         save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
             one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
             where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
@@ -168,9 +169,17 @@ _FORWARD = PassConfig(
     split_min_length=32768,
 )
 # H100, 2026-11-28: line vectors in the backward took SegMamba's slice order at 64³ (bf16 + z) from 9.66 to 6.89 ms
-# forward+backward, and the three-order layer from 20.91 to 18.30 ms
+# forward+backward, and the three-order layer from 20.91 to 18.30 ms; their segment pass as line vectors too, 18.28 ->
+# 17.86 ms (2026-11-28, thirteenth pass)
 _BACKWARD = PassConfig(
-    sub=32, num_warps=1, fill=8, fill_strided=32, strided_maxnreg=168, mixed_vectors=True, line_vectors=2
+    sub=32,
+    num_warps=1,
+    fill=8,
+    fill_strided=32,
+    strided_maxnreg=168,
+    mixed_vectors=True,
+    line_vectors=2,
+    line_vector_segments=True,
 )
 _overrides: list[dict[str, PassConfig]] = []
 
