@@ -333,7 +333,6 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("mixed_vectors (also in the forward without saving)", variant(mixed_vectors=True)),
         ("split_orders=False (mixed orders in one call)", variant(split_orders=False)),
         ("split_min_length=0 (short calls split too)", variant(split_min_length=0)),
-        ("fold_merge (the last group adds the others' outputs and gates them)", variant(fold_merge=True)),
         ("line_vectors=0 (one strided order on the chunk passes)", variant(line_vectors=0)),
         ("backward line_vectors=0 (the chunk path's main pass)", (fwd, dataclasses.replace(bwd, line_vectors=0))),
         (

@@ -42,9 +42,9 @@ for has_bc, has_d, has_bias in [(True, True, True), (False, False, True), (True,
              "ROWS": backward.FINISH_ROWS, "COLS": backward.FINISH_COLS}
     build(backward._bwd_finish_kernel, const, grads)
 seq = {n: "*bf16" for n in ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "pre_ptr")} | {"order_ptr": "*i32"}
-for end, save, add in [(True, False, 0), (False, True, 2), (False, False, 0)]:
+for end, save in [(True, False), (False, True), (False, False)]:
     const = {"SUB": 32, "LV": 4, "HAS_D": save, "HAS_BIAS": save, "SOFTPLUS": True, "GATE": save, "STORE_PRE": save,
-             "SAVE_STATES": save, "END_ONLY": end, "ADD_K": add}
+             "SAVE_STATES": save, "END_ONLY": end}
     build(lines._fwd_lines_kernel, const, seq)
 const = {"SUB": 32, "LV": 2, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": True}
 build(lines_backward._bwd_lines_kernel, const, seq | {"du_ptr": "*bf16", "ddl_ptr": "*bf16"})

@@ -93,13 +93,6 @@ class PassConfig:
             call of its own, with its host prologue (0.15-0.25 ms on the lent hosts): short calls (SegMamba's 16³
             stage), host-bound already, would pay it without a kernel gain to match. 32³ was chosen by that
             estimate, not yet timed.
-        fold_merge: (forward) in a call run as groups of orders whose last group is one strided order as line
-            vectors (SegMamba's three orders), let that group's main pass add the earlier groups' fp32 outputs to its
-            own and gate (lines.py, ``ADD_K``) in place of the merge kernel: the same sum in the same order, without
-            the merge's pass over every order's output and the last order's fp32 output. Off: on an H100 (SegMamba's
-            three orders at 64³, bf16 + z, A/B in one run) it took 4.99 -> 5.05 ms forward and 18.30 -> 21.63 ms
-            forward+backward; on sm_90a (bf16, the 128-register cap) the saving main pass then spills 1,456 bytes,
-            not 816.
         save_pre_gate: (forward) keep the pre-gate output of a gated call for the backward. False, for calls with
             one order: save nothing and let the backward rebuild it (``y = Σ_n C·h + D·u``) in its per-state loop,
             where it also computes dz. That saves B·C·L activation values (about 1 GB for U-Mamba's 128³ stage in
@@ -127,7 +120,6 @@ class PassConfig:
     line_vector_segments: bool = False
     split_orders: bool = False
     split_min_length: int = 0
-    fold_merge: bool = False
     save_pre_gate: bool = True
     emulate_ptx: bool = False
 

@@ -425,15 +425,13 @@ class Part:
 class _Groups:
     """A call run as groups of orders (PassConfig.split_orders).
 
-    ``ranges``: the ``(start, stop)`` of each group's orders; the merge's launch sums and gates their outputs, or,
-    with ``fold``, the last group's main pass (PassConfig.fold_merge).
+    ``ranges``: the ``(start, stop)`` of each group's orders; the merge's launch sums and gates their outputs.
     """
 
     plan: Plan
     ranges: tuple[tuple[int, int], ...]
     merge_grid: tuple[int, int]
     merge_block: int
-    fold: bool = False
 
 
 def forward(
@@ -451,7 +449,6 @@ def forward(
     merge: str,
     save: bool,
     out: torch.Tensor | None = None,
-    add: torch.Tensor | None = None,
 ) -> ForwardResult:
     """Run the forward passes over canonical inputs (spatial blocks contiguous, see layout.natural_spatial).
 
@@ -470,9 +467,6 @@ def forward(
         save: keep every chunk-start state and, with z, the pre-gate output (for the backward).
         out: for ``merge="stack"`` without z, the ``(B, K, C, *S)`` tensor the outputs go to (rows of the spatial
             size contiguous, e.g. a slice of one fp32 buffer for several groups of orders) instead of a fresh one.
-        add: for the last group of a call run as groups (PassConfig.fold_merge; one order as line vectors,
-            ``merge="sum"``), the earlier groups' fp32 outputs ``(B, K', C, *S)``, added in order before this order's
-            own and the gate; the pre-gate sum is then saved with z whatever ``save_pre_gate`` says.
     """
     dev = u.device
     cfg = configs.forward_config()
@@ -482,11 +476,10 @@ def forward(
         delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z),
         dev.type != "cuda" and layout.interpreted(),  # the emulated GPU path exists only under the interpreter
         None if out is None else (out.stride(), out.dtype),
-        None if add is None else (add.shape[1], add.stride()),
     )  # fmt: skip
     launch = layout.remembered(
         _LAUNCHES, key, lambda: _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
-                                                 save, cfg, out, add)
+                                                 save, cfg, out)
     )  # fmt: skip
     if type(launch) is _Groups:
         return _grouped_forward(launch, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save)
@@ -496,9 +489,7 @@ def forward(
     bias = delta_bias.float().contiguous() if delta_bias is not None else A
     z_arg = z if z is not None else u
     if launch.line_vectors:
-        return _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out, add)
-    if add is not None:
-        raise ValueError("forward: `add` is for a call of one order as line vectors (PassConfig.fold_merge)")
+        return _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps)
     # what the first pass writes first: the GPU starts while the host allocates the rest
     if out is None:
@@ -565,19 +556,17 @@ class _Launch:
 _LAUNCHES: dict[tuple, _Launch | _Groups] = {}
 
 
-def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg, out, add):
+def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg, out):
     p = plan(u, A, B)
     dev = u.device
     block = min(1024, layout.next_power_of_2(p.L))
     ranges = _order_ranges(p, orders, merge, cfg)
     if ranges:
-        a, b = ranges[-1]  # each strided order is a group of its own, and it runs as line vectors (_order_ranges)
-        fold = cfg.fold_merge and b - a == 1 and not layout.directions(orders[a:], p.spatial)[0]
-        return _Groups(p, ranges, (p.batch * p.channels, layout.cdiv(p.L, block)), block, fold)
+        return _Groups(p, ranges, (p.batch * p.channels, layout.cdiv(p.L, block)), block)
     line_len = _line_vector_length(p, orders, cfg)
     if line_len:
         return _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg,
-                                     line_len, out, add)  # fmt: skip
+                                     line_len, out)  # fmt: skip
     sub, nsplit, cps = split(p, cfg, dev, orders)  # one thread per channel
     num_warps = max(1, min(cfg.num_warps, sub // 32))
     lines, line_len = lines_of(p, cfg, orders, u)
@@ -656,26 +645,19 @@ def _order_ranges(p: Plan, orders, merge: str, cfg: configs.PassConfig) -> tuple
 
 def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save):
     # one call per group of orders, each writing its orders' ungated outputs into one fp32 (B, K, C, *S) buffer;
-    # then the merge sums the K orders in order and gates, as for one call: one rounding to the output's dtype.
-    # With ``fold`` the last group (one strided order) adds the others' outputs to its own and gates, in that order
+    # then the merge sums the K orders in order and gates, as for one call: one rounding to the output's dtype
     p = groups.plan
-    folded = groups.ranges[-1][0] if groups.fold else p.K  # the orders whose outputs go through the buffer
-    y = torch.empty(p.batch, folded, p.channels, *p.spatial, device=u.device, dtype=torch.float32)
+    y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=u.device, dtype=torch.float32)
     parts, lasts = [], []
     for a, b in groups.ranges:
-        last_group = b > folded
         res = forward(
-            u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None,
-            z if last_group else None, delta_bias[a:b] if delta_bias is not None else None, orders=orders[a:b],
-            delta_softplus=delta_softplus, merge="sum" if last_group else "stack", save=save,
-            out=None if last_group else y[:, a:b], add=y if last_group else None,
+            u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, None,
+            delta_bias[a:b] if delta_bias is not None else None, orders=orders[a:b], delta_softplus=delta_softplus,
+            merge="stack", save=save, out=y[:, a:b],
         )  # fmt: skip
         lasts.append(res.last_state)
         parts.append(Part(a, b, res.states, res.plan))
-    if groups.fold:
-        out, pre = res.out, res.pre_gate
-    else:
-        out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block)
+    out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block)
     return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, p, tuple(parts))
 
 
@@ -695,22 +677,20 @@ def _merge(y, z, u, p: Plan, save: bool, grid, block: int) -> tuple[torch.Tensor
 
 
 def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, save, cfg, line_len,
-                          out, add):  # fmt: skip
+                          out):  # fmt: skip
     # one order scanned line by line: a segment per line, cfg.line_vectors lines per program (lines.py)
     lv = cfg.line_vectors
     nlines = p.L // line_len
     z_arg = z if z is not None else u
-    pre = save and z is not None and (cfg.save_pre_gate or add is not None)  # a grouped backward needs it
-    add_arg = add if add is not None else u
+    pre = save and z is not None and cfg.save_pre_gate
     strides = (
         u.stride(0), u.stride(2), delta.stride(0), delta.stride(2), B.stride(0), B.stride(2), B.stride(3),
         C.stride(0), C.stride(2), C.stride(3), z_arg.stride(0), z_arg.stride(1),
         *((p.channels * p.L, p.L) if out is None else (out.stride(0), out.stride(2))), p.channels * p.L, p.L,
-        add_arg.stride(0), add_arg.stride(1), add_arg.stride(2),
     )  # fmt: skip
     flags = {
         "SUB": 32, "LV": lv, "HAS_D": D is not None, "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus,
-        "ADD_K": 0 if add is None else add.shape[1], "num_warps": 1,
+        "num_warps": 1,
     }  # fmt: skip
     if cfg.strided_maxnreg:
         flags["maxnreg"] = cfg.strided_maxnreg
@@ -735,7 +715,7 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
     )
 
 
-def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out, add) -> ForwardResult:
+def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> ForwardResult:
     # the segment pass (per-line maps and per-group maps), the carry over groups, the main pass (lines.py)
     p, dev, f32 = launch.plan, u.device, torch.float32
     nlines, cps, lv = launch.nsplit, launch.cps, launch.line_vectors
@@ -750,10 +730,8 @@ def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out, add) 
     states = torch.empty(p.batch, 1, launch.n_state, p.N, p.channels, device=dev, dtype=f32)
     z_arg = z if z is not None else u
     pre_arg = pre if pre is not None else y
-    add_arg = add if add is not None else u
-    tensors = (u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, add_arg, states, last, seg_state, seg_dt, line_state,
-               line_dt, launch.table, p.channels, p.cpg, cps, launch.n_state, nlines, ngroups,
-               *launch.strides)  # fmt: skip
+    tensors = (u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, seg_state, seg_dt, line_state, line_dt,
+               launch.table, p.channels, p.cpg, cps, launch.n_state, nlines, ngroups, *launch.strides)  # fmt: skip
     _lines_launch[launch.grid](*tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
                                **launch.flags)  # fmt: skip
     if ngroups > 1:

@@ -83,19 +83,15 @@ def _fold(h, dts, A_n, jj, LV: tl.constexpr):
 @triton.jit
 def _fwd_lines_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-    out_ptr, pre_ptr, add_ptr, state_ptr, last_ptr, seg_state_ptr, seg_dt_ptr, line_ptr, ldt_ptr, order_ptr,
+    out_ptr, pre_ptr, state_ptr, last_ptr, seg_state_ptr, seg_dt_ptr, line_ptr, ldt_ptr, order_ptr,
     CH, CPG, cps, n_state, nlines, ngroups,
-    su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_c, so_b, so_c, sp_b, sp_c, sa_b, sa_k, sa_c,
+    su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_c, so_b, so_c, sp_b, sp_c,
     SUB: tl.constexpr, LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
-    ADD_K: tl.constexpr,
 ):  # fmt: skip
     # A program: (32 channels of one group, LV neighbouring lines of the order = a group, one batch entry); one
     # thread per channel holding the group's lines side by side. END_ONLY: the segment pass (each line's end state
     # from zero and Σ Δ, and the group's map for the carry pass); else the main pass from the carried states.
-    # ADD_K > 0: the last group of a call run as groups of orders (forward.fold_merge); before the gate, the main
-    # pass adds the ADD_K fp32 outputs of the call's earlier orders (add_ptr, (B, ADD_K, C, *S)), in order, to its
-    # own: the merge's sum in the merge's order, so the same bits without a pass of its own.
     N: tl.constexpr = 16
     pid_blk = tl.program_id(0)
     g = tl.program_id(1)
@@ -115,7 +111,6 @@ def _fwd_lines_kernel(
     z_rows = z_ptr + b * sz_b + ch * sz_c
     o_rows = out_ptr + b * so_b + ch * so_c
     p_rows = pre_ptr + b * sp_b + ch * sp_c
-    a_rows = add_ptr + b * sa_b + ch * sa_c
     B_line = B_ptr + b * sB_b + grp * sB_g + line_off  # (LV,): B_n of the lines, broadcast to the channels
     C_line = C_ptr + b * sC_b + grp * sC_g + line_off
     bias = tl.zeros([SUB], dtype=tl.float32)
@@ -234,11 +229,6 @@ def _fwd_lines_kernel(
             h14, y = _step(h14, dt, dtu, A14, bp + 14 * sB_n, cp + 14 * sC_n, y, not END_ONLY)
             h15, y = _step(h15, dt, dtu, A15, bp + 15 * sB_n, cp + 15 * sC_n, y, not END_ONLY)
             if not END_ONLY:
-                if ADD_K > 0:
-                    acc = tl.load(a_rows[:, None] + tok)
-                    for k in tl.static_range(1, ADD_K):
-                        acc += tl.load(a_rows[:, None] + k * sa_k + tok)
-                    y = acc + y
                 if GATE:
                     zz = tl.load(z_rows[:, None] + tok).to(tl.float32)
                     if STORE_PRE:

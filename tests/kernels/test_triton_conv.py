@@ -1,0 +1,73 @@
+"""The Triton causal conv along each scan order's sequence against F.conv1d (the torch backend) in float64 under
+TRITON_INTERPRET=1, and its input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medmamba.kernels import RASTER, REVERSED, SLICE, ScanInputError, ScanOrder, causal_conv, cross_scan
+from tests.helpers import generator
+
+
+@pytest.mark.parametrize(
+    ("spatial", "orders"),
+    [
+        ((9,), (RASTER, REVERSED)),
+        ((3, 4, 5), (RASTER, REVERSED, SLICE)),
+        ((3, 5), cross_scan(2)),
+        ((1,), (RASTER,)),
+        ((5, 6, 7), (RASTER, REVERSED, SLICE, ScanOrder((2, 0, 1)))),  # 210 offsets: two tiles; 20 channels: two blocks
+        ((2, 6, 5), (SLICE, ScanOrder((2, 1, 0), reverse=True))),  # lines of 2 tokens: the conv's general mode
+    ],
+    ids=["1d", "3d-segmamba", "2d-cross", "L1", "two-tiles", "short-lines"],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_causal_conv_matches_conv1d_on_each_orders_sequence(spatial, orders, bias):
+    g = generator(21)
+    K = len(orders)
+    channels = 20 if math.prod(spatial) > 128 else 3
+    x = torch.randn(2, channels, *spatial, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(K, channels, 4, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(K, channels, generator=g, dtype=torch.float64).requires_grad_() if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    want = causal_conv(x, w, b, orders=orders, backend="torch")  # to_sequence + F.conv1d + from_sequence
+    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * weight).sum(), leaves)
+    low = [t.detach().float().requires_grad_() for t in leaves]
+    got = causal_conv(low[0], low[1], low[2] if bias else None, orders=orders, backend="triton")
+    assert got.shape == (2, K, channels, *spatial) and got.dtype == torch.float32
+    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("width", [2, 5])  # the general path (width 4 has its own, written out)
+def test_causal_conv_of_other_widths_matches_conv1d(width):
+    g = generator(22)
+    orders = (RASTER, REVERSED, SLICE, ScanOrder((0, 2, 1)))
+    x = torch.randn(2, 3, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(len(orders), 3, width, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(len(orders), 3, generator=g, dtype=torch.float64).requires_grad_()
+    want = causal_conv(x, w, b, orders=orders, backend="torch")
+    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * weight).sum(), (x, w, b))
+    low = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    got = causal_conv(*low, orders=orders, backend="triton")
+    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+
+
+def test_causal_conv_rejects_bad_shapes():
+    x = torch.randn(1, 3, 5)
+    with pytest.raises(ScanInputError, match="weight must be"):
+        causal_conv(x, torch.randn(3, 4), orders=(RASTER,))
+    with pytest.raises(ScanInputError, match="x must be"):
+        causal_conv(torch.randn(1, 2, 5), torch.randn(1, 3, 4), orders=(RASTER,))
+    with pytest.raises(ScanInputError, match="bias must be"):
+        causal_conv(x, torch.randn(1, 3, 4), torch.randn(3), orders=(RASTER,))
