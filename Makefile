@@ -40,9 +40,11 @@ container-tools:
 	fi
 
 # -n auto --dist loadfile: one worker per core, each test file whole in one worker (its module fixtures built once);
-# on the 2-core CI machine: 27:00 -> 20:22 (the interpreter's kernel tests run on one core each)
+# --no-loadscope-reorder: the files in tests/conftest.py's order, longest first (xdist would sort them by their
+# number of tests and leave the long files with few tests for last)
 test: lint container-tools
-	MEDMAMBA_REQUIRE_CONTAINER=$$([ "$$(id -u)" = 0 ] && echo 1) $(BIN)/python -m pytest -n auto --dist loadfile
+	MEDMAMBA_REQUIRE_CONTAINER=$$([ "$$(id -u)" = 0 ] && echo 1) $(BIN)/python -m pytest -n auto --dist loadfile \
+	  --no-loadscope-reorder
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -8,6 +8,7 @@ then set it when there is no CUDA device, before anything else is imported.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +26,36 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
+#: The longest test files, seconds on the 2-core CI machine under ``make test`` (2026-11-28). pytest-xdist's
+#: ``--dist loadfile --no-loadscope-reorder`` (the Makefile) hands whole files to the workers in collection order, so
+#: these go first, longest first: the workers then end on short files and finish together. A file missing here
+#: only runs in its usual place.
+LONGEST_FILES = {
+    "e2e/test_segmentation_learns.py": 310,
+    "kernels/test_triton_lines.py": 270,
+    "kernels/test_triton_scan.py": 200,
+    "kernels/test_triton_split_orders.py": 155,
+    "kernels/test_triton_gpu_path.py": 140,
+    "e2e/test_crash_safety.py": 110,
+    "docker/test_container.py": 90,
+    "engines/registration/test_train.py": 65,
+    "engines/video/test_video.py": 65,
+    "test_benchmark_scripts.py": 55,
+    "kernels/test_compile_gpu.py": 50,
+    "e2e/test_demo.py": 50,
+    "engines/segmentation/test_trainer.py": 45,
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` skip without a CUDA device (and only those)."""
+    """The longest files first (:data:`LONGEST_FILES`); tests marked ``gpu`` skip without a CUDA device (and only
+    those)."""
+    tests = Path(__file__).parent
+
+    def seconds(item: pytest.Item) -> int:
+        return LONGEST_FILES.get(item.path.relative_to(tests).as_posix(), 0) if item.path.is_relative_to(tests) else 0
+
+    items.sort(key=lambda item: -seconds(item))  # stable: the other files, and each file's tests, keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
