@@ -82,10 +82,9 @@ def assert_matches_reference(low, ref, orders, *, dtype, merge="sum", softplus=T
 
 def forward_launch(low, orders, *, save: bool, merge: str = "sum"):
     """The forward's launch settings for ``low`` under the current settings (configs.override), derived as a call
-    would derive them (forward._launch_settings) but without running a kernel: for tests of decisions alone."""
+    would derive them (triton_scan.scan's inputs, forward._launch_settings) but without running a kernel: for tests
+    of decisions alone."""
     u, delta, A, B, C, D, z, bias = canonical_views(*low, orders)
-    nd = u.ndim - 3
-    u, delta, B, C = (layout.natural_spatial(x, nd) for x in (u, delta, B, C))
-    z = layout.natural_spatial(z, nd) if z is not None else None
+    u, delta, B, C, z = layout.natural_inputs(u, delta, B, C, z)
     return triton_forward._launch_settings(u, delta, A, B, C, D, z, bias, tuple(orders), True, merge, save,
                                            configs.forward_config(), None)  # fmt: skip

@@ -81,9 +81,7 @@ def scan(
             orders=orders, delta_softplus=delta_softplus, merge=merge, return_last_state=return_last_state,
         )  # fmt: skip
     _forward, layout, TritonScan = _modules or _import_modules()
-    nd = u.ndim - 3
-    u, delta, B, C = (layout.natural_spatial(x, nd) for x in (u, delta, B, C))
-    z = layout.natural_spatial(z, nd) if z is not None else None
+    u, delta, B, C, z = layout.natural_inputs(u, delta, B, C, z)
     orders = tuple(orders)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     if given is None and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):

@@ -36,6 +36,7 @@ __all__ = [
     "line_chunks",
     "line_groups",
     "lines",
+    "natural_inputs",
     "natural_spatial",
     "next_power_of_2",
     "order_table",
@@ -254,6 +255,16 @@ def natural_spatial(x: torch.Tensor, nd: int) -> torch.Tensor:
     block is itself strided or broadcast (constant B/C, a permuted view) is copied.
     """
     return x if (x.is_contiguous() or _spatial_contiguous(x, nd)) else x.contiguous()
+
+
+def natural_inputs(u, delta, B, C, z) -> tuple:
+    """The canonical ``u, delta, B, C, z`` (z may be None) as the forward takes them.
+
+    Each gets its spatial block contiguous (:func:`natural_spatial`); ``u`` is ``(B, K, C, *S)``.
+    """
+    nd = u.ndim - 3
+    u, delta, B, C = (natural_spatial(x, nd) for x in (u, delta, B, C))
+    return u, delta, B, C, natural_spatial(z, nd) if z is not None else None
 
 
 def channel_blocking(channels: int, groups: int, sub: int) -> int:
