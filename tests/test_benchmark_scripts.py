@@ -75,12 +75,15 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
 
 
 def test_scan_forward_runs_token_by_token_on_16_byte_loads():
-    # the GPU path of the forward for raster calls: no exchange between lanes, the 16 states x 16 tokens of exps
-    # in one chunk loop, and chunks moved by 16-byte loads (the plain path issues one load per token: 4x more)
-    fwd = _sass("forward", "fp32")
-    chunk = max(fwd["loops"], key=lambda loop: loop["instructions"])
-    assert not any(loop["mix"].get("SHFL") for loop in fwd["loops"])
-    assert chunk["mix"]["MUFU"] >= 256 and fwd["spill_bytes"] == 0
+    # the GPU path of the forward for raster calls: no exchange between lanes (no shuffles, no barriers of a
+    # shared-memory round trip: in bf16 the carried state tile once took the coalesced layout of its saving stores,
+    # and every state's pick moved it), the 16 states x 16 tokens of exps in one chunk loop, and chunks moved by
+    # 16-byte loads (the plain path issues one load per token: 4x more)
+    for dtype in ("fp32", "bf16"):
+        fwd = _sass("forward", dtype, "--divisible")  # as launched at 64³
+        chunk = max(fwd["loops"], key=lambda loop: loop["instructions"])
+        assert not any(loop["mix"].get("SHFL") or loop["mix"].get("BAR") for loop in fwd["loops"]), dtype
+        assert chunk["mix"]["MUFU"] >= 256 and fwd["spill_bytes"] == 0
     plain = max(_sass("forward", "fp32", "--plain")["loops"], key=lambda loop: loop["instructions"])
     assert 3 * chunk["mix"]["LDG"] < plain["mix"]["LDG"], (chunk["mix"], plain["mix"])
 

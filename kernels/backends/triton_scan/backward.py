@@ -50,7 +50,7 @@ from .common import (
 from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, _line_vector_length, carry_blocks, carry_grid, split
 from .launch import Launcher
 from .lines_backward import _bwd_lines_kernel, _bwd_lines_segment_kernel
-from .ptx import _lane_id, _lane_sum8
+from .ptx import _lane_id, _lane_sum8, _slot_ld, _slot_st
 
 __all__ = ["backward", "grouped_backward"]
 
@@ -124,7 +124,7 @@ def _bwd_half(
         # both recurrences token by token, one FMA a step, on the rows of the thread's own tiles
         a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a, SUB)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, SUB)
-        h0 = a0 * tl.load(start_ptr + n * CH, mask=has_start, other=0.0) + x0
+        h0 = a0 * _slot_ld(start_ptr + n * CH, has_start, LANE_SUMS) + x0
         h1 = a1 * h0 + x1
         h2 = a2 * h1 + x2
         h3 = a3 * h2 + x3
@@ -134,7 +134,7 @@ def _bwd_half(
         h7 = a7 * h6 + x7
         h = _join8(h0, h1, h2, h3, h4, h5, h6, h7, SUB)
         v0, v1, v2, v3, v4, v5, v6, v7 = _split8(gy * C_n, SUB)
-        l7 = v7 + tl.load(rho_rows + n * CH)  # ρ = a·λ of the token after the half
+        l7 = v7 + _slot_ld(rho_rows + n * CH, True, LANE_SUMS)  # ρ = a·λ of the token after the half
         l6 = v6 + a7 * l7
         l5 = v5 + a6 * l6
         l4 = v4 + a5 * l5
@@ -146,11 +146,12 @@ def _bwd_half(
         if GATE_GRAD:
             y += h * C_n
         # each thread reads and writes only its own channel's ρ and dA: no barrier needed
-        tl.store(rho_rows + n * CH, a0 * l0)
+        _slot_st(rho_rows + n * CH, a0 * l0, LANE_SUMS)
         lam_B += lam * B_n
         through_decay = lam * (h - x)  # λ_t·a_t·h_{t-1}
         lam_hA += through_decay * A_n[None, :]
-        tl.store(dA_rows + n * CH, tl.load(dA_rows + n * CH) + tl.sum(through_decay * dt, axis=0))
+        dA_n = _slot_ld(dA_rows + n * CH, True, LANE_SUMS) + tl.sum(through_decay * dt, axis=0)
+        _slot_st(dA_rows + n * CH, dA_n, LANE_SUMS)
         if LANE_SUMS:
             dB_l = _lane_sum8(l0 * d0, l1 * d1, l2 * d2, l3 * d3, l4 * d4, l5 * d5, l6 * d6, l7 * d7, lane)
             dC_l = _lane_sum8(g0 * h0, g1 * h1, g2 * h2, g3 * h3, g4 * h4, g5 * h5, g6 * h6, g7 * h7, lane)
@@ -265,8 +266,8 @@ def _bwd_kernel(
             B_n = _load_row(B_base + n * sB_n, lin, valid, c * BLOCK_T, ch, HALF, False, MASKED=False)
             A_n = tl.load(A_rows + n) * 1.4426950408889634
             tail = tl.sum(tl.exp2(after * A_n[None, :]) * (dtu * B_n), axis=0)
-            h_start = tl.load(start_rows + n * CH, mask=has_start, other=0.0)
-            tl.store(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail)
+            h_start = _slot_ld(start_rows + n * CH, has_start, LANE_SUMS)
+            _slot_st(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail, LANE_SUMS)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
             if half == 1:
                 half_start = mid_rows

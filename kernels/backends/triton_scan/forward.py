@@ -37,6 +37,7 @@ from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
 from .launch import Launcher
 from .lines import _fwd_lines_kernel
+from .ptx import _ld1_if, _st1_if
 from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Part", "Plan", "forward", "plan"]
@@ -218,11 +219,17 @@ def _fwd_kernel(
         else:
             start = seg0
         # a segment after the first starts from the state the carry pass left at its start
-        h0 = tl.load(state_rows[None, :] + start * N * CH + n_rows, mask=n_ok[:, None] & lane_first, other=0.0)
+        if VEC_MODE != 0:
+            h0 = _ld1_if(state_rows[None, :] + start * N * CH + n_rows, n_ok[:, None] & lane_first)
+        else:
+            h0 = tl.load(state_rows[None, :] + start * N * CH + n_rows, mask=n_ok[:, None] & lane_first, other=0.0)
     dt_sum = tl.zeros([SUB], dtype=tl.float32)
     for c in range(first, last):
         if SAVE_STATES:  # chunk-start states for the backward (the carry pass wrote the segment's first)
-            tl.store(state_rows[None, :] + c * N * CH + n_rows, h0, mask=n_ok[:, None] & (c > first))
+            if VEC_MODE != 0 and not END_ONLY:
+                _st1_if(state_rows[None, :] + c * N * CH + n_rows, h0, n_ok[:, None] & (c > first))
+            else:
+                tl.store(state_rows[None, :] + c * N * CH + n_rows, h0, mask=n_ok[:, None] & (c > first))
         q0 = c * BLOCK_T
         base = tl.where(rev != 0, L - BLOCK_T - q0, q0)  # the chunk's lowest offset when its tokens are neighbours
         if VEC_MODE != 0 and not END_ONLY:  # token by token (tokens.py)
@@ -260,7 +267,10 @@ def _fwd_kernel(
             is_last = ((seg0 + line + 1) * cps >= nchunks)[None, :]  # the lane ran the row's last segment
         else:
             is_last = last == nchunks
-        tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + nn[:, None], h0, mask=n_ok[:, None] & is_last)
+        if VEC_MODE != 0:
+            _st1_if(last_ptr + (bk * CH + ch64)[None, :] * N + nn[:, None], h0, n_ok[:, None] & is_last)
+        else:
+            tl.store(last_ptr + (bk * CH + ch64)[None, :] * N + nn[:, None], h0, mask=n_ok[:, None] & is_last)
 
 
 @triton.jit

@@ -168,3 +168,49 @@ def _st1(ptrs, x):
             "st.global.b16 [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,h", [ptrs, x.to(ELT).to(tl.int16, bitcast=True)],
             dtype=tl.int32, is_pure=False, pack=1,
         )  # fmt: skip
+
+
+@triton.jit
+def _ld1_if(ptrs, ok):
+    # fp32 elements at ptrs where ok, else 0, by asm loads (see _ld1). A state tile moved by tl.load takes the
+    # coalescing pass's layout (four channels per thread, the states over four lane groups), and Triton then keeps
+    # the scan's carried state in it: every state's pick became shuffles and a shared-memory round trip.
+    if INTERPRETING:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        x = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
+            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1,
+        ).to(tl.float32, bitcast=True)  # fmt: skip
+    return x
+
+
+@triton.jit
+def _st1_if(ptrs, x, ok):
+    # fp32 x stored at ptrs where ok, by asm stores (see _ld1_if).
+    if INTERPRETING:
+        tl.store(ptrs, x, mask=ok)
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; }\n\tmov.u32 $0, 0;",
+            "=r,l,r,r", [ptrs, x.to(tl.int32, bitcast=True), ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
+def _slot_ld(ptrs, ok, ASM: tl.constexpr):
+    # fp32 slots at ptrs where ok (broadcast), else 0: by _ld1_if when ASM (the GPU path), else tl.load.
+    if ASM:
+        x = _ld1_if(ptrs, tl.full(ptrs.shape, 1, tl.int1) & ok)
+    else:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _slot_st(ptrs, x, ASM: tl.constexpr):
+    # fp32 x into the slots at ptrs: by an asm store when ASM (the GPU path; see _ld1_if), else tl.store.
+    if ASM:
+        _st1(ptrs, x)
+    else:
+        tl.store(ptrs, x)
