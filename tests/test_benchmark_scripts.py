@@ -67,11 +67,15 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
     # the warp's channels: on the GPU path a reduce-scatter (2 sums × 9 shuffles = 18 per half-chunk), on the
     # plain-Triton path tl.sum butterflies (2 × 8 tokens × 5 = 80; a reverse associative_scan would add 240).
     # Nothing spills.
-    for extra, shuffles in (((), 18), (("--plain",), 80)):
+    # On the GPU path the states run on per-token vectors: no barrier of a shared-memory layout change either (as
+    # (8,) rows broadcast against the tiles, B_n and C_n took two per state and half-chunk).
+    for extra, shuffles in (((), 18), (("--divisible",), 18), (("--plain",), 80)):
         bwd = _sass("backward", "bf16", *extra)
         assert bwd["spill_bytes"] == 0 and bwd["registers"] <= 255
         assert len(_halves(bwd)) == 2, bwd["loops"]
         assert all(loop["mix"]["SHFL"] == shuffles for loop in _halves(bwd)), (extra, bwd["loops"])
+        if "--plain" not in extra:
+            assert not any(loop["mix"].get("BAR") for loop in _halves(bwd)), (extra, bwd["loops"])
 
 
 def test_scan_forward_runs_token_by_token_on_16_byte_loads():
