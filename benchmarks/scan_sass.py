@@ -1,6 +1,6 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
-    python benchmarks/scan_sass.py [--kernel forward|segment|backward|lines-backward|lines-segment]
+    python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment]
         [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
@@ -47,6 +47,10 @@ def compile_sm90(
     elif kernel == "lines-segment":
         fn = lines_backward._bwd_lines_segment_kernel
         const = {"SUB": 32, "LV": lv, "HAS_BIAS": True, "SOFTPLUS": True}
+    elif kernel == "backward-segment":
+        fn = backward._bwd_segment_kernel
+        const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_BIAS": True, "HAS_Z": False, "SOFTPLUS": True,
+                 "VEC_MODE": int(ptx)}  # fmt: skip
     elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
@@ -72,7 +76,8 @@ def compile_sm90(
     marked = {n for n in names if sig[n].startswith("*") or (divisible and n in sizes)}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in marked}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    options = {"num_warps": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+    warps = 4 if kernel == "backward-segment" and not ptx else 1  # as launched
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
@@ -105,10 +110,10 @@ def sass_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    kernels = ("forward", "segment", "backward", "lines-backward", "lines-segment")
+    kernels = ("forward", "segment", "backward", "backward-segment", "lines-backward", "lines-segment")
     ap.add_argument("--kernel", choices=kernels, default="backward",
-                    help="forward main pass, forward segment pass (end states only), backward, or the line-vector "
-                         "backward's main or segment pass")  # fmt: skip
+                    help="forward main pass, forward segment pass (end states only), backward, backward segment "
+                         "pass, or the line-vector backward's main or segment pass")  # fmt: skip
     ap.add_argument("--lv", type=int, default=2, help="lines-backward, lines-segment: lines per thread")
     ap.add_argument("--maxnreg", type=int, help="a register cap (PassConfig.maxnreg and its kin)")
     ap.add_argument(

@@ -78,6 +78,17 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
             assert not any(loop["mix"].get("BAR") for loop in _halves(bwd)), (extra, bwd["loops"])
 
 
+def test_scan_backward_segment_pass_runs_token_by_token():
+    # the backward's segment pass on the GPU path of raster calls: one warp, every value one per thread, so no
+    # exchange between lanes; the plain path spreads its tiles over four warps and sums across lanes
+    seg = _sass("backward-segment", "bf16", "--divisible")
+    loop = max(seg["loops"], key=lambda x: x["instructions"])
+    assert seg["spill_bytes"] == 0 and loop["mix"]["MUFU"] >= 256
+    assert not any(x["mix"].get("SHFL") or x["mix"].get("BAR") for x in seg["loops"]), seg["loops"]
+    plain = max(_sass("backward-segment", "bf16", "--divisible", "--plain")["loops"], key=lambda x: x["instructions"])
+    assert plain["mix"].get("SHFL") and plain["mix"].get("BAR"), plain["mix"]
+
+
 def test_scan_forward_runs_token_by_token_on_16_byte_loads():
     # the GPU path of the forward for raster calls: no exchange between lanes (no shuffles, no barriers of a
     # shared-memory round trip: in bf16 the carried state tile once took the coalesced layout of its saving stores,

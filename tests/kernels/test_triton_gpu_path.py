@@ -65,6 +65,8 @@ def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spat
         assert_matches_reference(low, ref, orders, dtype=dtype)
     # the backward runs the forward's mode too (raster and reversed orders: no token offsets either)
     assert {launch.vec_mode for launch in triton_backward._LAUNCHES.values()} == {mode}
+    # and raster or reversed orders take the per-token segment pass (PassConfig.token_segments)
+    assert {launch.segment_vec for launch in triton_backward._LAUNCHES.values()} == {mode if mode != 2 else 0}
 
 
 def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):

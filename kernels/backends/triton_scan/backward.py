@@ -53,7 +53,8 @@ from .common import (
 from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, _line_vector_length, carry_blocks, carry_grid, split
 from .launch import Launcher
 from .lines_backward import _bwd_lines_kernel, _bwd_lines_segment_kernel
-from .ptx import _lane_id, _lane_sum8, _slot_ld, _slot_st
+from .ptx import _lane_id, _lane_sum8, _slot_ld, _slot_st, _st1_if
+from .tokens import _seg_chunk16
 
 __all__ = ["backward", "grouped_backward"]
 
@@ -446,8 +447,10 @@ def _bwd_segment_kernel(
     L, CH, N, K, CPG, nchunks, cps, nsplit,
     sd_b, sd_k, sd_c, sC_b, sC_k, sC_g, sC_n, sz_b, sz_c, sg_b, sg_k, sg_c,
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, VEC_MODE: tl.constexpr = 0,
 ):  # fmt: skip
+    # Each segment's outgoing adjoint from zero. VEC_MODE 1 or 3 (every order raster or reversed, one warp of 32
+    # channels, 16 states): token by token (_seg_chunk16); else on (T, N, SUB) tiles.
     pid_blk = tl.program_id(0)
     seg = tl.program_id(1)
     bk = tl.program_id(2)
@@ -458,42 +461,65 @@ def _bwd_segment_kernel(
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
     first = seg * cps
     last = tl.minimum(first + cps, nchunks)
-
-    t = tl.arange(0, BLOCK_T)
-    n = tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    ch = c0 + tl.arange(0, SUB)
-    ch64 = ch.to(tl.int64)
-    A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
-    bias = tl.zeros([SUB], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + k * CH + ch)
-    d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
-    g_rows = gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c
-    z_rows = z_ptr + b * sz_b + ch64 * sz_c
-    C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
-    r = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
-    dt_sum = tl.zeros([SUB], dtype=tl.float32)
-    for i in range(last - first):
-        c = last - 1 - i
-        q = c * BLOCK_T + t
-        valid = q < L
-        lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
-        tok = valid[:, None]
-        Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
-        _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
-        gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
-            gy = gy * zz * tl.sigmoid(zz)
-        total = tl.sum(dt, axis=0)
-        upto = tl.cumsum(dt, axis=0)  # Σ_{j≤t} Δ_j from the chunk start
-        w = tl.exp(A[None, :, :] * upto[:, None, :])
-        r = tl.exp(A * total[None, :]) * r + tl.sum(w * gy[:, None, :] * Ct[:, :, None], axis=0)
-        dt_sum += total
-    seg_row = bk.to(tl.int64) * nsplit + seg  # (B, K, nsplit, N, C) and (B, K, nsplit, C), channels fastest
-    tl.store(seg_rho_ptr + seg_row * N * CH + n[:, None] * CH + ch64[None, :], r, mask=n_ok[:, None])
-    tl.store(seg_dt_ptr + seg_row * CH + ch64, dt_sum)
+    if VEC_MODE == 1 or VEC_MODE == 3:
+        tl.static_assert(BLOCK_T == 16, "chunks of 16 tokens")
+        nn = tl.arange(0, BLOCK_N)
+        ch64 = (c0 + tl.arange(0, SUB)).to(tl.int64)
+        zero_i = tl.zeros([SUB], dtype=tl.int32)
+        bias_v = tl.zeros([SUB], dtype=tl.float32)
+        if HAS_BIAS:
+            bias_v = tl.load(bias_ptr + k * CH + ch64)
+        r = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+        dt_acc = tl.zeros([SUB], dtype=tl.float32)
+        for i in range(last - first):
+            c = last - 1 - i
+            base = tl.where(rev != 0, L - BLOCK_T - c * BLOCK_T, c * BLOCK_T)  # the chunk's lowest offset
+            r, total = _seg_chunk16(
+                r, base, True, rev, dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c,
+                gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c, z_ptr + b * sz_b + ch64 * sz_c,
+                A_ptr + (k * CH + ch64) * N, C_ptr + b * sC_b + k * sC_k + grp * sC_g, sC_n, bias_v, nn, zero_i,
+                VEC_MODE == 3, HAS_BIAS, HAS_Z, SOFTPLUS, BLOCK_N,
+            )  # fmt: skip
+            dt_acc += total
+        row = bk.to(tl.int64) * nsplit + seg  # (B, K, nsplit, N, C) and (B, K, nsplit, C), channels fastest
+        _st1_if(seg_rho_ptr + row * N * CH + nn[:, None] * CH + ch64[None, :], r, (nn < N)[:, None])
+        tl.store(seg_dt_ptr + row * CH + ch64, dt_acc)
+    else:
+        t = tl.arange(0, BLOCK_T)
+        n = tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        ch = c0 + tl.arange(0, SUB)
+        ch64 = ch.to(tl.int64)
+        A = tl.load(A_ptr + (k * CH + ch64)[None, :] * N + n[:, None], mask=n_ok[:, None], other=0.0)  # (N, SUB)
+        bias = tl.zeros([SUB], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + k * CH + ch)
+        d_rows = dl_ptr + b * sd_b + k * sd_k + ch64 * sd_c
+        g_rows = gy_ptr + b * sg_b + k * sg_k + ch64 * sg_c
+        z_rows = z_ptr + b * sz_b + ch64 * sz_c
+        C_base = C_ptr + b * sC_b + k * sC_k + grp * sC_g
+        r = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
+        dt_sum = tl.zeros([SUB], dtype=tl.float32)
+        for i in range(last - first):
+            c = last - 1 - i
+            q = c * BLOCK_T + t
+            valid = q < L
+            lin = _token_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev)
+            tok = valid[:, None]
+            Ct = tl.load(C_base + n[None, :] * sC_n + lin[:, None], mask=tok & n_ok[None, :], other=0.0).to(tl.float32)
+            _, dt = _load_delta(d_rows, lin, tok, bias, HAS_BIAS, SOFTPLUS)
+            gy = tl.load(g_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zz = tl.load(z_rows[None, :] + lin[:, None], mask=tok, other=0.0).to(tl.float32)
+                gy = gy * zz * tl.sigmoid(zz)
+            total = tl.sum(dt, axis=0)
+            upto = tl.cumsum(dt, axis=0)  # Σ_{j≤t} Δ_j from the chunk start
+            w = tl.exp(A[None, :, :] * upto[:, None, :])
+            r = tl.exp(A * total[None, :]) * r + tl.sum(w * gy[:, None, :] * Ct[:, :, None], axis=0)
+            dt_sum += total
+        seg_row = bk.to(tl.int64) * nsplit + seg  # (B, K, nsplit, N, C) and (B, K, nsplit, C), channels fastest
+        tl.store(seg_rho_ptr + seg_row * N * CH + n[:, None] * CH + ch64[None, :], r, mask=n_ok[:, None])
+        tl.store(seg_dt_ptr + seg_row * CH + ch64, dt_sum)
 
 
 @triton.jit
@@ -705,7 +731,8 @@ def backward(
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, launch.table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit, *launch.segment_strides,
             SUB=launch.segment_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
-            HAS_Z=gate_grad, SOFTPLUS=delta_softplus, num_warps=4,
+            HAS_Z=gate_grad, SOFTPLUS=delta_softplus, VEC_MODE=launch.segment_vec,
+            num_warps=1 if launch.segment_vec else 4,
         )  # fmt: skip
     if nsplit > 1:
         _bwd_carry_launch[launch.carry_grid](
@@ -862,6 +889,7 @@ class _Launch:
     ptx: bool
     vec_mode: int
     segment_sub: int
+    segment_vec: int  # VEC_MODE of the chunk path's segment pass: 1 or 3 per token (one warp), 0 on tiles (four)
     grid: tuple[int, int, int]
     segment_grid: tuple[int, int, int]
     carry_grid: tuple[int, int]
@@ -897,6 +925,10 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
     g_b, g_k, g_c = _output_strides(gy, merge)
     # du and ddelta are fresh (B, K, C, *S) tensors: contiguous and aligned
     vec = cfg.vector_mode(ptx, orders, p.spatial, u, delta, B, C, z_arg, gy)
+    # PassConfig.token_segments: tokens.py's 16 states are written out
+    segment_vec = vec if cfg.token_segments and vec in (1, 3) and p.N == p.block_n == 16 else 0
+    if segment_vec:
+        seg_sub = 32
     strides = (
         u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), delta.stride(2),
         B.stride(0), B.stride(1), B.stride(2), B.stride(3), C.stride(0), C.stride(1), C.stride(2), C.stride(3),
@@ -936,6 +968,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
         ptx=ptx,
         vec_mode=vec,
         segment_sub=seg_sub,
+        segment_vec=segment_vec,
         grid=grid,
         segment_grid=segment_grid,
         carry_grid=carry_grid(p.channels, p.N, p.batch * p.K, nsplit, p.block_n),

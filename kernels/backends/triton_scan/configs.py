@@ -82,6 +82,11 @@ class PassConfig:
             the lines from its own sector (0.95 of the 2.09 ms of segment passes of SegMamba's three orders at 64³ on
             an H100). On by default in the backward: on an H100 (bf16 + z, A/B in one run) SegMamba's three orders
             took 18.28 -> 17.86 ms forward+backward at 64³, 5.13 -> 5.05 at 32³, 2.08 -> 1.90 at 16³.
+        token_segments: (backward) run the segment pass of calls whose every order is raster or reversed (``VEC_MODE``
+            1 or 3, 16 states) token by token on one warp of 32 channels (tokens._seg_chunk16), in place of
+            (16 tokens × 16 states × 32 channels) tiles over four warps. On sm_90a (bf16) 2,068-2,508 instructions
+            per chunk and 32 channels, no shuffles or barriers, 98-223 registers, against 4 × 1,024 with 24 shuffles
+            and 12 barriers. Not yet timed on a GPU (written on the fourteenth pass with the device budget spent).
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -118,6 +123,7 @@ class PassConfig:
     lines: bool = False
     line_vectors: int = 0
     line_vector_segments: bool = False
+    token_segments: bool = True
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True

@@ -1,4 +1,4 @@
-"""The forward's per-token path for raster calls (PassConfig.ptx on a CUDA device; see forward._fwd_kernel).
+"""The per-token paths for raster calls (PassConfig.ptx on a CUDA device; see forward._fwd_kernel).
 
 A chunk's 16 tokens are held as 16 per-channel vectors (one element per thread) straight from 16-byte loads
 (ptx._ld16), so no tile is formed and Triton never has to pick a layout for one: every value is elementwise over
@@ -418,4 +418,70 @@ def _chunk16(
         y15 = _gate(y15, z15)
     _write16(o_rows, base, neighbours, rev, o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15, ANY, STRIDED)
     return h_next
+# fmt: on
+
+
+# fmt: off
+@triton.jit
+def _seg_chunk16(
+    r, base, neighbours, rev, d_rows, g_rows, z_rows, A_rows, C_base, sC_n, bias, nn, zero_i,
+    ANY: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The segment pass's chunk on per-token vectors (the forward's tokens.py style) for calls whose every chunk is
+    # 16 neighbours in memory: r ← exp(A·ΣΔ)·r + Σ_t exp(A·Σ_{j≤t} Δ_j)·g_t·C_t per state, and the chunk's Σ Δ.
+    # The tile path spreads (16 tokens × 16 states × 32 channels) over four warps and sums across them.
+    z = zero_i
+    g0, g1, g2, g3, g4, g5, g6, g7, g8, g9, g10, g11, g12, g13, g14, g15 = _read16(g_rows, base, neighbours, rev, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, zero_i, ANY, False)
+    if HAS_Z:
+        v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15 = _read16(z_rows, base, neighbours, rev, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, zero_i, ANY, False)
+        g0 = _gate(g0, v0)
+        g1 = _gate(g1, v1)
+        g2 = _gate(g2, v2)
+        g3 = _gate(g3, v3)
+        g4 = _gate(g4, v4)
+        g5 = _gate(g5, v5)
+        g6 = _gate(g6, v6)
+        g7 = _gate(g7, v7)
+        g8 = _gate(g8, v8)
+        g9 = _gate(g9, v9)
+        g10 = _gate(g10, v10)
+        g11 = _gate(g11, v11)
+        g12 = _gate(g12, v12)
+        g13 = _gate(g13, v13)
+        g14 = _gate(g14, v14)
+        g15 = _gate(g15, v15)
+    q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15 = _read16(d_rows, base, neighbours, rev, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, zero_i, ANY, False)
+    p0 = _delta(q0, bias, HAS_BIAS, SOFTPLUS)  # p_t = Σ_{j≤t} Δ_j
+    p1 = p0 + _delta(q1, bias, HAS_BIAS, SOFTPLUS)
+    p2 = p1 + _delta(q2, bias, HAS_BIAS, SOFTPLUS)
+    p3 = p2 + _delta(q3, bias, HAS_BIAS, SOFTPLUS)
+    p4 = p3 + _delta(q4, bias, HAS_BIAS, SOFTPLUS)
+    p5 = p4 + _delta(q5, bias, HAS_BIAS, SOFTPLUS)
+    p6 = p5 + _delta(q6, bias, HAS_BIAS, SOFTPLUS)
+    p7 = p6 + _delta(q7, bias, HAS_BIAS, SOFTPLUS)
+    p8 = p7 + _delta(q8, bias, HAS_BIAS, SOFTPLUS)
+    p9 = p8 + _delta(q9, bias, HAS_BIAS, SOFTPLUS)
+    p10 = p9 + _delta(q10, bias, HAS_BIAS, SOFTPLUS)
+    p11 = p10 + _delta(q11, bias, HAS_BIAS, SOFTPLUS)
+    p12 = p11 + _delta(q12, bias, HAS_BIAS, SOFTPLUS)
+    p13 = p12 + _delta(q13, bias, HAS_BIAS, SOFTPLUS)
+    p14 = p13 + _delta(q14, bias, HAS_BIAS, SOFTPLUS)
+    p15 = p14 + _delta(q15, bias, HAS_BIAS, SOFTPLUS)
+    r_next = tl.zeros_like(r)
+    for n in tl.static_range(BLOCK_N):
+        A_n = tl.load(A_rows + n) * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e)
+        r_n = tl.sum(tl.where(nn[:, None] == n, r, 0.0), axis=0)
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = _read16(C_base + n * sC_n, base, neighbours, rev, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, zero_i, ANY, False)
+        w = tl.exp2(p0 * A_n) * (g0 * c0) + tl.exp2(p1 * A_n) * (g1 * c1)
+        w += tl.exp2(p2 * A_n) * (g2 * c2) + tl.exp2(p3 * A_n) * (g3 * c3)
+        w += tl.exp2(p4 * A_n) * (g4 * c4) + tl.exp2(p5 * A_n) * (g5 * c5)
+        w += tl.exp2(p6 * A_n) * (g6 * c6) + tl.exp2(p7 * A_n) * (g7 * c7)
+        w += tl.exp2(p8 * A_n) * (g8 * c8) + tl.exp2(p9 * A_n) * (g9 * c9)
+        w += tl.exp2(p10 * A_n) * (g10 * c10) + tl.exp2(p11 * A_n) * (g11 * c11)
+        w += tl.exp2(p12 * A_n) * (g12 * c12) + tl.exp2(p13 * A_n) * (g13 * c13)
+        w += tl.exp2(p14 * A_n) * (g14 * c14)
+        decay = tl.exp2(p15 * A_n)
+        r_n = decay * r_n + w + decay * (g15 * c15)
+        r_next = tl.where(nn[:, None] == n, r_n[None, :], r_next)
+    return r_next, p15
 # fmt: on
