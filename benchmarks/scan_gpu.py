@@ -340,8 +340,8 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (fwd, dataclasses.replace(bwd, line_vector_segments=False)),
         ),
         (
-            "backward token_segments=False (the raster segment pass on four-warp tiles)",
-            (fwd, dataclasses.replace(bwd, token_segments=False)),
+            "backward token_segments (the raster segment pass token by token, one warp per 32 channels)",
+            (fwd, dataclasses.replace(bwd, token_segments=True)),
         ),
         (
             "backward inline_ptx=False (lines_backward.py's dB/dC by tl.sum)",

@@ -57,7 +57,7 @@ def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spat
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
 
     low, ref = make_inputs(spatial, len(orders), channels=32, N=16, dtype=dtype, seed=11)
-    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True)
+    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True, token_segments=True)
     canonical = [x.unsqueeze(1) if len(orders) == 1 else x for x in (low[0], low[3])]
     assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
@@ -65,7 +65,7 @@ def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spat
         assert_matches_reference(low, ref, orders, dtype=dtype)
     # the backward runs the forward's mode too (raster and reversed orders: no token offsets either)
     assert {launch.vec_mode for launch in triton_backward._LAUNCHES.values()} == {mode}
-    # and raster or reversed orders take the per-token segment pass (PassConfig.token_segments)
+    # and raster or reversed orders take the per-token segment pass when asked (PassConfig.token_segments)
     assert {launch.segment_vec for launch in triton_backward._LAUNCHES.values()} == {mode if mode != 2 else 0}
 
 

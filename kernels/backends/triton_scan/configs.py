@@ -86,7 +86,8 @@ class PassConfig:
             1 or 3, 16 states) token by token on one warp of 32 channels (tokens._seg_chunk16), in place of
             (16 tokens × 16 states × 32 channels) tiles over four warps. On sm_90a (bf16) 2,068-2,508 instructions
             per chunk and 32 channels, no shuffles or barriers, 98-223 registers, against 4 × 1,024 with 24 shuffles
-            and 12 barriers. Not yet timed on a GPU (written on the fourteenth pass with the device budget spent).
+            and 12 barriers. Off by default until timed on a GPU (written on the fourteenth pass with the device
+            budget spent; its logic is tested under the interpreter's GPU-path emulation).
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -123,7 +124,7 @@ class PassConfig:
     lines: bool = False
     line_vectors: int = 0
     line_vector_segments: bool = False
-    token_segments: bool = True
+    token_segments: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True
