@@ -93,14 +93,14 @@ def test_scan_forward_runs_token_by_token_on_16_byte_loads():
     # the GPU path of the forward for raster calls: no exchange between lanes (no shuffles, no barriers of a
     # shared-memory round trip: in bf16 the carried state tile once took the coalesced layout of its saving stores,
     # and every state's pick moved it), the 16 states x 16 tokens of exps in one chunk loop, and chunks moved by
-    # 16-byte loads (the plain path issues one load per token: 4x more)
+    # 16-byte loads (the plain path issues one load per token, or per two in bf16: 2.2x more here)
     for dtype in ("fp32", "bf16"):
         fwd = _sass("forward", dtype, "--divisible")  # as launched at 64³
         chunk = max(fwd["loops"], key=lambda loop: loop["instructions"])
         assert not any(loop["mix"].get("SHFL") or loop["mix"].get("BAR") for loop in fwd["loops"]), dtype
         assert chunk["mix"]["MUFU"] >= 256 and fwd["spill_bytes"] == 0
-    plain = max(_sass("forward", "fp32", "--plain")["loops"], key=lambda loop: loop["instructions"])
-    assert 3 * chunk["mix"]["LDG"] < plain["mix"]["LDG"], (chunk["mix"], plain["mix"])
+    plain = max(_sass("forward", "bf16", "--divisible", "--plain")["loops"], key=lambda loop: loop["instructions"])
+    assert 2 * chunk["mix"]["LDG"] < plain["mix"]["LDG"], (chunk["mix"], plain["mix"])
 
 
 def test_scan_gpu_ops_alone_do_the_work_of_the_autograd_call(monkeypatch):
