@@ -38,7 +38,9 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
 from .common import (
+    _adjoint8,
     _chunk_offsets,
+    _forward8,
     _join8,
     _linear_combine,
     _load_delta,
@@ -46,6 +48,7 @@ from .common import (
     _load_tile,
     _order_row,
     _split8,
+    _state_sums8,
     _store_tile,
     _token_offsets,
     _vload8,
@@ -129,48 +132,20 @@ def _states8(
         x5 = d5 * b5
         x6 = d6 * b6
         x7 = d7 * b7
-        h0 = a0 * _slot_ld(start_ptr + n * CH, has_start, True) + x0
-        h1 = a1 * h0 + x1
-        h2 = a2 * h1 + x2
-        h3 = a3 * h2 + x3
-        h4 = a4 * h3 + x4
-        h5 = a5 * h4 + x5
-        h6 = a6 * h5 + x6
-        h7 = a7 * h6 + x7
-        l7 = g7 * c7 + _slot_ld(rho_rows + n * CH, True, True)  # ρ = a·λ of the token after the half
-        l6 = g6 * c6 + a7 * l7
-        l5 = g5 * c5 + a6 * l6
-        l4 = g4 * c4 + a5 * l5
-        l3 = g3 * c3 + a4 * l4
-        l2 = g2 * c2 + a3 * l3
-        l1 = g1 * c1 + a2 * l2
-        l0 = g0 * c0 + a1 * l1
-        _slot_st(rho_rows + n * CH, a0 * l0, True)
-        lb0 += l0 * b0
-        lb1 += l1 * b1
-        lb2 += l2 * b2
-        lb3 += l3 * b3
-        lb4 += l4 * b4
-        lb5 += l5 * b5
-        lb6 += l6 * b6
-        lb7 += l7 * b7
-        q0 = l0 * (h0 - x0)  # λ_t·a_t·h_{t-1}
-        q1 = l1 * (h1 - x1)
-        q2 = l2 * (h2 - x2)
-        q3 = l3 * (h3 - x3)
-        q4 = l4 * (h4 - x4)
-        q5 = l5 * (h5 - x5)
-        q6 = l6 * (h6 - x6)
-        q7 = l7 * (h7 - x7)
-        la0 += q0 * A_n
-        la1 += q1 * A_n
-        la2 += q2 * A_n
-        la3 += q3 * A_n
-        la4 += q4 * A_n
-        la5 += q5 * A_n
-        la6 += q6 * A_n
-        la7 += q7 * A_n
-        dA_n = q0 * t0 + q1 * t1 + q2 * t2 + q3 * t3 + q4 * t4 + q5 * t5 + q6 * t6 + q7 * t7
+        h0, h1, h2, h3, h4, h5, h6, h7 = _forward8(
+            _slot_ld(start_ptr + n * CH, has_start, True), a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3, x4, x5,
+            x6, x7,
+        )  # fmt: skip
+        l0, l1, l2, l3, l4, l5, l6, l7 = _adjoint8(
+            _slot_ld(rho_rows + n * CH, True, True), a1, a2, a3, a4, a5, a6, a7, g0 * c0, g1 * c1, g2 * c2, g3 * c3,
+            g4 * c4, g5 * c5, g6 * c6, g7 * c7,
+        )  # fmt: skip
+        _slot_st(rho_rows + n * CH, a0 * l0, True)  # ρ = a·λ of the half's first token
+        lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, la0, la1, la2, la3, la4, la5, la6, la7, dA_n = _state_sums8(
+            l0, l1, l2, l3, l4, l5, l6, l7, h0, h1, h2, h3, h4, h5, h6, h7, x0, x1, x2, x3, x4, x5, x6, x7,
+            b0, b1, b2, b3, b4, b5, b6, b7, t0, t1, t2, t3, t4, t5, t6, t7, A_n,
+            lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, la0, la1, la2, la3, la4, la5, la6, la7,
+        )  # fmt: skip
         _slot_st(dA_rows + n * CH, _slot_ld(dA_rows + n * CH, True, True) + dA_n, True)
         if GATE_GRAD:
             y0 += c0 * h0
@@ -264,24 +239,16 @@ def _bwd_half(
             # both recurrences token by token, one FMA a step, on the rows of the thread's own tiles
             a0, a1, a2, a3, a4, a5, a6, a7 = _split8(a, SUB)
             x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, SUB)
-            h0 = a0 * _slot_ld(start_ptr + n * CH, has_start, LANE_SUMS) + x0
-            h1 = a1 * h0 + x1
-            h2 = a2 * h1 + x2
-            h3 = a3 * h2 + x3
-            h4 = a4 * h3 + x4
-            h5 = a5 * h4 + x5
-            h6 = a6 * h5 + x6
-            h7 = a7 * h6 + x7
+            h0, h1, h2, h3, h4, h5, h6, h7 = _forward8(
+                _slot_ld(start_ptr + n * CH, has_start, LANE_SUMS), a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3,
+                x4, x5, x6, x7,
+            )  # fmt: skip
             h = _join8(h0, h1, h2, h3, h4, h5, h6, h7, SUB)
             v0, v1, v2, v3, v4, v5, v6, v7 = _split8(gy * C_n, SUB)
-            l7 = v7 + _slot_ld(rho_rows + n * CH, True, LANE_SUMS)  # ρ = a·λ of the token after the half
-            l6 = v6 + a7 * l7
-            l5 = v5 + a6 * l6
-            l4 = v4 + a5 * l5
-            l3 = v3 + a4 * l4
-            l2 = v2 + a3 * l3
-            l1 = v1 + a2 * l2
-            l0 = v0 + a1 * l1
+            l0, l1, l2, l3, l4, l5, l6, l7 = _adjoint8(
+                _slot_ld(rho_rows + n * CH, True, LANE_SUMS), a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6,
+                v7,
+            )  # fmt: skip
             lam = _join8(l0, l1, l2, l3, l4, l5, l6, l7, SUB)
             if GATE_GRAD:
                 y += h * C_n

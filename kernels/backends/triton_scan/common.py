@@ -228,3 +228,71 @@ def _split8(x, S: tl.constexpr):
 def _join8(x0, x1, x2, x3, x4, x5, x6, x7, S: tl.constexpr):
     # The inverse of _split8: eight (S,) vectors back into an (8, S) tile.
     return tl.permute(tl.reshape(_join_cube(x0, x1, x2, x3, x4, x5, x6, x7), (S, 8)), (1, 0))
+
+
+# fmt: off
+@triton.jit
+def _forward8(h, a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3, x4, x5, x6, x7):
+    # The state through a half-chunk's 8 tokens from its start state h, h_t = a_t·h_{t-1} + x_t: one FMA a step
+    # (the backward's halves, on per-token values of any shape).
+    h0 = a0 * h + x0
+    h1 = a1 * h0 + x1
+    h2 = a2 * h1 + x2
+    h3 = a3 * h2 + x3
+    h4 = a4 * h3 + x4
+    h5 = a5 * h4 + x5
+    h6 = a6 * h5 + x6
+    h7 = a7 * h6 + x7
+    return h0, h1, h2, h3, h4, h5, h6, h7
+
+
+@triton.jit
+def _adjoint8(rho, a1, a2, a3, a4, a5, a6, a7, v0, v1, v2, v3, v4, v5, v6, v7):
+    # The adjoint back through a half, λ_t = v_t + a_{t+1}·λ_{t+1} with v_t = g_t·C_t, from ρ = a·λ of the token
+    # after the half.
+    l7 = v7 + rho
+    l6 = v6 + a7 * l7
+    l5 = v5 + a6 * l6
+    l4 = v4 + a5 * l5
+    l3 = v3 + a4 * l4
+    l2 = v2 + a3 * l3
+    l1 = v1 + a2 * l2
+    l0 = v0 + a1 * l1
+    return l0, l1, l2, l3, l4, l5, l6, l7
+
+
+@triton.jit
+def _state_sums8(
+    l0, l1, l2, l3, l4, l5, l6, l7, h0, h1, h2, h3, h4, h5, h6, h7, x0, x1, x2, x3, x4, x5, x6, x7,
+    b0, b1, b2, b3, b4, b5, b6, b7, t0, t1, t2, t3, t4, t5, t6, t7, A,
+    lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, la0, la1, la2, la3, la4, la5, la6, la7,
+):
+    # One state's share of a half's gradients: Σ_n λ·B and Σ_n λ·a·h_{t-1}·A added per token (a_t·h_{t-1} =
+    # h_t − x_t), and dA's Σ_t λ·a·h_{t-1}·Δ (t_ = Δ).
+    lb0 += l0 * b0
+    lb1 += l1 * b1
+    lb2 += l2 * b2
+    lb3 += l3 * b3
+    lb4 += l4 * b4
+    lb5 += l5 * b5
+    lb6 += l6 * b6
+    lb7 += l7 * b7
+    e0 = l0 * (h0 - x0)
+    e1 = l1 * (h1 - x1)
+    e2 = l2 * (h2 - x2)
+    e3 = l3 * (h3 - x3)
+    e4 = l4 * (h4 - x4)
+    e5 = l5 * (h5 - x5)
+    e6 = l6 * (h6 - x6)
+    e7 = l7 * (h7 - x7)
+    la0 += e0 * A
+    la1 += e1 * A
+    la2 += e2 * A
+    la3 += e3 * A
+    la4 += e4 * A
+    la5 += e5 * A
+    la6 += e6 * A
+    la7 += e7 * A
+    dA = e0 * t0 + e1 * t1 + e2 * t2 + e3 * t3 + e4 * t4 + e5 * t5 + e6 * t6 + e7 * t7
+    return lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, la0, la1, la2, la3, la4, la5, la6, la7, dA
+# fmt: on
