@@ -343,6 +343,11 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             "backward token_segments (the raster segment pass token by token, one warp per 32 channels)",
             (fwd, dataclasses.replace(bwd, token_segments=True)),
         ),
+        ("prefetch=False (no early requests for the per-state loops' lines)", variant(prefetch=False)),
+        (
+            "forward prefetch (the per-token main pass asks for the next chunk's lines)",
+            (dataclasses.replace(fwd, prefetch=True), bwd),
+        ),
         (
             "backward inline_ptx=False (lines_backward.py's dB/dC by tl.sum)",
             (fwd, dataclasses.replace(bwd, inline_ptx=False)),

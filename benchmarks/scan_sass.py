@@ -32,7 +32,13 @@ INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pr
 
 
 def compile_sm90(
-    kernel: str, dtype: str, ptx: bool = True, lv: int = 2, maxnreg: int | None = None, divisible: bool = False
+    kernel: str,
+    dtype: str,
+    ptx: bool = True,
+    lv: int = 2,
+    maxnreg: int | None = None,
+    divisible: bool = False,
+    prefetch: bool = False,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -40,10 +46,12 @@ def compile_sm90(
     ``lv``: lines per thread of the line-vector backward; ``maxnreg``: a register cap, as PassConfig's.
     ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
     launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
+    ``prefetch``: with PassConfig.prefetch (forward main pass, backward, lines-backward).
     """
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
-        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx}
+        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
+                 "PREFETCH": prefetch}  # fmt: skip
     elif kernel == "lines-segment":
         fn = lines_backward._bwd_lines_segment_kernel
         const = {"SUB": 32, "LV": lv, "HAS_BIAS": True, "SOFTPLUS": True}
@@ -54,13 +62,13 @@ def compile_sm90(
     elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
-                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False}  # fmt: skip
+                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False, "PREFETCH": prefetch}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
                  "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
-                 "VEC_MODE": int(ptx), "LINES": 1}  # fmt: skip
+                 "VEC_MODE": int(ptx), "LINES": 1, "PREFETCH": prefetch}  # fmt: skip
     names = fn.arg_names
     sig = {}
     for name in names:
@@ -123,9 +131,12 @@ def main() -> None:
     ap.add_argument(
         "--plain", action="store_true", help="the plain-Triton path (no inline PTX), as the interpreter runs"
     )
+    ap.add_argument(
+        "--prefetch", action="store_true", help="with PassConfig.prefetch (forward, backward, lines-backward)"
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
-    ptx = compile_sm90(args.kernel, args.dtype, not args.plain, args.lv, args.maxnreg, args.divisible)
+    ptx = compile_sm90(args.kernel, args.dtype, not args.plain, args.lv, args.maxnreg, args.divisible, args.prefetch)
     report = sass_report(ptx)
     if args.json:
         print(json.dumps(report, indent=1))

@@ -56,7 +56,7 @@ from .common import (
 from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, _line_vector_length, carry_blocks, carry_grid, split
 from .launch import Launcher
 from .lines_backward import _bwd_lines_kernel, _bwd_lines_segment_kernel
-from .ptx import _lane_id, _lane_sum8, _slot_ld, _slot_st, _st1_if
+from .ptx import _lane_id, _lane_sum8, _prefetch, _slot_ld, _slot_st, _st1_if
 from .tokens import _seg_chunk16
 
 __all__ = ["backward", "grouped_backward"]
@@ -295,6 +295,7 @@ def _bwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
@@ -369,6 +370,23 @@ def _bwd_kernel(
         total = tl.sum(dt, axis=0)
         after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the half
         TOKENS: tl.constexpr = LANE_SUMS and (VEC_MODE == 1 or VEC_MODE == 3)
+        if PREFETCH and TOKENS:
+            # Each state loop below starts with loads that its next instructions need. With two warps per scheduler
+            # (255 registers) nothing hides their latency, and the lines have mostly left L1 since the last chunk:
+            # ask for them now, a line per lane — the chunk's B_n and C_n rows, its start states and the next
+            # chunk's, the slots
+            lane_p = _lane_id(ch)
+            n_p = tl.minimum(lane_p & 15, N - 1)
+            low = lane_p < 16
+            chunk_base = tl.where(rev != 0, L - BLOCK_T - c * BLOCK_T, c * BLOCK_T)
+            rows_p = tl.where(low, B_base + n_p * sB_n + chunk_base, C_base + n_p * sC_n + chunk_base)
+            _prefetch(rows_p)
+            # and the next chunk's (c - 1; chunk 0's own for the last)
+            _prefetch(rows_p + tl.where(rev != 0, BLOCK_T, tl.where(c > 0, -BLOCK_T, 0)))
+            blk_states = state_ptr + bk.to(tl.int64) * nchunks * N * CH + c0
+            _prefetch(blk_states + (tl.where(low, c, tl.maximum(c - 1, 0)) * N + n_p) * CH)
+            blk_slots = (bk.to(tl.int64) * nsplit + seg) * N * CH + c0 + n_p * CH
+            _prefetch(tl.where(low, rho_ptr, dA_slot_ptr) + blk_slots)
         if TOKENS:
             f0, f1, f2, f3, f4, f5, f6, f7 = _split8(after, SUB)
             e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dtu, SUB)
@@ -390,6 +408,10 @@ def _bwd_kernel(
             else:
                 half_start = start_rows
                 half_has_start = has_start
+            if PREFETCH and TOKENS:  # again for this half: a half's loads evict about a chunk of lines
+                _prefetch(rows_p)
+                _prefetch(tl.where(low, mid_ptr, dA_slot_ptr) + blk_slots)
+                _prefetch(tl.where(low, rho_ptr, blk_states + (c * N + n_p) * CH))
             gu, gd = _bwd_half(
                 c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start,
                 half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dz_ptr, part_row, bias, Dv,
@@ -722,7 +744,7 @@ def backward(
             du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
             p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, LV=launch.line_vectors, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, num_warps=1, **launch.options,
+            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, PREFETCH=cfg.prefetch, num_warps=1, **launch.options,
         )  # fmt: skip
     else:
         _bwd_launch[launch.grid](
@@ -731,7 +753,7 @@ def backward(
             p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
             HAS_Z=gate_grad, SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode,
-            GATE_GRAD=gate_grad, num_warps=launch.num_warps, **launch.options,
+            GATE_GRAD=gate_grad, PREFETCH=cfg.prefetch, num_warps=launch.num_warps, **launch.options,
         )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(

@@ -88,6 +88,9 @@ class PassConfig:
             per chunk and 32 channels, no shuffles or barriers, 98-223 registers, against 4 × 1,024 with 24 shuffles
             and 12 barriers. Off by default until timed on a GPU (written on the fourteenth pass with the device
             budget spent; its logic is tested under the interpreter's GPU-path emulation).
+        prefetch: (backward) prefetch, at each chunk and half of the raster and reversed main pass (``VEC_MODE`` 1 or
+            3), the lines its per-state loops load first (B_n and C_n rows, chunk-start states, slots): one instruction
+            per 32 lines. Nsight Compute on an H200 put 52 % of that kernel's stall samples on those loads' latency.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -125,6 +128,7 @@ class PassConfig:
     line_vectors: int = 0
     line_vector_segments: bool = False
     token_segments: bool = False
+    prefetch: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True
@@ -179,6 +183,7 @@ _BACKWARD = PassConfig(
     mixed_vectors=True,
     line_vectors=2,
     line_vector_segments=True,
+    prefetch=True,
 )
 _overrides: list[dict[str, PassConfig]] = []
 

@@ -37,7 +37,7 @@ from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
 from .launch import Launcher
 from .lines import _fwd_lines_kernel
-from .ptx import _ld1_if, _st1_if
+from .ptx import _ld1_if, _prefetch, _st1_if
 from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Part", "Plan", "forward", "plan"]
@@ -141,7 +141,7 @@ def _fwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
-    VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1,
+    VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
     # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
@@ -232,6 +232,15 @@ def _fwd_kernel(
                 tl.store(state_rows[None, :] + c * N * CH + n_rows, h0, mask=n_ok[:, None] & (c > first))
         q0 = c * BLOCK_T
         base = tl.where(rev != 0, L - BLOCK_T - q0, q0)  # the chunk's lowest offset when its tokens are neighbours
+        if PREFETCH and (VEC_MODE == 1 or VEC_MODE == 3) and not END_ONLY:
+            # the next chunk's lines, a line per lane: B_n and C_n rows (their first loads waited on L2), u, Δ, z
+            n_p = tl.minimum(lane & 15, N - 1)
+            nxt = tl.where(rev != 0, base - BLOCK_T, base + BLOCK_T)
+            _prefetch(tl.where(lane < 16, B_base + n_p * sB_n + nxt, C_base + n_p * sC_n + nxt))
+            _prefetch(u_rows + nxt)
+            _prefetch(d_rows + nxt)
+            if GATE:
+                _prefetch(z_rows + nxt)
         if VEC_MODE != 0 and not END_ONLY:  # token by token (tokens.py)
             h0 = _chunk16(
                 h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
@@ -601,7 +610,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     flags = {
         "SUB": sub, "BLOCK_T": p.block_t, "BLOCK_N": p.block_n, "HAS_D": D is not None,
         "HAS_BIAS": delta_bias is not None, "SOFTPLUS": delta_softplus, "num_warps": num_warps,
-        "VEC_MODE": vec, "LINES": lines,
+        "VEC_MODE": vec, "LINES": lines, "PREFETCH": cfg.prefetch,
     }  # fmt: skip
     cap = cfg.raster_maxnreg if vec in (1, 3) else cfg.maxnreg  # no token offsets: few registers to spare
     if cap:
