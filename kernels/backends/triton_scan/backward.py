@@ -381,8 +381,6 @@ def _bwd_kernel(
             chunk_base = tl.where(rev != 0, L - BLOCK_T - c * BLOCK_T, c * BLOCK_T)
             rows_p = tl.where(low, B_base + n_p * sB_n + chunk_base, C_base + n_p * sC_n + chunk_base)
             _prefetch(rows_p)
-            # and the next chunk's (c - 1; chunk 0's own for the last)
-            _prefetch(rows_p + tl.where(rev != 0, BLOCK_T, tl.where(c > 0, -BLOCK_T, 0)))
             blk_states = state_ptr + bk.to(tl.int64) * nchunks * N * CH + c0
             _prefetch(blk_states + (tl.where(low, c, tl.maximum(c - 1, 0)) * N + n_p) * CH)
             blk_slots = (bk.to(tl.int64) * nsplit + seg) * N * CH + c0 + n_p * CH
@@ -744,7 +742,8 @@ def backward(
             du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
             p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, LV=launch.line_vectors, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, PREFETCH=cfg.prefetch, num_warps=1, **launch.options,
+            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, PREFETCH=cfg.line_vector_prefetch, num_warps=1,
+            **launch.options,
         )  # fmt: skip
     else:
         _bwd_launch[launch.grid](

@@ -90,7 +90,14 @@ class PassConfig:
             budget spent; its logic is tested under the interpreter's GPU-path emulation).
         prefetch: (backward) prefetch, at each chunk and half of the raster and reversed main pass (``VEC_MODE`` 1 or
             3), the lines its per-state loops load first (B_n and C_n rows, chunk-start states, slots): one instruction
-            per 32 lines. Nsight Compute on an H200 put 52 % of that kernel's stall samples on those loads' latency.
+            per 32 lines. Nsight Compute on an H200 put 52 % of that kernel's stall samples on those loads' latency
+            (two warps per scheduler at 255 registers hide none of it). On by default in the backward: on an H200
+            (A/B in one run) SegMamba's three orders at 64³ (bf16 + z) took 15.81 -> 15.29 ms forward+backward
+            (15.76 -> 15.25 in another run). In the forward's per-token main pass (the next chunk's lines) it
+            measured within noise (4.25 -> 4.11 and 4.10 -> 4.08 ms forward): off there.
+        line_vector_prefetch: (backward) the same for the line-vector main pass (lines_backward.py): per state, the
+            next states' B_n/C_n lines (one per token) and slots. Off: on the H200 it made the three orders slower
+            (15.29 -> 15.51 ms forward+backward), the lines it names being 16 per state and two states ahead.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -129,6 +136,7 @@ class PassConfig:
     line_vector_segments: bool = False
     token_segments: bool = False
     prefetch: bool = False
+    line_vector_prefetch: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True
@@ -171,6 +179,7 @@ _FORWARD = PassConfig(
     split_orders=True,
     split_min_length=32768,
 )
+# H200, 2026-11-28 (fifteenth pass): prefetch, 15.81 -> 15.29 ms forward+backward for the three orders at 64³
 # H100, 2026-11-28: line vectors in the backward took SegMamba's slice order at 64³ (bf16 + z) from 9.66 to 6.89 ms
 # forward+backward, and the three-order layer from 20.91 to 18.30 ms; their segment pass as line vectors too, 18.28 ->
 # 17.86 ms (2026-11-28, thirteenth pass)
