@@ -1,7 +1,7 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
     python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment]
-        [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--json]
+        [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from medmamba.kernels.backends.triton_scan import backward, forward, lines_backward
+from medmamba.kernels.backends.triton_scan import backward, configs, forward, lines_backward
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pre_ptr", "du_ptr", "ddl_ptr")
@@ -38,7 +38,7 @@ def compile_sm90(
     lv: int = 2,
     maxnreg: int | None = None,
     divisible: bool = False,
-    prefetch: bool = False,
+    prefetch: bool | None = None,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -46,8 +46,12 @@ def compile_sm90(
     ``lv``: lines per thread of the line-vector backward; ``maxnreg``: a register cap, as PassConfig's.
     ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
     launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
-    ``prefetch``: with PassConfig.prefetch (forward main pass, backward, lines-backward).
+    ``prefetch``: PassConfig.prefetch (forward main pass, backward) or ``line_vector_prefetch`` (lines-backward);
+    ``None``: as the default settings.
     """
+    if prefetch is None:
+        cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
+        prefetch = cfg.line_vector_prefetch if kernel == "lines-backward" else cfg.prefetch
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
@@ -132,7 +136,10 @@ def main() -> None:
         "--plain", action="store_true", help="the plain-Triton path (no inline PTX), as the interpreter runs"
     )
     ap.add_argument(
-        "--prefetch", action="store_true", help="with PassConfig.prefetch (forward, backward, lines-backward)"
+        "--prefetch",
+        action=argparse.BooleanOptionalAction,
+        help="with or without PassConfig.prefetch (forward, backward; lines-backward: line_vector_prefetch); "
+        "default: as the default settings",
     )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()

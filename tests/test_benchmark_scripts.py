@@ -76,6 +76,12 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
         assert all(loop["mix"]["SHFL"] == shuffles for loop in _halves(bwd)), (extra, bwd["loops"])
         if "--plain" not in extra:
             assert not any(loop["mix"].get("BAR") for loop in _halves(bwd)), (extra, bwd["loops"])
+        if extra == ("--divisible",):
+            # as launched at 64³, with the default settings: the lines the per-state loops load first are asked
+            # for once per chunk and half (PassConfig.prefetch), never inside those loops
+            chunk = max(bwd["loops"], key=lambda loop: loop["instructions"])
+            assert chunk["mix"].get("CCTL", 0) >= 9, chunk["mix"]
+            assert not any(loop["mix"].get("CCTL") for loop in bwd["loops"] if loop is not chunk), bwd["loops"]
 
 
 def test_scan_backward_segment_pass_runs_token_by_token():
