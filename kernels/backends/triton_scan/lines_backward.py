@@ -158,12 +158,12 @@ def _half(
     la5 = tl.zeros_like(u0)
     la6 = tl.zeros_like(u0)
     la7 = tl.zeros_like(u0)
-    if PREFETCH:
-        # lane l names token l & 7 of B_n (l & 8 == 0) or C_n of state n + 1 + (l >> 4), or one of the next state's
-        # slots: each state's 16 rows and slots are lines of their own, and their loads start the state's work
-        row_tok = first_line + (q0 + (lane & 7)).to(tl.int64) * st_fast
-        which = (lane >> 3) & 1
-        slot_line = (lane & (LV - 1)) * (N * CH)
+    # PREFETCH: lane l names token l & 7 of B_n (l & 8 == 0) or C_n of state n + 1 + (l >> 4), or one of the next
+    # state's slots: each state's 16 rows and slots are lines of their own, and their loads start the state's work.
+    # (Defined outside the switch: Triton 3.8 resolves the names of a run-time loop's body in both of its branches.)
+    row_tok = first_line + (q0 + (lane & 7)).to(tl.int64) * st_fast
+    which = (lane >> 3) & 1
+    slot_line = (lane & (LV - 1)) * (N * CH)
     for n in range(N):
         if PREFETCH:
             n_p = tl.minimum(n + 1 + (lane >> 4), N - 1)
