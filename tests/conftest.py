@@ -16,6 +16,45 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` for the interpreter at every kernel launch, and again at every
+    call of a jitted function inside the kernel (``InterpretedFunction.__call__`` -> ``_patch_lang``, for the
+    language modules in that function's globals): the same module attributes, re-set each time through
+    ``inspect.getmembers``. The per-token GPU-path emulation calls helpers tens of thousands of times per test, and
+    that re-patching took 36 % of such a test's time (cProfile, triton 3.8). Here it is done once per launch and
+    module of functions: the launch restores the language when it ends, as before. Any other Triton (names missing)
+    keeps its own behaviour."""
+    try:
+        from triton.runtime import interpreter
+
+        launch, patch, empty = interpreter.GridExecutor.__call__, interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):
+        return
+    launches: list[set[int]] = []  # per launch in progress: the modules (their globals) whose languages are patched
+
+    def patch_once(fn):
+        if launches and id(fn.__globals__) in launches[-1]:
+            return empty()
+        scope = patch(fn)
+        if launches:
+            launches[-1].add(id(fn.__globals__))
+        return scope
+
+    def launch_patching_once(self, *args, **kwargs):
+        launches.append(set())
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = launch_patching_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_language_once_per_launch()
+
 # Under pytest-xdist (make test: one worker per core) each worker's torch would start one intra-op thread per core,
 # and the workers' threads would contend for the same cores: on the 2-core CI machine the segmentation learning test
 # took 231 s beside another worker against 98 s alone. Each worker, and the commands it runs, gets its share.
