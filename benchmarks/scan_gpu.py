@@ -344,7 +344,6 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (fwd, dataclasses.replace(bwd, token_segments=True)),
         ),
         ("prefetch=False (no early requests for the per-state loops' lines)", variant(prefetch=False)),
-        ("line_vector_prefetch (also in the line-vector backward)", variant(line_vector_prefetch=True)),
         (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",
             (dataclasses.replace(fwd, prefetch=True), bwd),

@@ -46,16 +46,14 @@ def compile_sm90(
     ``lv``: lines per thread of the line-vector backward; ``maxnreg``: a register cap, as PassConfig's.
     ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
     launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
-    ``prefetch``: PassConfig.prefetch (forward main pass, backward) or ``line_vector_prefetch`` (lines-backward);
-    ``None``: as the default settings.
+    ``prefetch``: PassConfig.prefetch (forward main pass, backward); ``None``: as the default settings.
     """
     if prefetch is None:
         cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
-        prefetch = cfg.line_vector_prefetch if kernel == "lines-backward" else cfg.prefetch
+        prefetch = cfg.prefetch
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
-        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
-                 "PREFETCH": prefetch}  # fmt: skip
+        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx}
     elif kernel == "lines-segment":
         fn = lines_backward._bwd_lines_segment_kernel
         const = {"SUB": 32, "LV": lv, "HAS_BIAS": True, "SOFTPLUS": True}
@@ -138,8 +136,7 @@ def main() -> None:
     ap.add_argument(
         "--prefetch",
         action=argparse.BooleanOptionalAction,
-        help="with or without PassConfig.prefetch (forward, backward; lines-backward: line_vector_prefetch); "
-        "default: as the default settings",
+        help="with or without PassConfig.prefetch (forward, backward); default: as the default settings",
     )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()

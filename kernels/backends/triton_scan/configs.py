@@ -94,10 +94,9 @@ class PassConfig:
             (two warps per scheduler at 255 registers hide none of it). On by default in the backward: on an H200
             (A/B in one run) SegMamba's three orders at 64³ (bf16 + z) took 15.81 -> 15.29 ms forward+backward
             (15.76 -> 15.25 in another run). In the forward's per-token main pass (the next chunk's lines) it
-            measured within noise (4.25 -> 4.11 and 4.10 -> 4.08 ms forward): off there.
-        line_vector_prefetch: (backward) the same for the line-vector main pass (lines_backward.py): per state, the
-            next states' B_n/C_n lines (one per token) and slots. Off: on the H200 it made the three orders slower
-            (15.29 -> 15.51 ms forward+backward), the lines it names being 16 per state and two states ahead.
+            measured within noise (4.25 -> 4.11 and 4.10 -> 4.08 ms forward): off there. The line-vector backward
+            asking for its next states' lines (16 per state, one per token) ran slower (15.29 -> 15.51 ms) and was
+            not kept.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -136,7 +135,6 @@ class PassConfig:
     line_vector_segments: bool = False
     token_segments: bool = False
     prefetch: bool = False
-    line_vector_prefetch: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True

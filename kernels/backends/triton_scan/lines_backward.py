@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .common import _forward8, _order_row, _softplus, _state_sums8
 from .lines import _pick, _store_lines
-from .ptx import _lane_id, _lane_sum8, _prefetch
+from .ptx import _lane_id, _lane_sum8
 
 __all__: list[str] = []
 
@@ -132,9 +132,9 @@ def _reduce_store(ptr, line_off, q, st_fast, x, LV: tl.constexpr):
 def _half(
     q0, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
     start_rows, start_stride, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane, lane_off,
-    N, CH, L, sB_n, sC_n, first_line,
+    N, CH, L, sB_n, sC_n,
     LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, PREFETCH: tl.constexpr = False,
+    LANE_SUMS: tl.constexpr,
 ):  # fmt: skip
     # Tokens q0 … q0 + 7 of the LV lines, from their start states (start_rows + n·CH, lines start_stride apart) with
     # the adjoint ρ of the tokens after them (the ρ slots, lines N·CH apart, updated to the half's own); writes du,
@@ -158,20 +158,7 @@ def _half(
     la5 = tl.zeros_like(u0)
     la6 = tl.zeros_like(u0)
     la7 = tl.zeros_like(u0)
-    # PREFETCH: lane l names token l & 7 of B_n (l & 8 == 0) or C_n of state n + 1 + (l >> 4), or one of the next
-    # state's slots: each state's 16 rows and slots are lines of their own, and their loads start the state's work.
-    # (Defined outside the switch: Triton 3.8 resolves the names of a run-time loop's body in both of its branches.)
-    row_tok = first_line + (q0 + (lane & 7)).to(tl.int64) * st_fast
-    which = (lane >> 3) & 1
-    slot_line = (lane & (LV - 1)) * (N * CH)
     for n in range(N):
-        if PREFETCH:
-            n_p = tl.minimum(n + 1 + (lane >> 4), N - 1)
-            _prefetch(tl.where(which == 0, B_line + n_p * sB_n, C_line + n_p * sC_n) + row_tok)
-            n_s = tl.minimum(n + 1, N - 1) * CH
-            kind = (lane >> 3) & 3
-            _prefetch(tl.where(kind == 0, rho_rows + slot_line, tl.where(kind == 1, dA_rows + slot_line,
-                      start_rows + (lane & (LV - 1)) * start_stride)) + n_s)  # fmt: skip
         A_n = tl.load(A_rows + n)[:, None]
         A2 = A_n * LOG2E
         Bp = B_line + n * sB_n
@@ -300,7 +287,7 @@ def _bwd_lines_kernel(
     L, CH, N, G, CPG, cps, nlines,
     su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sg_b, sg_c, so_b,
     SUB: tl.constexpr, LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, PREFETCH: tl.constexpr = False,
+    LANE_SUMS: tl.constexpr,
 ):  # fmt: skip
     # A program: (32 channels of one group, LV neighbouring lines of the order, one batch entry), one thread per
     # channel holding its LV lines side by side; every line a segment whose incoming adjoint the carry pass left in
@@ -369,10 +356,6 @@ def _bwd_lines_kernel(
         s1 = s2 + t1
         total = s1 + t0
         for n in range(N):
-            if PREFETCH:  # B_n of the first half's tokens, 4 states ahead (see _half), and the next start states
-                n_p = tl.minimum(n + 1 + (lane >> 3), N - 1)
-                _prefetch(B_line + n_p * sB_n + first_line + (q0 + (lane & 7)).to(tl.int64) * st_fast)
-                _prefetch(start_rows + (lane & (LV - 1)) * (cps * N * CH) + tl.minimum(n + 1, N - 1) * CH)
             A2 = tl.load(A_rows + n)[:, None] * LOG2E
             Bp = B_line + n * sB_n
             tail = x7 * _bc(Bp, line_off, q0 + 7, st_fast, LV)
@@ -390,15 +373,15 @@ def _bwd_lines_kernel(
                 gu, gd = _half(
                     q0 + 8, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
                     mid_rows, N * CH, all_lines, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
-                    first_line + st_fast.to(tl.int64) * (q0 + 8 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, first_line,
-                    LV, HAS_D, HAS_BIAS, SOFTPLUS, LANE_SUMS, PREFETCH,
+                    first_line + st_fast.to(tl.int64) * (q0 + 8 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
+                    HAS_BIAS, SOFTPLUS, LANE_SUMS,
                 )  # fmt: skip
             else:
                 gu, gd = _half(
                     q0, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
                     start_rows, cps * N * CH, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
-                    first_line + st_fast.to(tl.int64) * (q0 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, first_line,
-                    LV, HAS_D, HAS_BIAS, SOFTPLUS, LANE_SUMS, PREFETCH,
+                    first_line + st_fast.to(tl.int64) * (q0 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
+                    HAS_BIAS, SOFTPLUS, LANE_SUMS,
                 )  # fmt: skip
             gu_acc += gu
             gd_acc += gd
