@@ -345,6 +345,10 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ),
         ("prefetch=False (no early requests for the per-state loops' lines)", variant(prefetch=False)),
         (
+            "backward load_ahead (the middle-state loop loads one state ahead)",
+            (fwd, dataclasses.replace(bwd, load_ahead=True)),
+        ),
+        (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",
             (dataclasses.replace(fwd, prefetch=True), bwd),
         ),

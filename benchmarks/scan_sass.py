@@ -39,6 +39,7 @@ def compile_sm90(
     maxnreg: int | None = None,
     divisible: bool = False,
     prefetch: bool | None = None,
+    load_ahead: bool = False,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -47,6 +48,7 @@ def compile_sm90(
     ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
     launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
     ``prefetch``: PassConfig.prefetch (forward main pass, backward); ``None``: as the default settings.
+    ``load_ahead``: the backward with PassConfig.load_ahead.
     """
     if prefetch is None:
         cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
@@ -64,7 +66,8 @@ def compile_sm90(
     elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
-                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False, "PREFETCH": prefetch}  # fmt: skip
+                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False, "PREFETCH": prefetch,
+                 "LOAD_AHEAD": load_ahead}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"
@@ -138,9 +141,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="with or without PassConfig.prefetch (forward, backward); default: as the default settings",
     )
+    ap.add_argument("--load-ahead", action="store_true", help="backward: with PassConfig.load_ahead")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
-    ptx = compile_sm90(args.kernel, args.dtype, not args.plain, args.lv, args.maxnreg, args.divisible, args.prefetch)
+    ptx = compile_sm90(
+        args.kernel, args.dtype, not args.plain, args.lv, args.maxnreg, args.divisible, args.prefetch, args.load_ahead
+    )
     report = sass_report(ptx)
     if args.json:
         print(json.dumps(report, indent=1))

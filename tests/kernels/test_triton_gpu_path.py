@@ -61,7 +61,8 @@ def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spat
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
 
     low, ref = make_inputs(spatial, len(orders), channels=32, N=16, dtype=dtype, seed=11)
-    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True, token_segments=True)
+    cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True, token_segments=True,
+            prefetch=True, load_ahead=True)  # fmt: skip
     canonical = [x.unsqueeze(1) if len(orders) == 1 else x for x in (low[0], low[3])]
     assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})

@@ -87,9 +87,8 @@ def _row8(p, rev, BOTH_WAYS: tl.constexpr):
 
 # fmt: off
 @triton.jit
-def _mid_tail8(p, rev, A2, f0, f1, f2, f3, f4, f5, f6, f7, d0, d1, d2, d3, d4, d5, d6, d7, BOTH_WAYS: tl.constexpr):
-    # Σ_t exp2(A2·f_t)·d_t·B_t over a half's 8 tokens (f_t = Σ_{j>t} Δ_j, d_t = Δ_t·u_t), B_t at p as in _row8
-    b0, b1, b2, b3, b4, b5, b6, b7 = _row8(p, rev, BOTH_WAYS)
+def _mid_tail8(A2, f0, f1, f2, f3, f4, f5, f6, f7, d0, d1, d2, d3, d4, d5, d6, d7, b0, b1, b2, b3, b4, b5, b6, b7):
+    # Σ_t exp2(A2·f_t)·d_t·B_t over a half's 8 tokens (f_t = Σ_{j>t} Δ_j, d_t = Δ_t·u_t)
     s = tl.exp2(f0 * A2) * (d0 * b0) + tl.exp2(f1 * A2) * (d1 * b1)
     s += tl.exp2(f2 * A2) * (d2 * b2) + tl.exp2(f3 * A2) * (d3 * b3)
     s += tl.exp2(f4 * A2) * (d4 * b4) + tl.exp2(f5 * A2) * (d5 * b5)
@@ -295,7 +294,7 @@ def _bwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LOAD_AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
@@ -388,17 +387,37 @@ def _bwd_kernel(
         if TOKENS:
             f0, f1, f2, f3, f4, f5, f6, f7 = _split8(after, SUB)
             e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dtu, SUB)
-        for n in range(N):
-            # h_mid = exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t: no scan needed for one state
-            A_n = tl.load(A_rows + n) * 1.4426950408889634
-            if TOKENS:
-                tail = _mid_tail8(B_base + n * sB_n + base + tl.zeros_like(ch64), rev, A_n, f0, f1, f2, f3, f4, f5,
-                                  f6, f7, e0, e1, e2, e3, e4, e5, e6, e7, BOTH_WAYS)  # fmt: skip
-            else:
-                B_n = _load_row(B_base + n * sB_n, lin, valid, c * BLOCK_T, ch, HALF, False, MASKED=False)
-                tail = tl.sum(tl.exp2(after * A_n[None, :]) * (dtu * B_n), axis=0)
-            h_start = _slot_ld(start_rows + n * CH, has_start, LANE_SUMS)
-            _slot_st(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail, LANE_SUMS)
+        if TOKENS and LOAD_AHEAD:
+            # the state loop below with state n + 1's loads issued before state n's work (PassConfig.load_ahead)
+            row_ptr = B_base + base + tl.zeros_like(ch64)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _row8(row_ptr, rev, BOTH_WAYS)
+            A_n = tl.load(A_rows) * 1.4426950408889634
+            h_start = _slot_ld(start_rows, has_start, LANE_SUMS)
+            for n in range(N):
+                n_next = tl.minimum(n + 1, N - 1)
+                x0, x1, x2, x3, x4, x5, x6, x7 = _row8(row_ptr + n_next * sB_n, rev, BOTH_WAYS)
+                A_next = tl.load(A_rows + n_next) * 1.4426950408889634
+                h_next = _slot_ld(start_rows + n_next * CH, has_start, LANE_SUMS)
+                tail = _mid_tail8(A_n, f0, f1, f2, f3, f4, f5, f6, f7, e0, e1, e2, e3, e4, e5, e6, e7,
+                                  b0, b1, b2, b3, b4, b5, b6, b7)  # fmt: skip
+                _slot_st(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail, LANE_SUMS)
+                b0, b1, b2, b3, b4, b5, b6, b7 = x0, x1, x2, x3, x4, x5, x6, x7
+                A_n = A_next
+                h_start = h_next
+        else:
+            for n in range(N):
+                # h_mid = exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t: no scan needed for one state
+                A_n = tl.load(A_rows + n) * 1.4426950408889634
+                if TOKENS:
+                    b0, b1, b2, b3, b4, b5, b6, b7 = _row8(B_base + n * sB_n + base + tl.zeros_like(ch64), rev,
+                                                           BOTH_WAYS)  # fmt: skip
+                    tail = _mid_tail8(A_n, f0, f1, f2, f3, f4, f5, f6, f7, e0, e1, e2, e3, e4, e5, e6, e7,
+                                      b0, b1, b2, b3, b4, b5, b6, b7)  # fmt: skip
+                else:
+                    B_n = _load_row(B_base + n * sB_n, lin, valid, c * BLOCK_T, ch, HALF, False, MASKED=False)
+                    tail = tl.sum(tl.exp2(after * A_n[None, :]) * (dtu * B_n), axis=0)
+                h_start = _slot_ld(start_rows + n * CH, has_start, LANE_SUMS)
+                _slot_st(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail, LANE_SUMS)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
             if half == 1:
                 half_start = mid_rows
@@ -751,7 +770,8 @@ def backward(
             p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
             HAS_Z=gate_grad, SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode,
-            GATE_GRAD=gate_grad, PREFETCH=cfg.prefetch, num_warps=launch.num_warps, **launch.options,
+            GATE_GRAD=gate_grad, PREFETCH=cfg.prefetch, LOAD_AHEAD=cfg.load_ahead, num_warps=launch.num_warps,
+            **launch.options,
         )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(
