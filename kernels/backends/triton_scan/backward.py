@@ -41,6 +41,7 @@ from .common import (
     _adjoint8,
     _chunk_offsets,
     _forward8,
+    _halves,
     _join8,
     _linear_combine,
     _load_delta,
@@ -56,7 +57,7 @@ from .common import (
 from .forward import CARRY_CHANNELS, CARRY_WARPS, Part, Plan, _line_vector_length, carry_blocks, carry_grid, split
 from .launch import Launcher
 from .lines_backward import _bwd_lines_kernel, _bwd_lines_segment_kernel
-from .ptx import _lane_id, _lane_sum8, _prefetch, _slot_ld, _slot_st, _st1_if
+from .ptx import _lane_id, _lane_sum8, _ld16, _prefetch, _slot_ld, _slot_st, _st1_if
 from .tokens import _seg_chunk16
 
 __all__ = ["backward", "grouped_backward"]
@@ -85,6 +86,19 @@ def _row8(p, rev, BOTH_WAYS: tl.constexpr):
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
+@triton.jit
+def _unpack8(w0, w1, w2, w3, rev, ELT: tl.constexpr, BOTH_WAYS: tl.constexpr):
+    # _row8 from its four loaded words (16-bit elements)
+    x0, x1 = _halves(w0, ELT)
+    x2, x3 = _halves(w1, ELT)
+    x4, x5 = _halves(w2, ELT)
+    x6, x7 = _halves(w3, ELT)
+    if BOTH_WAYS:  # noqa: SIM102 (a compile-time switch around a run-time test)
+        if rev != 0:
+            x0, x1, x2, x3, x4, x5, x6, x7 = x7, x6, x5, x4, x3, x2, x1, x0
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
 # fmt: off
 @triton.jit
 def _mid_tail8(A2, f0, f1, f2, f3, f4, f5, f6, f7, d0, d1, d2, d3, d4, d5, d6, d7, b0, b1, b2, b3, b4, b5, b6, b7):
@@ -101,7 +115,7 @@ def _states8(
     N, CH, L, A_rows, B_base, C_base, sB_n, sC_n, off, rev, start_ptr, has_start, rho_rows, dA_rows, dB_ptr, dC_ptr,
     part_row, lin_l, store_l, lane,
     t0, t1, t2, t3, t4, t5, t6, t7, d0, d1, d2, d3, d4, d5, d6, d7, g0, g1, g2, g3, g4, g5, g6, g7,
-    BOTH_WAYS: tl.constexpr, GATE_GRAD: tl.constexpr,
+    BOTH_WAYS: tl.constexpr, GATE_GRAD: tl.constexpr, LOAD_AHEAD: tl.constexpr = False,
 ):
     # _bwd_half's loop over the states on per-token vectors (one element per thread, t_ = Δ, d_ = Δ·u, g_ = the
     # gated output gradient): no tile, so nothing to move between layouts. Returns Σ_n λ·B, Σ_n λ·a·h_{t-1}·A and
@@ -110,11 +124,28 @@ def _states8(
     lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7 = z, z, z, z, z, z, z, z
     la0, la1, la2, la3, la4, la5, la6, la7 = z, z, z, z, z, z, z, z
     y0, y1, y2, y3, y4, y5, y6, y7 = z, z, z, z, z, z, z, z
+    # LOAD_AHEAD (16-bit B and C): state n + 1's rows are loaded as words during state n, a whole iteration before
+    # their use (without it, the loop's first instructions wait on them). State 0's words are loaded outside the
+    # switch, since Triton 3.8 resolves a run-time loop body's names in both branches of a constexpr if; unused,
+    # they compile away.
+    ELT: tl.constexpr = B_base.dtype.element_ty
+    AHEAD: tl.constexpr = LOAD_AHEAD and ELT.primitive_bitwidth == 16
+    bw0, bw1, bw2, bw3 = _ld16(B_base + off)
+    cw0, cw1, cw2, cw3 = _ld16(C_base + off)
     for n in range(N):
         A_n = tl.load(A_rows + n)
         A2 = A_n * 1.4426950408889634
-        b0, b1, b2, b3, b4, b5, b6, b7 = _row8(B_base + n * sB_n + off, rev, BOTH_WAYS)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _row8(C_base + n * sC_n + off, rev, BOTH_WAYS)
+        if AHEAD:
+            n_next = tl.minimum(n + 1, N - 1)
+            nb0, nb1, nb2, nb3 = _ld16(B_base + n_next * sB_n + off)
+            nc0, nc1, nc2, nc3 = _ld16(C_base + n_next * sC_n + off)
+            b0, b1, b2, b3, b4, b5, b6, b7 = _unpack8(bw0, bw1, bw2, bw3, rev, ELT, BOTH_WAYS)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _unpack8(cw0, cw1, cw2, cw3, rev, ELT, BOTH_WAYS)
+            bw0, bw1, bw2, bw3 = nb0, nb1, nb2, nb3
+            cw0, cw1, cw2, cw3 = nc0, nc1, nc2, nc3
+        else:
+            b0, b1, b2, b3, b4, b5, b6, b7 = _row8(B_base + n * sB_n + off, rev, BOTH_WAYS)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _row8(C_base + n * sC_n + off, rev, BOTH_WAYS)
         a0 = tl.exp2(t0 * A2)
         a1 = tl.exp2(t1 * A2)
         a2 = tl.exp2(t2 * A2)
@@ -172,7 +203,7 @@ def _bwd_half(
     L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev, neighbours,
     HALF: tl.constexpr, SUB: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr,
+    LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr, LOAD_AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     # One half-chunk of HALF tokens, from its start state (start_ptr, states CH apart; zero unless has_start)
     # with the adjoint ρ of the tokens after it (rho_rows); returns the (Σ g·u, Σ dΔ_raw) of its tokens. Per-state
@@ -220,7 +251,7 @@ def _bwd_half(
             N, CH, L, A_rows, B_base, C_base, sB_n, sC_n, base + tl.zeros_like(lane).to(tl.int64), rev, start_ptr,
             has_start, rho_rows, dA_rows, dB_ptr, dC_ptr, part_row, lin_l, store_l, lane,
             t0, t1, t2, t3, t4, t5, t6, t7, d0, d1, d2, d3, d4, d5, d6, d7, g0, g1, g2, g3, g4, g5, g6, g7,
-            BOTH_WAYS, GATE_GRAD,
+            BOTH_WAYS, GATE_GRAD, LOAD_AHEAD,
         )  # fmt: skip
         lam_B = _join8(lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, SUB)
         lam_hA = _join8(la0, la1, la2, la3, la4, la5, la6, la7, SUB)
@@ -434,7 +465,7 @@ def _bwd_kernel(
                 half_has_start, rho_rows, dA_rows, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dz_ptr, part_row, bias, Dv,
                 L, N, CH, sB_n, sC_n, fast, mid, st_fast, st_mid, st_slow, rev, neighbours,
                 HALF=HALF, SUB=SUB, HAS_D=HAS_D, HAS_BIAS=HAS_BIAS, HAS_Z=HAS_Z, SOFTPLUS=SOFTPLUS,
-                LANE_SUMS=LANE_SUMS, VEC_MODE=VEC_MODE, GATE_GRAD=GATE_GRAD,
+                LANE_SUMS=LANE_SUMS, VEC_MODE=VEC_MODE, GATE_GRAD=GATE_GRAD, LOAD_AHEAD=LOAD_AHEAD,
             )  # fmt: skip
             dD_acc += gu
             dbias_acc += gd

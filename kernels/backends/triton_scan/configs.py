@@ -97,10 +97,13 @@ class PassConfig:
             measured within noise (4.25 -> 4.11 and 4.10 -> 4.08 ms forward): off there. The line-vector backward
             asking for its next states' lines (16 per state, one per token) ran slower (15.29 -> 15.51 ms) and was
             not kept.
-        load_ahead: (backward) in the raster and reversed main pass (``VEC_MODE`` 1 or 3), the middle-state loop
-            issues state n + 1's loads (B_n's row, A_n, the start state) before state n's work, carrying them in
-            registers. That loop took 25 % of the stall samples for 12 % of the instructions (ncu, H200, before
-            ``prefetch``). Off until timed: written on the fifteenth pass with the device budget spent.
+        load_ahead: (backward) in the raster and reversed main pass (``VEC_MODE`` 1 or 3), the per-state loops
+            issue state n + 1's loads before state n's work and carry them in registers: in the middle-state loop
+            B_n's row, A_n and the start state; in the halves' loops (16-bit B and C) the B_n and C_n rows as words.
+            Those loads' first uses took 52 % of the stall samples (ncu, H200, before ``prefetch``). On sm_90a
+            (bf16): 254 registers, no spills, 227 -> 237-241 instructions per state and half, the rows loaded about
+            170 instructions before their use. Off until timed: written on the fifteenth pass with the device
+            budget spent.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
