@@ -132,11 +132,23 @@ def _states8(
     AHEAD: tl.constexpr = LOAD_AHEAD and ELT.primitive_bitwidth == 16
     bw0, bw1, bw2, bw3 = _ld16(B_base + off)
     cw0, cw1, cw2, cw3 = _ld16(C_base + off)
+    # and (any dtype) A_n and the slots: the start state, ρ and dA of state n + 1 (only state n + 1 writes them)
+    A_at = tl.load(A_rows)
+    start_at = _slot_ld(start_ptr, has_start, True)
+    rho_at = _slot_ld(rho_rows, True, True)
+    dA_at = _slot_ld(dA_rows, True, True)
     for n in range(N):
-        A_n = tl.load(A_rows + n)
+        n_next = tl.minimum(n + 1, N - 1)
+        if LOAD_AHEAD:
+            A_n, start_n, rho_n, dA_old = A_at, start_at, rho_at, dA_at
+            A_at = tl.load(A_rows + n_next)
+            start_at = _slot_ld(start_ptr + n_next * CH, has_start, True)
+            rho_at = _slot_ld(rho_rows + n_next * CH, True, True)
+            dA_at = _slot_ld(dA_rows + n_next * CH, True, True)
+        else:
+            A_n = tl.load(A_rows + n)
         A2 = A_n * 1.4426950408889634
         if AHEAD:
-            n_next = tl.minimum(n + 1, N - 1)
             nb0, nb1, nb2, nb3 = _ld16(B_base + n_next * sB_n + off)
             nc0, nc1, nc2, nc3 = _ld16(C_base + n_next * sC_n + off)
             b0, b1, b2, b3, b4, b5, b6, b7 = _unpack8(bw0, bw1, bw2, bw3, rev, ELT, BOTH_WAYS)
@@ -162,13 +174,15 @@ def _states8(
         x5 = d5 * b5
         x6 = d6 * b6
         x7 = d7 * b7
+        if not LOAD_AHEAD:  # loaded here, where they are used
+            start_n = _slot_ld(start_ptr + n * CH, has_start, True)
         h0, h1, h2, h3, h4, h5, h6, h7 = _forward8(
-            _slot_ld(start_ptr + n * CH, has_start, True), a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3, x4, x5,
-            x6, x7,
+            start_n, a0, a1, a2, a3, a4, a5, a6, a7, x0, x1, x2, x3, x4, x5, x6, x7
         )  # fmt: skip
+        if not LOAD_AHEAD:
+            rho_n = _slot_ld(rho_rows + n * CH, True, True)
         l0, l1, l2, l3, l4, l5, l6, l7 = _adjoint8(
-            _slot_ld(rho_rows + n * CH, True, True), a1, a2, a3, a4, a5, a6, a7, g0 * c0, g1 * c1, g2 * c2, g3 * c3,
-            g4 * c4, g5 * c5, g6 * c6, g7 * c7,
+            rho_n, a1, a2, a3, a4, a5, a6, a7, g0 * c0, g1 * c1, g2 * c2, g3 * c3, g4 * c4, g5 * c5, g6 * c6, g7 * c7
         )  # fmt: skip
         _slot_st(rho_rows + n * CH, a0 * l0, True)  # ρ = a·λ of the half's first token
         lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, la0, la1, la2, la3, la4, la5, la6, la7, dA_n = _state_sums8(
@@ -176,7 +190,9 @@ def _states8(
             b0, b1, b2, b3, b4, b5, b6, b7, t0, t1, t2, t3, t4, t5, t6, t7, A_n,
             lb0, lb1, lb2, lb3, lb4, lb5, lb6, lb7, la0, la1, la2, la3, la4, la5, la6, la7,
         )  # fmt: skip
-        _slot_st(dA_rows + n * CH, _slot_ld(dA_rows + n * CH, True, True) + dA_n, True)
+        if not LOAD_AHEAD:
+            dA_old = _slot_ld(dA_rows + n * CH, True, True)
+        _slot_st(dA_rows + n * CH, dA_old + dA_n, True)
         if GATE_GRAD:
             y0 += c0 * h0
             y1 += c1 * h1

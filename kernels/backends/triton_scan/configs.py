@@ -99,11 +99,11 @@ class PassConfig:
             not kept.
         load_ahead: (backward) in the raster and reversed main pass (``VEC_MODE`` 1 or 3), the per-state loops
             issue state n + 1's loads before state n's work and carry them in registers: in the middle-state loop
-            B_n's row, A_n and the start state; in the halves' loops (16-bit B and C) the B_n and C_n rows as words.
-            Those loads' first uses took 52 % of the stall samples (ncu, H200, before ``prefetch``). On sm_90a
-            (bf16): 254 registers, no spills, 227 -> 237-241 instructions per state and half, the rows loaded about
-            170 instructions before their use. Off until timed: written on the fifteenth pass with the device
-            budget spent.
+            B_n's row, A_n and the start state; in the halves' loops A_n, the start state, ρ and dA, and (16-bit
+            B and C) the B_n and C_n rows as words. Those loads' first uses took 52 % of the stall samples (ncu,
+            H200, before ``prefetch``). On sm_90a: bf16 255 registers, no spills, 227 -> 241-248 instructions per
+            state and half, every load about 210 instructions before its use; fp32 250 registers, 213 -> 229 (the
+            slots only). Off until timed: written on the fifteenth pass with the device budget spent.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
