@@ -65,24 +65,24 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 
-#: The longest test files, seconds on the 2-core CI machine under ``make test`` (2026-11-28). pytest-xdist's
-#: ``--dist loadfile --no-loadscope-reorder`` (the Makefile) hands whole files to the workers in collection order, so
-#: these go first, longest first: the workers then end on short files and finish together. A file missing here
-#: only runs in its usual place.
+#: The longest test files, seconds on the 2-core CI machine under ``make test`` (2026-11-28: 1,468 s of tests in all,
+#: 12:41 on two workers). pytest-xdist's ``--dist loadfile --no-loadscope-reorder`` (the Makefile) hands whole files
+#: to the workers in collection order, so these go first, longest first: the workers then end on short files and
+#: finish together. A file missing here only runs in its usual place.
 LONGEST_FILES = {
-    "e2e/test_segmentation_learns.py": 310,
-    "kernels/test_triton_lines.py": 270,
-    "kernels/test_triton_scan.py": 200,
-    "kernels/test_triton_split_orders.py": 155,
-    "kernels/test_triton_gpu_path.py": 140,
-    "test_benchmark_scripts.py": 115,
-    "e2e/test_crash_safety.py": 110,
-    "docker/test_container.py": 90,
-    "engines/registration/test_train.py": 65,
-    "engines/video/test_video.py": 65,
-    "kernels/test_compile_gpu.py": 50,
-    "e2e/test_demo.py": 50,
+    "e2e/test_segmentation_learns.py": 266,
+    "kernels/test_triton_lines.py": 164,
+    "kernels/test_triton_scan.py": 141,
+    "kernels/test_triton_split_orders.py": 136,
+    "e2e/test_crash_safety.py": 104,
+    "test_benchmark_scripts.py": 85,
+    "kernels/test_triton_gpu_path.py": 76,
+    "docker/test_container.py": 67,
+    "engines/video/test_video.py": 59,
+    "engines/registration/test_train.py": 56,
     "engines/segmentation/test_trainer.py": 45,
+    "e2e/test_demo.py": 44,
+    "networks/test_umamba.py": 27,
 }
 
 
