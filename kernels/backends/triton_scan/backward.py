@@ -75,15 +75,21 @@ def _half_offsets(q, L, fast, mid, st_fast, st_mid, st_slow, rev, VEC_MODE: tl.c
 
 
 @triton.jit
-def _row8(p, rev, BOTH_WAYS: tl.constexpr):
-    # B_n or C_n of a half-chunk as 8 per-token vectors, every lane loading the same 16-byte words at p (the half's
-    # lowest offset), in token order: descending when rev (BOTH_WAYS). As (8,) rows broadcast against the tiles,
-    # Triton spread them over lanes and moved every product through shared memory, twice per state.
-    x0, x1, x2, x3, x4, x5, x6, x7 = _vload8(p)
+def _in_token_order(rev, x0, x1, x2, x3, x4, x5, x6, x7, BOTH_WAYS: tl.constexpr):
+    # 8 values loaded from a half's lowest offset up, in token order: descending when rev (BOTH_WAYS)
     if BOTH_WAYS:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if rev != 0:
             x0, x1, x2, x3, x4, x5, x6, x7 = x7, x6, x5, x4, x3, x2, x1, x0
     return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _row8(p, rev, BOTH_WAYS: tl.constexpr):
+    # B_n or C_n of a half-chunk as 8 per-token vectors, every lane loading the same 16-byte words at p (the half's
+    # lowest offset), in token order. As (8,) rows broadcast against the tiles, Triton spread them over lanes and
+    # moved every product through shared memory, twice per state.
+    x0, x1, x2, x3, x4, x5, x6, x7 = _vload8(p)
+    return _in_token_order(rev, x0, x1, x2, x3, x4, x5, x6, x7, BOTH_WAYS)
 
 
 @triton.jit
@@ -93,10 +99,7 @@ def _unpack8(w0, w1, w2, w3, rev, ELT: tl.constexpr, BOTH_WAYS: tl.constexpr):
     x2, x3 = _halves(w1, ELT)
     x4, x5 = _halves(w2, ELT)
     x6, x7 = _halves(w3, ELT)
-    if BOTH_WAYS:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if rev != 0:
-            x0, x1, x2, x3, x4, x5, x6, x7 = x7, x6, x5, x4, x3, x2, x1, x0
-    return x0, x1, x2, x3, x4, x5, x6, x7
+    return _in_token_order(rev, x0, x1, x2, x3, x4, x5, x6, x7, BOTH_WAYS)
 
 
 # fmt: off
