@@ -88,15 +88,15 @@ class PassConfig:
             per chunk and 32 channels, no shuffles or barriers, 98-223 registers, against 4 × 1,024 with 24 shuffles
             and 12 barriers. Off by default until timed on a GPU (written on the fourteenth pass with the device
             budget spent; its logic is tested under the interpreter's GPU-path emulation).
-        prefetch: (backward) prefetch, at each chunk and half of the raster and reversed main pass (``VEC_MODE`` 1 or
-            3), the lines its per-state loops load first (B_n and C_n rows, chunk-start states, slots): one instruction
-            per 32 lines. Nsight Compute on an H200 put 52 % of that kernel's stall samples on those loads' latency
-            (two warps per scheduler at 255 registers hide none of it). On by default in the backward: on an H200
-            (A/B in one run) SegMamba's three orders at 64³ (bf16 + z) took 15.81 -> 15.29 ms forward+backward
-            (15.76 -> 15.25 in another run). In the forward's per-token main pass (the next chunk's lines) it
-            measured within noise (4.25 -> 4.11 and 4.10 -> 4.08 ms forward): off there. The line-vector backward
-            asking for its next states' lines (16 per state, one per token) ran slower (15.29 -> 15.51 ms) and was
-            not kept.
+        prefetch: (both passes) in the backward, prefetch, at each chunk and half of the raster and reversed main
+            pass (``VEC_MODE`` 1 or 3), the lines its per-state loops load first (B_n and C_n rows, chunk-start
+            states, slots): one instruction per 32 lines. Nsight Compute on an H200 put 52 % of that kernel's stall
+            samples on those loads' latency (two warps per scheduler at 255 registers hide none of it). On by default
+            in the backward: on an H200 (A/B in one run) SegMamba's three orders at 64³ (bf16 + z) took 15.81 ->
+            15.29 ms forward+backward (15.76 -> 15.25 in another run). In the forward's per-token main pass (the next
+            chunk's lines) it measured within noise (4.25 -> 4.11 and 4.10 -> 4.08 ms forward): off there. The
+            line-vector backward asking for its next states' lines (16 per state, one per token) ran slower (15.29
+            -> 15.51 ms) and was not kept.
         load_ahead: (backward) in the raster and reversed main pass (``VEC_MODE`` 1 or 3), the per-state loops
             issue state n + 1's loads before state n's work and carry them in registers: in the middle-state loop
             B_n's row, A_n and the start state; in the halves' loops A_n, the start state, ρ and dA, and (16-bit

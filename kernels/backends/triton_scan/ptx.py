@@ -198,18 +198,13 @@ def _st1_if(ptrs, x, ok):
 
 
 @triton.jit
-def _prefetch(ptrs, L2: tl.constexpr = False):
-    # Asks for the line at each pointer to be brought into L1 (or only L2) ahead of its load; nothing under the
-    # interpreter. One instruction serves a whole warp: each lane names its own line.
+def _prefetch(ptrs):
+    # Asks for the line at each pointer to be brought into L1 ahead of its load; nothing under the interpreter. One
+    # instruction serves a whole warp: each lane names its own line.
     if not INTERPRETING:
-        if L2:
-            tl.inline_asm_elementwise(
-                "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-            )
-        else:
-            tl.inline_asm_elementwise(
-                "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-            )
+        tl.inline_asm_elementwise(
+            "prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
 
 
 @triton.jit
