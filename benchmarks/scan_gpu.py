@@ -345,7 +345,7 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ),
         ("prefetch=False (no early requests for the per-state loops' lines)", variant(prefetch=False)),
         (
-            "backward load_ahead (the middle-state loop loads one state ahead)",
+            "backward load_ahead (the per-state loops load one state ahead)",
             (fwd, dataclasses.replace(bwd, load_ahead=True)),
         ),
         (

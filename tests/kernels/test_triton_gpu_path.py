@@ -43,12 +43,8 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
 @pytest.mark.parametrize(
     ("spatial", "orders", "dtype", "mode"),
     [
-        (
-            (48,),
-            (RASTER,),
-            torch.float32,
-            1,
-        ),  # 3 chunks over 2 segments (raster bf16: the gated test in test_triton_scan)
+        # 3 chunks over 2 segments (raster bf16: the gated test in test_triton_scan)
+        ((48,), (RASTER,), torch.float32, 1),
         ((2, 4, 4), (REVERSED,), torch.float16, 3),
         ((4, 2, 4), (RASTER, REVERSED), torch.bfloat16, 3),  # each program reads its order's way
         ((2, 4, 4), (RASTER, REVERSED, SLICE), torch.float32, 2),  # neighbours forwards, backwards, gathered
