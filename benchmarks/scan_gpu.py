@@ -345,8 +345,8 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ),
         ("prefetch=False (no early requests for the per-state loops' lines)", variant(prefetch=False)),
         (
-            "backward load_ahead (the per-state loops load one state ahead)",
-            (fwd, dataclasses.replace(bwd, load_ahead=True)),
+            "backward load_ahead=False (the per-state loops load where they use)",
+            (fwd, dataclasses.replace(bwd, load_ahead=False)),
         ),
         (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",
@@ -375,12 +375,24 @@ SWEEP_ROWS = [
 ]
 
 
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _grads(args, orders, backend: str, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients of every input of one call (None inputs left out), in the inputs' order."""
+    out, leaves = scan_call(args, orders, backend, grad=True)
+    out.backward(grad_out)
+    return [leaf.grad for leaf in leaves if leaf is not None]
+
+
 def sweep(
     rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5), only: str | None = None, variants: str | None = None
 ) -> list[dict]:
-    """Forward and forward+backward of each row under each of :func:`sweep_variants`, after a check against the
-    torch backend's output. ``only``: the rows whose name contains it; ``variants``: comma-separated parts of the
-    variants' labels to run (the defaults always run)."""
+    """Forward and forward+backward of each row under each of :func:`sweep_variants`, after a check of the output
+    and of every input's gradient against the torch backend's (the largest relative error over the gradients: a
+    variant whose backward reads stale values shows there, not in the output). ``only``: the rows whose name
+    contains it; ``variants``: comma-separated parts of the variants' labels to run (the defaults always run)."""
     picked = [v.strip() for v in variants.split(",")] if variants else None
     results = []
     for row in rows:
@@ -391,13 +403,15 @@ def sweep(
         grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=DTYPES[dtname])
         with torch.no_grad():
             want = scan_call(args, orders, "torch").float()
+        want_grads = _grads(args, orders, "torch", grad_out)
         for label, cfg in sweep_variants():
             if picked and cfg is not None and not any(part in label for part in picked):
                 continue
             with configs.override(*cfg) if cfg is not None else configs.override():
                 with torch.no_grad():
                     got = scan_call(args, orders, "triton").float()
-                err = ((got - want).norm() / want.norm()).item()
+                err = _rel_err(got, want)
+                grad_err = max(map(_rel_err, _grads(args, orders, "triton", grad_out), want_grads))
                 ms, _ = cuda_time(lambda args=args, orders=orders: scan_call(args, orders, "triton"), reps[0])
 
                 def step(args=args, orders=orders, grad_out=grad_out):
@@ -406,8 +420,9 @@ def sweep(
 
                 fb, _ = cuda_time(step, reps[1])
             results.append({"shape": name, "dtype": dtname, "config": label, "fwd_ms": ms, "fwd_bwd_ms": fb,
-                            "rel_err_vs_torch": err})  # fmt: skip
-            print(f"sweep {name} {dtname} {label}: fwd {ms:.3f} ms, fwd+bwd {fb:.3f} ms, err {err:.1e}", flush=True)
+                            "rel_err_vs_torch": err, "grad_rel_err_vs_torch": grad_err})  # fmt: skip
+            print(f"sweep {name} {dtname} {label}: fwd {ms:.3f} ms, fwd+bwd {fb:.3f} ms, err {err:.1e}, "
+                  f"grad err {grad_err:.1e}", flush=True)  # fmt: skip
         torch.cuda.empty_cache()
     return results
 
@@ -580,10 +595,12 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
                 lines.append(f"| ssm_fp32={r['ssm_fp32']} | {r['backend']} | {r['fwd_ms']:.2f} | "
                              f"{r['fwd_bwd_ms']:.2f} | {r['peak_MiB']:.0f} |")  # fmt: skip
     if sweep_rows:
-        lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch |", "|---|---|---|---|---|---|"]
+        lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch | gradients' err vs torch |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in sweep_rows:
+            grad_err = r.get("grad_rel_err_vs_torch", float("nan"))
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
-                         f"| {r['rel_err_vs_torch']:.1e} |")  # fmt: skip
+                         f"| {r['rel_err_vs_torch']:.1e} | {grad_err:.1e} |")  # fmt: skip
     if launch_rows:
         head = ("| launch A/B (medians over rounds) | dtype | z | Triton's launch: fwd / fwd+bwd ms, host µs | "
                 "direct: fwd / fwd+bwd ms, host µs |")  # fmt: skip

@@ -39,7 +39,7 @@ def compile_sm90(
     maxnreg: int | None = None,
     divisible: bool = False,
     prefetch: bool | None = None,
-    load_ahead: bool = False,
+    load_ahead: bool | None = None,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -48,11 +48,13 @@ def compile_sm90(
     ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
     launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
     ``prefetch``: PassConfig.prefetch (forward main pass, backward); ``None``: as the default settings.
-    ``load_ahead``: the backward with PassConfig.load_ahead.
+    ``load_ahead``: PassConfig.load_ahead (backward); ``None``: as the default settings.
     """
+    cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
-        cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
         prefetch = cfg.prefetch
+    if load_ahead is None:
+        load_ahead = cfg.load_ahead
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx}
@@ -141,7 +143,11 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="with or without PassConfig.prefetch (forward, backward); default: as the default settings",
     )
-    ap.add_argument("--load-ahead", action="store_true", help="backward: with PassConfig.load_ahead")
+    ap.add_argument(
+        "--load-ahead",
+        action=argparse.BooleanOptionalAction,
+        help="backward: with or without PassConfig.load_ahead; default: as the default settings",
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     ptx = compile_sm90(

@@ -82,6 +82,13 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
             chunk = max(bwd["loops"], key=lambda loop: loop["instructions"])
             assert chunk["mix"].get("CCTL", 0) >= 9, chunk["mix"]
             assert not any(loop["mix"].get("CCTL") for loop in bwd["loops"] if loop is not chunk), bwd["loops"]
+            # and (PassConfig.load_ahead) state 0's loads before each per-state loop stay in the chunk loop, one
+            # each: 2 halves × (start state, ρ, dA, the B and C words) and the middle-state loop's B row and start
+            # state. The slots are the kernel's own scratch: loaded by pure asm, the compiler merged the two halves'
+            # and hoisted them out of the chunk loop, and the H200 read stale ρ and dA
+            plain = _sass("backward", "bf16", "--divisible", "--no-load-ahead")
+            in_place = max(plain["loops"], key=lambda loop: loop["instructions"])
+            assert chunk["mix"]["LDG"] - in_place["mix"]["LDG"] >= 12, (chunk["mix"], in_place["mix"])
 
 
 def test_scan_backward_segment_pass_runs_token_by_token():
@@ -131,3 +138,31 @@ def test_scan_gpu_ops_alone_do_the_work_of_the_autograd_call(monkeypatch):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.reshape(w.shape), w, rtol=0, atol=0)
+
+
+def test_scan_gpu_sweep_checks_every_gradient_against_the_torch_backend(monkeypatch):
+    # a sweep variant is timed only beside its errors against the torch backend: the output's and the largest of the
+    # inputs' gradients'. A backward that alone goes wrong (here Δ's gradient doubled by a hook) shows in the second.
+
+    from medmamba.kernels import RASTER
+
+    scan_gpu = _load("scan_gpu")
+    monkeypatch.setattr(scan_gpu, "DEVICE", "cpu")
+    rows = [("tiny raster", 1, 4, (2, 3, 16), (RASTER,), "fp32", True)]
+    clean = scan_gpu.sweep(rows=rows, reps=(1, 1), variants="load_ahead=False")
+    assert [r["config"] for r in clean] == [
+        "default",
+        "backward load_ahead=False (the per-state loops load where they use)",
+    ]
+    assert all(r["rel_err_vs_torch"] < 1e-5 and r["grad_rel_err_vs_torch"] < 1e-5 for r in clean), clean
+    scan_call = scan_gpu.scan_call
+
+    def doubled_delta_grad(args, orders, backend, grad=False):
+        got = scan_call(args, orders, backend, grad)
+        if grad and backend == "triton":
+            got[1][1].register_hook(lambda g: 2 * g)
+        return got
+
+    monkeypatch.setattr(scan_gpu, "scan_call", doubled_delta_grad)
+    broken = scan_gpu.sweep(rows=rows, reps=(1, 1), variants="none")
+    assert broken[0]["rel_err_vs_torch"] < 1e-5 and broken[0]["grad_rel_err_vs_torch"] > 0.5, broken

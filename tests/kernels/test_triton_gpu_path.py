@@ -41,24 +41,28 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
 
 
 @pytest.mark.parametrize(
-    ("spatial", "orders", "dtype", "mode"),
+    ("spatial", "orders", "dtype", "mode", "early"),
     [
         # 3 chunks over 2 segments (raster bf16: the gated test in test_triton_scan)
-        ((48,), (RASTER,), torch.float32, 1),
-        ((2, 4, 4), (REVERSED,), torch.float16, 3),
-        ((4, 2, 4), (RASTER, REVERSED), torch.bfloat16, 3),  # each program reads its order's way
-        ((2, 4, 4), (RASTER, REVERSED, SLICE), torch.float32, 2),  # neighbours forwards, backwards, gathered
+        ((48,), (RASTER,), torch.float32, 1, True),
+        ((2, 4, 4), (REVERSED,), torch.float16, 3, True),
+        # the backward's loads where they are used (no prefetch, no load_ahead: the settings' opt-outs)
+        ((2, 4, 4), (REVERSED,), torch.float16, 3, False),
+        ((4, 2, 4), (RASTER, REVERSED), torch.bfloat16, 3, True),  # each program reads its order's way
+        ((2, 4, 4), (RASTER, REVERSED, SLICE), torch.float32, 2, True),  # neighbours forwards, backwards, gathered
     ],
-    ids=["raster-fp32", "reversed-fp16", "bidirectional-bf16", "segmamba-fp32"],
+    ids=["raster-fp32", "reversed-fp16", "reversed-fp16-loads-in-place", "bidirectional-bf16", "segmamba-fp32"],
 )
-def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(spatial, orders, dtype, mode, monkeypatch):
+def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(
+    spatial, orders, dtype, mode, early, monkeypatch
+):
     # the GPU path (16-byte chunk moves, the per-token forward, the warp reduce-scatter of dB/dC, per-order
     # decisions of a mixed call) with its inline PTX emulated (ptx.INTERPRETING): its logic, not its speed
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
 
     low, ref = make_inputs(spatial, len(orders), channels=32, N=16, dtype=dtype, seed=11)
     cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True, token_segments=True,
-            prefetch=True, load_ahead=True)  # fmt: skip
+            prefetch=early, load_ahead=early)  # fmt: skip
     canonical = [x.unsqueeze(1) if len(orders) == 1 else x for x in (low[0], low[3])]
     assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})

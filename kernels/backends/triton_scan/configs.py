@@ -103,7 +103,10 @@ class PassConfig:
             B and C) the B_n and C_n rows as words. Those loads' first uses took 52 % of the stall samples (ncu,
             H200, before ``prefetch``). On sm_90a: bf16 255 registers, no spills, 227 -> 241-248 instructions per
             state and half, every load about 210 instructions before its use; fp32 250 registers, 213 -> 229 (the
-            slots only). Off until timed: written on the fifteenth pass with the device budget spent.
+            slots only). On by default in the backward: on an H200 (A/B in one run) SegMamba's three orders (bf16 +
+            z) took 15.41 -> 14.61 ms forward+backward at 64³, 4.46 -> 4.32 at 32³, 2.44 -> 2.27 at 16³. The slots
+            are loaded by non-pure asm (ptx._ld1_if's WRITTEN): as pure loads the compiler merged the halves' first
+            loads and hoisted them out of the chunk loop, and the GPU read stale ρ and dA.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -185,7 +188,8 @@ _FORWARD = PassConfig(
     split_orders=True,
     split_min_length=32768,
 )
-# H200, 2026-11-28 (fifteenth pass): prefetch, 15.81 -> 15.29 ms forward+backward for the three orders at 64³
+# H200, 2026-11-28 (fifteenth pass): prefetch, 15.81 -> 15.29 ms forward+backward for the three orders at 64³;
+# (sixteenth pass) load_ahead, 15.41 -> 14.61 ms (32³ 4.46 -> 4.32, 16³ 2.44 -> 2.27)
 # H100, 2026-11-28: line vectors in the backward took SegMamba's slice order at 64³ (bf16 + z) from 9.66 to 6.89 ms
 # forward+backward, and the three-order layer from 20.91 to 18.30 ms; their segment pass as line vectors too, 18.28 ->
 # 17.86 ms (2026-11-28, thirteenth pass)
@@ -199,6 +203,7 @@ _BACKWARD = PassConfig(
     line_vectors=2,
     line_vector_segments=True,
     prefetch=True,
+    load_ahead=True,
 )
 _overrides: list[dict[str, PassConfig]] = []
 

@@ -171,12 +171,20 @@ def _st1(ptrs, x):
 
 
 @triton.jit
-def _ld1_if(ptrs, ok):
+def _ld1_if(ptrs, ok, WRITTEN: tl.constexpr = False):
     # fp32 elements at ptrs where ok, else 0, by asm loads (see _ld1). A state tile moved by tl.load takes the
     # coalescing pass's layout (four channels per thread, the states over four lane groups), and Triton then keeps
     # the scan's carried state in it: every state's pick became shuffles and a shared-memory round trip.
+    # WRITTEN: memory that this kernel also writes. A pure asm load reads, to the compiler, no memory at all: it may
+    # merge two loads of one address or hoist a load out of a loop across the stores in between (the backward's
+    # slots, loaded a state ahead, read stale values so on the H200).
     if INTERPRETING:
         x = tl.load(ptrs, mask=ok, other=0.0)
+    elif WRITTEN:
+        x = tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
+            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        ).to(tl.float32, bitcast=True)  # fmt: skip
     else:
         x = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
@@ -209,9 +217,10 @@ def _prefetch(ptrs):
 
 @triton.jit
 def _slot_ld(ptrs, ok, ASM: tl.constexpr):
-    # fp32 slots at ptrs where ok (broadcast), else 0: by _ld1_if when ASM (the GPU path), else tl.load.
+    # fp32 slots at ptrs where ok (broadcast), else 0: by _ld1_if when ASM (the GPU path), else tl.load. The slots
+    # are the kernel's own scratch, written between its loads of them.
     if ASM:
-        x = _ld1_if(ptrs, tl.full(ptrs.shape, 1, tl.int1) & ok)
+        x = _ld1_if(ptrs, tl.full(ptrs.shape, 1, tl.int1) & ok, WRITTEN=True)
     else:
         x = tl.load(ptrs, mask=ok, other=0.0)
     return x
