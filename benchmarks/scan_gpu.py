@@ -349,6 +349,10 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (fwd, dataclasses.replace(bwd, load_ahead=False)),
         ),
         (
+            "backward line_vector_load_ahead (the line-vector per-state loops load one state ahead)",
+            (fwd, dataclasses.replace(bwd, line_vector_load_ahead=True)),
+        ),
+        (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",
             (dataclasses.replace(fwd, prefetch=True), bwd),
         ),

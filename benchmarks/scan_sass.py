@@ -48,16 +48,18 @@ def compile_sm90(
     ``divisible``: the integer arguments that are lengths, channel counts or strides marked multiples of 16, as the
     launch specialises them at shapes like 64³ (Triton then can prove vector loads aligned).
     ``prefetch``: PassConfig.prefetch (forward main pass, backward); ``None``: as the default settings.
-    ``load_ahead``: PassConfig.load_ahead (backward); ``None``: as the default settings.
+    ``load_ahead``: PassConfig.load_ahead (backward; lines-backward: line_vector_load_ahead); ``None``: as the
+    default settings.
     """
     cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
         prefetch = cfg.prefetch
     if load_ahead is None:
-        load_ahead = cfg.load_ahead
+        load_ahead = cfg.line_vector_load_ahead if kernel == "lines-backward" else cfg.load_ahead
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
-        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx}
+        const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
+                 "LOAD_AHEAD": load_ahead}  # fmt: skip
     elif kernel == "lines-segment":
         fn = lines_backward._bwd_lines_segment_kernel
         const = {"SUB": 32, "LV": lv, "HAS_BIAS": True, "SOFTPLUS": True}
@@ -146,7 +148,8 @@ def main() -> None:
     ap.add_argument(
         "--load-ahead",
         action=argparse.BooleanOptionalAction,
-        help="backward: with or without PassConfig.load_ahead; default: as the default settings",
+        help="backward (lines-backward): with or without PassConfig.load_ahead (line_vector_load_ahead); default: as "
+        "the default settings",
     )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()

@@ -90,9 +90,11 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
     fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
     # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated) and the line-vector segment pass
-    # (line_vector_segments), the second tl.sum and the chunk path's segment pass
+    # (line_vector_segments), the second tl.sum, the chunk path's segment pass and state n + 1's A and B_n row
+    # loaded during state n (line_vector_load_ahead)
     first = forward_lv == 4
-    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=first, line_vector_segments=first)
+    bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=first, line_vector_segments=first,
+                              line_vector_load_ahead=not first)  # fmt: skip
     # the defaults since the H100 timings (configs._BACKWARD)
     assert configs.backward_config().line_vectors == 2 and configs.backward_config().line_vector_segments
     with configs.override(forward=fwd, backward=bwd):

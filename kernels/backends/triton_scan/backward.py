@@ -811,7 +811,8 @@ def backward(
             du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
             p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, LV=launch.line_vectors, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, num_warps=1, **launch.options,
+            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, LOAD_AHEAD=cfg.line_vector_load_ahead, num_warps=1,
+            **launch.options,
         )  # fmt: skip
     else:
         _bwd_launch[launch.grid](

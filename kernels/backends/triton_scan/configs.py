@@ -107,6 +107,14 @@ class PassConfig:
             z) took 15.41 -> 14.61 ms forward+backward at 64³, 4.46 -> 4.32 at 32³, 2.44 -> 2.27 at 16³. The slots
             are loaded by non-pure asm (ptx._ld1_if's WRITTEN): as pure loads the compiler merged the halves' first
             loads and hoisted them out of the chunk loop, and the GPU read stale ρ and dA.
+        line_vector_load_ahead: (backward) ``load_ahead`` in the line-vector main pass (lines_backward.py): its
+            per-state loops (the middle state's, the halves') load state n + 1's A_n and B_n row (8 tokens × LV
+            lines, kept in their 16 bits) during state n. Nsight Compute on an H200 put about 30 % of that kernel's
+            stall samples on the first uses of those rows, yet it made no gain there (A/B in one run, SegMamba's
+            three orders, bf16 + z: 14.61 -> 14.64 ms forward+backward at 64³, 4.16 -> 4.17 at 32³, 2.27 -> 2.16 at
+            16³; sm_90a, Triton 3.6: 255 registers, no spills, 537/513 -> 512/504 instructions per state and half).
+            That kernel is bound by L2 traffic rather than latency (68.6 % of L2 throughput, 64 % of its sectors
+            beyond the ideal). Off.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -146,6 +154,7 @@ class PassConfig:
     token_segments: bool = False
     prefetch: bool = False
     load_ahead: bool = False
+    line_vector_load_ahead: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True

@@ -113,6 +113,25 @@ def _bc(line_ptr, line_off, q, st_fast, LV: tl.constexpr):
 
 
 @triton.jit
+def _bc8(line_ptr, line_off, q0, st_fast, LV: tl.constexpr):
+    # (LV,) in B's or C's dtype: B_n or C_n of tokens q0 … q0 + 7 of the lines, as loaded (converted where used, so
+    # that values carried a state ahead hold half the registers in 16 bits)
+    rows = line_ptr + line_off
+    return (
+        tl.load(rows + _at(q0 + 0, st_fast, LV)), tl.load(rows + _at(q0 + 1, st_fast, LV)),
+        tl.load(rows + _at(q0 + 2, st_fast, LV)), tl.load(rows + _at(q0 + 3, st_fast, LV)),
+        tl.load(rows + _at(q0 + 4, st_fast, LV)), tl.load(rows + _at(q0 + 5, st_fast, LV)),
+        tl.load(rows + _at(q0 + 6, st_fast, LV)), tl.load(rows + _at(q0 + 7, st_fast, LV)),
+    )  # fmt: skip
+
+
+@triton.jit
+def _f32(x):
+    # (LV,) as loaded -> (1, LV) fp32, broadcast to the channels
+    return x.to(tl.float32)[None, :]
+
+
+@triton.jit
 def _load_lines(rows, line_stride, jj, LV: tl.constexpr):
     # (SUB, LV): column j is the (SUB,) vector at rows + j·line_stride. Loaded line by line: each load is coalesced
     # over the channels and the tile keeps its columns in the thread
@@ -134,7 +153,7 @@ def _half(
     start_rows, start_stride, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane, lane_off,
     N, CH, L, sB_n, sC_n,
     LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr,
+    LANE_SUMS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):  # fmt: skip
     # Tokens q0 … q0 + 7 of the LV lines, from their start states (start_rows + n·CH, lines start_stride apart) with
     # the adjoint ρ of the tokens after them (the ρ slots, lines N·CH apart, updated to the half's own); writes du,
@@ -158,19 +177,39 @@ def _half(
     la5 = tl.zeros_like(u0)
     la6 = tl.zeros_like(u0)
     la7 = tl.zeros_like(u0)
+    # LOAD_AHEAD: state n + 1's A and B_n row are loaded during state n (state 0's outside the switch: Triton 3.8
+    # resolves a run-time loop body's names in both branches of a constexpr if; unused, they compile away)
+    A_at = tl.load(A_rows)
+    r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line, line_off, q0, st_fast, LV)
     for n in range(N):
-        A_n = tl.load(A_rows + n)[:, None]
+        n_next = tl.minimum(n + 1, N - 1)
+        if LOAD_AHEAD:
+            A_n = A_at[:, None]
+            b0, b1, b2, b3, b4, b5, b6, b7 = (
+                _f32(r0),
+                _f32(r1),
+                _f32(r2),
+                _f32(r3),
+                _f32(r4),
+                _f32(r5),
+                _f32(r6),
+                _f32(r7),
+            )
+            A_at = tl.load(A_rows + n_next)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
+        else:
+            A_n = tl.load(A_rows + n)[:, None]
+            Bp = B_line + n * sB_n
+            b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
+            b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
+            b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
+            b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
+            b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
+            b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
+            b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
+            b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
         A2 = A_n * LOG2E
-        Bp = B_line + n * sB_n
         Cp = C_line + n * sC_n
-        b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
-        b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
-        b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
-        b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
-        b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
-        b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
-        b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
-        b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
         a0 = tl.exp2(t0 * A2)
         a1 = tl.exp2(t1 * A2)
         a2 = tl.exp2(t2 * A2)
@@ -287,7 +326,7 @@ def _bwd_lines_kernel(
     L, CH, N, G, CPG, cps, nlines,
     su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sg_b, sg_c, so_b,
     SUB: tl.constexpr, LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr,
+    LANE_SUMS: tl.constexpr, LOAD_AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     # A program: (32 channels of one group, LV neighbouring lines of the order, one batch entry), one thread per
     # channel holding its LV lines side by side; every line a segment whose incoming adjoint the carry pass left in
@@ -355,17 +394,44 @@ def _bwd_lines_kernel(
         s2 = s3 + t2
         s1 = s2 + t1
         total = s1 + t0
+        # (LOAD_AHEAD: state n + 1's A and B_n row loaded during state n, as in _half)
+        A_at = tl.load(A_rows)
+        r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line, line_off, q0, st_fast, LV)
         for n in range(N):
-            A2 = tl.load(A_rows + n)[:, None] * LOG2E
-            Bp = B_line + n * sB_n
-            tail = x7 * _bc(Bp, line_off, q0 + 7, st_fast, LV)
-            tail += tl.exp2(s7 * A2) * x6 * _bc(Bp, line_off, q0 + 6, st_fast, LV)
-            tail += tl.exp2(s6 * A2) * x5 * _bc(Bp, line_off, q0 + 5, st_fast, LV)
-            tail += tl.exp2(s5 * A2) * x4 * _bc(Bp, line_off, q0 + 4, st_fast, LV)
-            tail += tl.exp2(s4 * A2) * x3 * _bc(Bp, line_off, q0 + 3, st_fast, LV)
-            tail += tl.exp2(s3 * A2) * x2 * _bc(Bp, line_off, q0 + 2, st_fast, LV)
-            tail += tl.exp2(s2 * A2) * x1 * _bc(Bp, line_off, q0 + 1, st_fast, LV)
-            tail += tl.exp2(s1 * A2) * x0 * _bc(Bp, line_off, q0 + 0, st_fast, LV)
+            n_next = tl.minimum(n + 1, N - 1)
+            if LOAD_AHEAD:
+                A2 = A_at[:, None] * LOG2E
+                b0, b1, b2, b3, b4, b5, b6, b7 = (
+                    _f32(r0),
+                    _f32(r1),
+                    _f32(r2),
+                    _f32(r3),
+                    _f32(r4),
+                    _f32(r5),
+                    _f32(r6),
+                    _f32(r7),
+                )
+                A_at = tl.load(A_rows + n_next)
+                r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
+            else:
+                A2 = tl.load(A_rows + n)[:, None] * LOG2E
+                Bp = B_line + n * sB_n
+                b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
+                b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
+                b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
+                b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
+                b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
+                b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
+                b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
+                b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
+            tail = x7 * b7
+            tail += tl.exp2(s7 * A2) * x6 * b6
+            tail += tl.exp2(s6 * A2) * x5 * b5
+            tail += tl.exp2(s5 * A2) * x4 * b4
+            tail += tl.exp2(s4 * A2) * x3 * b3
+            tail += tl.exp2(s3 * A2) * x2 * b2
+            tail += tl.exp2(s2 * A2) * x1 * b1
+            tail += tl.exp2(s1 * A2) * x0 * b0
             h_start = tl.where(start_ok[None, :], _load_lines(start_rows + n * CH, cps * N * CH, jj, LV), 0.0)
             _store_lines(mid_rows + n * CH, N * CH, tl.exp2(total * A2) * h_start + tail, jj, LV)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
@@ -374,14 +440,14 @@ def _bwd_lines_kernel(
                     q0 + 8, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
                     mid_rows, N * CH, all_lines, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
                     first_line + st_fast.to(tl.int64) * (q0 + 8 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
-                    HAS_BIAS, SOFTPLUS, LANE_SUMS,
+                    HAS_BIAS, SOFTPLUS, LANE_SUMS, LOAD_AHEAD,
                 )  # fmt: skip
             else:
                 gu, gd = _half(
                     q0, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
                     start_rows, cps * N * CH, start_ok, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
                     first_line + st_fast.to(tl.int64) * (q0 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
-                    HAS_BIAS, SOFTPLUS, LANE_SUMS,
+                    HAS_BIAS, SOFTPLUS, LANE_SUMS, LOAD_AHEAD,
                 )  # fmt: skip
             gu_acc += gu
             gd_acc += gd
