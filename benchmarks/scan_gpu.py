@@ -224,7 +224,7 @@ def op_calls(args, orders, grad_out):
         if res.parts:  # a call run as groups of orders (PassConfig.split_orders)
             return triton_backward.grouped_backward(gy, None, *tensors, res.parts, res.pre_gate, orders=orders,
                                                     delta_softplus=True)  # fmt: skip
-        return triton_backward.backward(gy, None, *tensors, res.states, res.pre_gate, p=res.plan, **kw)
+        return triton_backward.backward(gy, None, *tensors, res.states, res.pre_gate, p=res.plan, mids=res.mids, **kw)
 
     return fwd, fwd_bwd
 
@@ -351,6 +351,10 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         (
             "backward line_vector_load_ahead (the line-vector per-state loops load one state ahead)",
             (fwd, dataclasses.replace(bwd, line_vector_load_ahead=True)),
+        ),
+        (
+            "mid_states (the forward saves the chunks' middle states; the backward reads them)",
+            variant(mid_states=True),
         ),
         (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",

@@ -1,7 +1,8 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
     python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment]
-        [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch] [--load-ahead] [--json]
+        [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch] [--[no-]load-ahead]
+        [--[no-]mid-states] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -40,6 +41,7 @@ def compile_sm90(
     divisible: bool = False,
     prefetch: bool | None = None,
     load_ahead: bool | None = None,
+    mid_states: bool | None = None,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -50,12 +52,16 @@ def compile_sm90(
     ``prefetch``: PassConfig.prefetch (forward main pass, backward); ``None``: as the default settings.
     ``load_ahead``: PassConfig.load_ahead (backward; lines-backward: line_vector_load_ahead); ``None``: as the
     default settings.
+    ``mid_states``: PassConfig.mid_states (forward: saves the middle states; backward: reads them); ``None``: as the
+    default settings.
     """
     cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
         prefetch = cfg.prefetch
     if load_ahead is None:
         load_ahead = cfg.line_vector_load_ahead if kernel == "lines-backward" else cfg.load_ahead
+    if mid_states is None:
+        mid_states = cfg.mid_states
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
@@ -71,13 +77,14 @@ def compile_sm90(
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
                  "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False, "PREFETCH": prefetch,
-                 "LOAD_AHEAD": load_ahead}  # fmt: skip
+                 "LOAD_AHEAD": load_ahead, "HAS_MIDS": mid_states}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
                  "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
-                 "VEC_MODE": int(ptx), "LINES": 1, "PREFETCH": prefetch}  # fmt: skip
+                 "VEC_MODE": int(ptx), "LINES": 1, "PREFETCH": prefetch,
+                 "SAVE_MID": mid_states and not end}  # fmt: skip
     names = fn.arg_names
     sig = {}
     for name in names:
@@ -151,10 +158,23 @@ def main() -> None:
         help="backward (lines-backward): with or without PassConfig.load_ahead (line_vector_load_ahead); default: as "
         "the default settings",
     )
+    ap.add_argument(
+        "--mid-states",
+        action=argparse.BooleanOptionalAction,
+        help="forward, backward: with or without PassConfig.mid_states; default: as the default settings",
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     ptx = compile_sm90(
-        args.kernel, args.dtype, not args.plain, args.lv, args.maxnreg, args.divisible, args.prefetch, args.load_ahead
+        args.kernel,
+        args.dtype,
+        not args.plain,
+        args.lv,
+        args.maxnreg,
+        args.divisible,
+        args.prefetch,
+        args.load_ahead,
+        args.mid_states,
     )
     report = sass_report(ptx)
     if args.json:

@@ -89,6 +89,13 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
             plain = _sass("backward", "bf16", "--divisible", "--no-load-ahead")
             in_place = max(plain["loops"], key=lambda loop: loop["instructions"])
             assert chunk["mix"]["LDG"] - in_place["mix"]["LDG"] >= 12, (chunk["mix"], in_place["mix"])
+            # with the forward's middle states (PassConfig.mid_states) the middle-state loop is gone: the two halves'
+            # per-state loops are the only ones with exponentials
+            states = [loop for loop in bwd["loops"] if loop["mix"].get("MUFU") and loop is not chunk]
+            read = _sass("backward", "bf16", "--divisible", "--mid-states")
+            chunk_read = max(read["loops"], key=lambda loop: loop["instructions"])
+            assert len(states) == 3 and read["spill_bytes"] == 0, bwd["loops"]
+            assert len([loop for loop in read["loops"] if loop["mix"].get("MUFU") and loop is not chunk_read]) == 2
 
 
 def test_scan_backward_segment_pass_runs_token_by_token():

@@ -41,37 +41,73 @@ def test_raster_calls_qualify_for_16_byte_chunk_moves():
 
 
 @pytest.mark.parametrize(
-    ("spatial", "orders", "dtype", "mode", "early"),
+    ("spatial", "orders", "dtype", "mode", "early", "mids"),
     [
         # 3 chunks over 2 segments (raster bf16: the gated test in test_triton_scan)
-        ((48,), (RASTER,), torch.float32, 1, True),
-        ((2, 4, 4), (REVERSED,), torch.float16, 3, True),
+        ((48,), (RASTER,), torch.float32, 1, True, True),
+        ((2, 4, 4), (REVERSED,), torch.float16, 3, True, False),
         # the backward's loads where they are used (no prefetch, no load_ahead: the settings' opt-outs)
-        ((2, 4, 4), (REVERSED,), torch.float16, 3, False),
-        ((4, 2, 4), (RASTER, REVERSED), torch.bfloat16, 3, True),  # each program reads its order's way
-        ((2, 4, 4), (RASTER, REVERSED, SLICE), torch.float32, 2, True),  # neighbours forwards, backwards, gathered
+        ((2, 4, 4), (REVERSED,), torch.float16, 3, False, True),
+        ((4, 2, 4), (RASTER, REVERSED), torch.bfloat16, 3, True, True),  # each program reads its order's way
+        (
+            (2, 4, 4),
+            (RASTER, REVERSED, SLICE),
+            torch.float32,
+            2,
+            True,
+            True,
+        ),  # neighbours forwards, backwards, gathered
     ],
     ids=["raster-fp32", "reversed-fp16", "reversed-fp16-loads-in-place", "bidirectional-bf16", "segmamba-fp32"],
 )
 def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(
-    spatial, orders, dtype, mode, early, monkeypatch
+    spatial, orders, dtype, mode, early, mids, monkeypatch
 ):
     # the GPU path (16-byte chunk moves, the per-token forward, the warp reduce-scatter of dB/dC, per-order
-    # decisions of a mixed call) with its inline PTX emulated (ptx.INTERPRETING): its logic, not its speed
+    # decisions of a mixed call) with its inline PTX emulated (ptx.INTERPRETING): its logic, not its speed.
+    # mids: the forward saves the chunks' middle states and the backward reads them (PassConfig.mid_states; the
+    # per-token path only, so not the mixed call)
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
 
     low, ref = make_inputs(spatial, len(orders), channels=32, N=16, dtype=dtype, seed=11)
     cfg = P(sub=32, num_warps=1, segments=2, emulate_ptx=True, mixed_vectors=True, token_segments=True,
-            prefetch=early, load_ahead=early)  # fmt: skip
+            prefetch=early, load_ahead=early, mid_states=mids)  # fmt: skip
     canonical = [x.unsqueeze(1) if len(orders) == 1 else x for x in (low[0], low[3])]
     assert cfg.vector_mode(cfg.ptx(low[0].device, 32, 1), orders, spatial, *canonical) == mode
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     with configs.override(forward=cfg, backward=cfg):
         assert_matches_reference(low, ref, orders, dtype=dtype)
     # the backward runs the forward's mode too (raster and reversed orders: no token offsets either)
     assert {launch.vec_mode for launch in triton_backward._LAUNCHES.values()} == {mode}
     # and raster or reversed orders take the per-token segment pass when asked (PassConfig.token_segments)
     assert {launch.segment_vec for launch in triton_backward._LAUNCHES.values()} == {mode if mode != 2 else 0}
+    assert any(launch.save_mids for launch in triton_forward._LAUNCHES.values()) == (mids and mode != 2)
+
+
+def test_grouped_call_hands_the_middle_states_to_its_raster_group(monkeypatch):
+    # SegMamba's three orders as groups (PassConfig.split_orders) with PassConfig.mid_states on the emulated GPU
+    # path: the raster and reversed group saves its chunks' middle states and its backward gets them; the slice
+    # order's line vectors save none
+    import dataclasses
+
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    low, ref = make_inputs((16, 1, 4), 3, channels=32, N=16, dtype=torch.float32, seed=29)
+    fwd = dataclasses.replace(configs.forward_config(), emulate_ptx=True, split_min_length=0, mid_states=True)
+    bwd = dataclasses.replace(configs.backward_config(), emulate_ptx=True, mid_states=True)
+    handed = []
+    backward = triton_backward.backward
+
+    def recording(*args, mids=None, **kw):
+        handed.append((len(kw["orders"]), mids is not None))
+        return backward(*args, mids=mids, **kw)
+
+    monkeypatch.setattr(triton_backward, "backward", recording)
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    with configs.override(forward=fwd, backward=bwd):
+        assert_matches_reference(low, ref, (RASTER, REVERSED, SLICE), dtype=torch.float32)
+    assert sorted(handed) == [(1, False), (2, True)]
 
 
 def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):

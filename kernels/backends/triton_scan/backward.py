@@ -335,7 +335,7 @@ def _bwd_half(
 @triton.jit
 def _bwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, gy_ptr, state_ptr, last_ptr,
-    rho_ptr, mid_ptr, dA_slot_ptr, order_ptr,
+    rho_ptr, mid_ptr, dA_slot_ptr, order_ptr, saved_mid_ptr,
     du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dz_ptr,
     L, CH, N, K, G, CPG, nchunks, cps, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
@@ -344,13 +344,15 @@ def _bwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr,
     LANE_SUMS: tl.constexpr, VEC_MODE: tl.constexpr, GATE_GRAD: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, LOAD_AHEAD: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, LOAD_AHEAD: tl.constexpr = False, HAS_MIDS: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel, as in the forward, with half-chunks of BLOCK_T/2 tokens in registers and the state
     # loop at run time (unrolled, the states' tiles would spill). Per chunk: the state at its middle is recomputed
-    # from the saved chunk-start state, then the second half and the first half are differentiated. Per-state
-    # values that outlive one half (ρ = a_{t1}·λ_{t1}, the middle state, dA) live in per-thread fp32 slots;
-    # dB_n and dC_n are summed over the warp's channels and written once per program; the host sums programs.
+    # from the saved chunk-start state (or, HAS_MIDS on the per-token path, read where the forward saved it at
+    # saved_mid_ptr, laid out as the chunk-start states), then the second half and the first half are
+    # differentiated. Per-state values that outlive one half (ρ = a_{t1}·λ_{t1}, the middle state, dA) live in
+    # per-thread fp32 slots; dB_n and dC_n are summed over the warp's channels and written once per program; the host
+    # sums programs.
     HALF: tl.constexpr = BLOCK_T // 2
     tl.static_assert(HALF == 8, "the backward's recurrences are written out for half-chunks of 8 tokens")
     pid_blk = tl.program_id(0)
@@ -391,6 +393,7 @@ def _bwd_kernel(
     mid_rows = mid_ptr + slot
     dA_rows = dA_slot_ptr + slot
     state_rows = state_ptr + bk.to(tl.int64) * nchunks * N * CH + ch64  # chunk-start states (B, K, nchunks, N, C)
+    saved_mid_rows = saved_mid_ptr + bk.to(tl.int64) * nchunks * N * CH + ch64  # HAS_MIDS: the middle states, alike
     for n in range(N):
         tl.store(dA_rows + n * CH, tl.zeros([SUB], dtype=tl.float32))
         if seg == nsplit - 1:  # the adjoint after the last token (the carry pass wrote the other segments')
@@ -419,6 +422,7 @@ def _bwd_kernel(
         total = tl.sum(dt, axis=0)
         after = total[None, :] - tl.cumsum(dt, axis=0)  # Σ_{j>t} Δ_j within the half
         TOKENS: tl.constexpr = LANE_SUMS and (VEC_MODE == 1 or VEC_MODE == 3)
+        USE_MIDS: tl.constexpr = HAS_MIDS and TOKENS
         if PREFETCH and TOKENS:
             # Each state loop below starts with loads that its next instructions need. With two warps per scheduler
             # (255 registers) nothing hides their latency, and the lines have mostly left L1 since the last chunk:
@@ -434,10 +438,17 @@ def _bwd_kernel(
             _prefetch(blk_states + (tl.where(low, c, tl.maximum(c - 1, 0)) * N + n_p) * CH)
             blk_slots = (bk.to(tl.int64) * nsplit + seg) * N * CH + c0 + n_p * CH
             _prefetch(tl.where(low, rho_ptr, dA_slot_ptr) + blk_slots)
+            # where the second half starts from: the middle-state slots, or the saved middle states (HAS_MIDS)
+            if USE_MIDS:
+                mid_p = saved_mid_ptr + bk.to(tl.int64) * nchunks * N * CH + c0 + (c * N + n_p) * CH
+            else:
+                mid_p = mid_ptr + blk_slots
         if TOKENS:
             f0, f1, f2, f3, f4, f5, f6, f7 = _split8(after, SUB)
             e0, e1, e2, e3, e4, e5, e6, e7 = _split8(dtu, SUB)
-        if TOKENS and LOAD_AHEAD:
+        if USE_MIDS:
+            pass  # the forward saved the middle states (PassConfig.mid_states)
+        elif TOKENS and LOAD_AHEAD:
             # the state loop below with state n + 1's loads issued before state n's work (PassConfig.load_ahead)
             row_ptr = B_base + base + tl.zeros_like(ch64)
             b0, b1, b2, b3, b4, b5, b6, b7 = _row8(row_ptr, rev, BOTH_WAYS)
@@ -470,14 +481,17 @@ def _bwd_kernel(
                 _slot_st(mid_rows + n * CH, tl.exp2(total * A_n) * h_start + tail, LANE_SUMS)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
             if half == 1:
-                half_start = mid_rows
+                if USE_MIDS:
+                    half_start = saved_mid_rows + c * N * CH
+                else:
+                    half_start = mid_rows
                 half_has_start = c >= 0  # always: the middle state exists (a mask-shaped True)
             else:
                 half_start = start_rows
                 half_has_start = has_start
             if PREFETCH and TOKENS:  # again for this half: a half's loads evict about a chunk of lines
                 _prefetch(rows_p)
-                _prefetch(tl.where(low, mid_ptr, dA_slot_ptr) + blk_slots)
+                _prefetch(tl.where(low, mid_p, dA_slot_ptr + blk_slots))
                 _prefetch(tl.where(low, rho_ptr, blk_states + (c * N + n_p) * CH))
             gu, gd = _bwd_half(
                 c, half, u_rows, d_rows, g_rows, z_rows, tok_rows, A_rows, B_base, C_base, half_start,
@@ -725,8 +739,12 @@ def backward(
     merge: str,
     given_shapes: tuple | None = None,
     into: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs.
+
+    ``mids``: the chunks' middle states the forward saved (PassConfig.mid_states), laid out as ``states``; the
+    per-token main pass then reads them instead of recomputing them. Other paths ignore them.
 
     ``into``: ``(du, ddelta)`` to write instead of fresh tensors, ``(B, K, C, *S)`` views with contiguous ``(K, C,
     *S)`` blocks and one batch stride (slices along K of larger buffers: groups of orders).
@@ -817,12 +835,13 @@ def backward(
     else:
         _bwd_launch[launch.grid](
             u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
+            mids if mids is not None else states,
             du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
             p.L, p.channels, p.N, p.K, p.groups, p.cpg, p.nchunks, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, BLOCK_T=p.block_t, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
             HAS_Z=gate_grad, SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, VEC_MODE=launch.vec_mode,
-            GATE_GRAD=gate_grad, PREFETCH=cfg.prefetch, LOAD_AHEAD=cfg.load_ahead, num_warps=launch.num_warps,
-            **launch.options,
+            GATE_GRAD=gate_grad, PREFETCH=cfg.prefetch, LOAD_AHEAD=cfg.load_ahead, HAS_MIDS=mids is not None,
+            num_warps=launch.num_warps, **launch.options,
         )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(
@@ -871,7 +890,9 @@ def grouped_backward(
         Ak, Dk, bk = (None if x is None else x[k] for x in (A, D, delta_bias))
         kw = {"p": part.plan, "orders": orders[k], "delta_softplus": delta_softplus, "merge": "sum"}
         into = (du[:, k], ddelta[:, k])
-        grads.append(backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, into=into, **kw))
+        grads.append(
+            backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, into=into, mids=part.mids, **kw)
+        )
     axes = (None, None, 0, 1, 1, 0, None, 0)  # the orders' axis of dA, dB, dC, dD and ddelta_bias
     joined = [
         None if axis is None or ga[0] is None else torch.cat(ga, dim=axis)

@@ -115,6 +115,13 @@ class PassConfig:
             16³; sm_90a, Triton 3.6: 255 registers, no spills, 537/513 -> 512/504 instructions per state and half).
             That kernel is bound by L2 traffic rather than latency (68.6 % of L2 throughput, 64 % of its sectors
             beyond the ideal). Off.
+        mid_states: (forward, read by the backward) a call that saves for the backward on the per-token path
+            (``VEC_MODE`` 1 or 3, 16 states) keeps each chunk's middle state too (after its 8th token, in the layout
+            of the chunk-start states: as many bytes again), and the backward's raster and reversed main pass reads
+            it instead of recomputing it, so its middle-state loop goes. That loop was 12 % of the pass's
+            instructions and 25 % of its stall samples (Nsight Compute, H200, before ``prefetch`` and
+            ``load_ahead``). It costs an extra 16 stores per chunk in the forward, and at 64³ (bf16 + z, raster and
+            reversed, batch 2, d 96) 403 MB more activation memory per call. Off until timed.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -155,6 +162,7 @@ class PassConfig:
     prefetch: bool = False
     load_ahead: bool = False
     line_vector_load_ahead: bool = False
+    mid_states: bool = False
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True

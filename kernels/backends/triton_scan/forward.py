@@ -133,7 +133,7 @@ def _chunk_tiles(
 @triton.jit
 def _fwd_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-    out_ptr, pre_ptr, state_ptr, last_ptr, seg_dt_ptr, order_ptr,
+    out_ptr, pre_ptr, state_ptr, last_ptr, seg_dt_ptr, order_ptr, mid_ptr,
     L, CH, N, K, CPG, nchunks, cps, n_state, nsplit,
     su_b, su_k, su_c, sd_b, sd_k, sd_c,
     sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
@@ -141,7 +141,7 @@ def _fwd_kernel(
     SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
-    VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1, PREFETCH: tl.constexpr = False, SAVE_MID: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
     # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
@@ -152,6 +152,8 @@ def _fwd_kernel(
     # and chunks that are 16 neighbours in memory move by 16-byte loads — 1: every order is the raster one; 3: every
     # order is raster or reversed (decided per program); 2: some orders are raster or reversed (decided per program
     # from the order's strides), the others load token by token and take tiles in the segment pass; 0: tiles only.
+    # SAVE_MID (with SAVE_STATES, on the per-token path): each chunk's middle state too, after its 8th token, at
+    # mid_ptr in the saved states' layout (PassConfig.mid_states).
     # LINES > 1 (layout.lines): a segment per line of cps chunks, and lane l runs segment LINES·pid(1) + l % LINES
     # of channel c0 + l // LINES: the lanes' pointers are shifted by the distance between neighbouring segments.
     tl.static_assert(BLOCK_T == 16, "the recurrence is written out for chunks of 16 tokens")
@@ -210,6 +212,7 @@ def _fwd_kernel(
     # states (B, K, n_state, N, C), channels fastest: a state tile (N, SUB) is N coalesced rows, and its layout is
     # the compute tiles' (lanes along channels; an N-fastest one made Triton move the tiles between layouts)
     state_rows = state_ptr + (bk.to(tl.int64) * n_state + lane_state) * N * CH + ch64  # (SUB,)
+    mid_rows = mid_ptr + (bk.to(tl.int64) * n_state + lane_state) * N * CH + ch64  # (SUB,), used with SAVE_MID
     n_rows = nn[:, None] * CH
     if END_ONLY:
         h0 = tl.zeros([BLOCK_N, SUB], dtype=tl.float32)
@@ -246,6 +249,7 @@ def _fwd_kernel(
                 h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
                 u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
                 VEC_MODE >= 2, VEC_MODE == 2, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, BLOCK_N,
+                mid_rows + c * N * CH, CH, SAVE_MID and SAVE_STATES,
             )  # fmt: skip
         elif VEC_MODE >= 2:  # the segment pass of a mixed call
             if neighbours:
@@ -428,6 +432,7 @@ class ForwardResult:
     plan: Plan
     parts: tuple[Part, ...] = ()  # a call run as groups of orders (PassConfig.split_orders): each group's own
     # (states is None then)
+    mids: torch.Tensor | None = None  # the chunks' middle states, laid out as states (PassConfig.mid_states)
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,7 @@ class Part:
     stop: int
     states: torch.Tensor | None
     plan: Plan
+    mids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -522,8 +528,9 @@ def forward(
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
         _fwd_launch[launch.grid](
-            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, *common, nsplit,
-            nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **launch.flags,
+            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, last, *common,
+            nsplit, nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
+            **launch.flags,
         )  # fmt: skip
     states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     if nsplit > 1:
@@ -533,17 +540,20 @@ def forward(
             SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
         )  # fmt: skip
 
+    # the chunks' middle states too, for the backward's per-token main pass (PassConfig.mid_states)
+    mids = torch.empty_like(states) if save and launch.save_mids else None
     _fwd_launch[launch.grid](
-        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table, *common, launch.n_state,
-        nsplit, *launch.strides, GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None,
-        SAVE_STATES=save, END_ONLY=False, **launch.flags,
+        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table,
+        mids if mids is not None else last, *common, launch.n_state, nsplit, *launch.strides,
+        GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save, END_ONLY=False,
+        SAVE_MID=mids is not None, **launch.flags,
     )  # fmt: skip
 
     if launch.fused_merge:
         out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block)
     else:  # y is the output: (B, K, C, *S) stacked, or allocated as (B, C, *S) for one order summed
         out = y
-    return ForwardResult(out, last, states if save else None, pre, p)
+    return ForwardResult(out, last, states if save else None, pre, p, mids=mids)
 
 
 @dataclass(frozen=True)
@@ -570,6 +580,7 @@ class _Launch:
     flags: dict
     y_shape: tuple[int, ...]  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
     line_vectors: int = 0  # lines per thread of the line-vector passes (lines.py); 0: the chunk passes
+    save_mids: bool = False  # a saving call keeps the chunks' middle states too (PassConfig.mid_states)
 
 
 _LAUNCHES: dict[tuple, _Launch | _Groups] = {}
@@ -632,6 +643,7 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         strides=strides,
         flags=flags,
         y_shape=(p.batch, p.channels, *p.spatial) if one_summed else (p.batch, p.K, p.channels, *p.spatial),
+        save_mids=save and cfg.mid_states and vec in (1, 3),
     )
 
 
@@ -675,7 +687,7 @@ def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, order
             merge="stack", save=save, out=y[:, a:b],
         )  # fmt: skip
         lasts.append(res.last_state)
-        parts.append(Part(a, b, res.states, res.plan))
+        parts.append(Part(a, b, res.states, res.plan, res.mids))
     out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block)
     return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, p, tuple(parts))
 

@@ -139,8 +139,11 @@ def _steps16(
     y13,
     y14,
     y15,
+    mid_ptrs,
+    SAVE_MID: tl.constexpr,
 ):
     # One state through the chunk: h_t = exp2(Δ_t·A)·h_(t-1) + x_t·B_t, y_t += C_t·h_t (A pre-scaled by log2 e).
+    # SAVE_MID: the state after the chunk's 8th token is stored at mid_ptrs (PassConfig.mid_states).
     h = tl.exp2(d0 * A) * h + x0 * b0
     y0 += c0 * h
     h = tl.exp2(d1 * A) * h + x1 * b1
@@ -157,6 +160,8 @@ def _steps16(
     y6 += c6 * h
     h = tl.exp2(d7 * A) * h + x7 * b7
     y7 += c7 * h
+    if SAVE_MID:
+        _st1(mid_ptrs, h)
     h = tl.exp2(d8 * A) * h + x8 * b8
     y8 += c8 * h
     h = tl.exp2(d9 * A) * h + x9 * b9
@@ -301,10 +306,12 @@ def _chunk16(
     h0, q0, base, neighbours, L, fast, mid, st_fast, st_mid, st_slow, rev,
     u_rows, d_rows, z_rows, o_rows, p_rows, A_rows, B_base, C_base, sB_n, sC_n, bias, Dv, nn, zero_i,
     ANY: tl.constexpr, STRIDED: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    GATE: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATE: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_N: tl.constexpr, mid_rows, mid_stride,
+    SAVE_MID: tl.constexpr = False,
 ):
     # One chunk of 16 tokens (q0 ..) from the (BLOCK_N, SUB) chunk-start state h0; writes y (and the pre-gate output)
-    # and returns the state after the chunk. Each quantity is 16 per-channel vectors, one per token. An order whose
+    # and returns the state after the chunk. SAVE_MID: state n after the chunk's 8th token goes to
+    # mid_rows + n·mid_stride (the backward's middle states, PassConfig.mid_states). Each quantity is 16 per-channel vectors, one per token. An order whose
     # chunk is 16 neighbours in memory from offset `base` on moves it by 16-byte loads (a reversed order reads them
     # in reverse); any other order (STRIDED: the call may have some) loads one token at a time. ANY = False: every
     # order is the raster one. Without STRIDED no token offsets are computed (nor kept in registers).
@@ -393,7 +400,7 @@ def _chunk16(
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
             b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15,
             e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,
-            y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15,
+            y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15, mid_rows + n * mid_stride, SAVE_MID,
         )
         h_next = tl.where(nn[:, None] == n, h_end[None, :], h_next)
     if GATE:
