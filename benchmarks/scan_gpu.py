@@ -357,6 +357,25 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             variant(mid_states=True),
         ),
         (
+            "mid_states and backward maxnreg=168 (12 programs per SM, no spills on sm_90a)",
+            (dataclasses.replace(fwd, mid_states=True), dataclasses.replace(bwd, mid_states=True, maxnreg=168)),
+        ),
+        (
+            "mid_states and backward maxnreg=144 (14 programs per SM, no spills on sm_90a at lengths of 16s)",
+            (dataclasses.replace(fwd, mid_states=True), dataclasses.replace(bwd, mid_states=True, maxnreg=144)),
+        ),
+        (
+            "mid_states and backward maxnreg=168, fill=12 (as many segments as resident programs)",
+            (
+                dataclasses.replace(fwd, mid_states=True),
+                dataclasses.replace(bwd, mid_states=True, maxnreg=168, fill=12),
+            ),
+        ),
+        (
+            "backward maxnreg=168 (12 programs per SM; 248 bytes of spills on sm_90a without mid_states)",
+            (fwd, dataclasses.replace(bwd, maxnreg=168)),
+        ),
+        (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",
             (dataclasses.replace(fwd, prefetch=True), bwd),
         ),

@@ -75,7 +75,7 @@ def compile_sm90(
                  "VEC_MODE": int(ptx)}  # fmt: skip
     elif kernel == "backward":
         fn = backward._bwd_kernel
-        const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": True, "SOFTPLUS": True,
+        const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": False, "SOFTPLUS": True,
                  "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False, "PREFETCH": prefetch,
                  "LOAD_AHEAD": load_ahead, "HAS_MIDS": mid_states}  # fmt: skip
     else:
