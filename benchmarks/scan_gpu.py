@@ -361,6 +361,13 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (dataclasses.replace(fwd, mid_states=True), dataclasses.replace(bwd, mid_states=True, maxnreg=168)),
         ),
         (
+            "mid_states and backward maxnreg=168, line_vector_maxnreg=200 (10 line-vector programs per SM)",
+            (
+                dataclasses.replace(fwd, mid_states=True),
+                dataclasses.replace(bwd, mid_states=True, maxnreg=168, line_vector_maxnreg=200),
+            ),
+        ),
+        (
             "mid_states and backward maxnreg=144 (14 programs per SM, no spills on sm_90a at lengths of 16s)",
             (dataclasses.replace(fwd, mid_states=True), dataclasses.replace(bwd, mid_states=True, maxnreg=144)),
         ),

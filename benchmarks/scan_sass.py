@@ -65,7 +65,7 @@ def compile_sm90(
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
-                 "LOAD_AHEAD": load_ahead}  # fmt: skip
+                 "LOAD_AHEAD": load_ahead, "HAS_MIDS": mid_states}  # fmt: skip
     elif kernel == "lines-segment":
         fn = lines_backward._bwd_lines_segment_kernel
         const = {"SUB": 32, "LV": lv, "HAS_BIAS": True, "SOFTPLUS": True}

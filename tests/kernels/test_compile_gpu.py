@@ -42,12 +42,13 @@ for has_bc, has_d, has_bias in [(True, True, True), (False, False, True), (True,
              "ROWS": backward.FINISH_ROWS, "COLS": backward.FINISH_COLS}
     build(backward._bwd_finish_kernel, const, grads)
 seq = {n: "*bf16" for n in ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "pre_ptr")} | {"order_ptr": "*i32"}
-for end, save in [(True, False), (False, True), (False, False)]:
+for end, save, mid in [(True, False, False), (False, True, False), (False, True, True), (False, False, False)]:
     const = {"SUB": 32, "LV": 4, "HAS_D": save, "HAS_BIAS": save, "SOFTPLUS": True, "GATE": save, "STORE_PRE": save,
-             "SAVE_STATES": save, "END_ONLY": end}
+             "SAVE_STATES": save, "END_ONLY": end, "SAVE_MID": mid}
     build(lines._fwd_lines_kernel, const, seq)
-const = {"SUB": 32, "LV": 2, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": True}
-build(lines_backward._bwd_lines_kernel, const, seq | {"du_ptr": "*bf16", "ddl_ptr": "*bf16"})
+for options in ({"LOAD_AHEAD": False, "HAS_MIDS": False}, {"LOAD_AHEAD": True, "HAS_MIDS": True}):  # defaults; opt-ins
+    const = {"SUB": 32, "LV": 2, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": True, **options}
+    build(lines_backward._bwd_lines_kernel, const, seq | {"du_ptr": "*bf16", "ddl_ptr": "*bf16"})
 build(lines_backward._bwd_lines_segment_kernel, {"SUB": 32, "LV": 2, "HAS_BIAS": True, "SOFTPLUS": True}, seq)
 print("compiled")
 """

@@ -88,19 +88,23 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     kw = {"channels": 32, "N": 16, "seed": 23, **options}
     low, ref = make_inputs(spatial, 1, dtype=dtype, **kw)
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
-    fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv)
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    # both cases with the middle states asked for (PassConfig.mid_states): the line-vector forward saves them and
+    # the line-vector backward reads them; the chunk forward of a strided order saves none
+    fwd = dataclasses.replace(configs.forward_config(), line_vectors=forward_lv, mid_states=True)
     # the first case takes the GPU path's dB/dC sums (ptx._lane_sum8, emulated) and the line-vector segment pass
     # (line_vector_segments), the second tl.sum, the chunk path's segment pass and state n + 1's A and B_n row
     # loaded during state n (line_vector_load_ahead)
     first = forward_lv == 4
     bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=first, line_vector_segments=first,
-                              line_vector_load_ahead=not first)  # fmt: skip
+                              line_vector_load_ahead=not first, mid_states=True)  # fmt: skip
     # the defaults since the H100 timings (configs._BACKWARD)
     assert configs.backward_config().line_vectors == 2 and configs.backward_config().line_vector_segments
     with configs.override(forward=fwd, backward=bwd):
         assert_matches_reference(low, ref, (order,), dtype=dtype)
     launches = list(triton_backward._LAUNCHES.values())
     assert [(x.line_vectors, x.segment_lines) for x in launches] == [(2, first)]
+    assert any(x.save_mids for x in triton_forward._LAUNCHES.values()) == first
 
 
 def test_line_vector_backward_never_reads_the_first_chunks_unwritten_state():

@@ -826,11 +826,11 @@ def backward(
     if launch.line_vectors:  # one strided order, its lines side by side (lines_backward.py)
         _bwd_lines_launch[launch.grid](
             u, delta, A32, B, C, Dv, bias, gy, states, grad_last, rho, mid, dA_slot, launch.table,
-            du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
+            mids if mids is not None else states, du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
             p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, LV=launch.line_vectors, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, LOAD_AHEAD=cfg.line_vector_load_ahead, num_warps=1,
-            **launch.options,
+            SOFTPLUS=delta_softplus, LANE_SUMS=launch.ptx, LOAD_AHEAD=cfg.line_vector_load_ahead,
+            HAS_MIDS=mids is not None, num_warps=1, **launch.options,
         )  # fmt: skip
     else:
         _bwd_launch[launch.grid](
@@ -1032,7 +1032,7 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
     bpg = p.cpg // sub
     cap = cfg.maxnreg if any(layout.directions(orders, p.spatial)) else cfg.strided_maxnreg
     if line_len:  # it takes 255 registers without spills (sm_90a, bf16); a cap of 168 spilled 2,500 bytes
-        cap = None
+        cap = cfg.line_vector_maxnreg
     fused_bc = not (bpg == 1 and B.dtype == C.dtype == torch.float32)
     bk = p.batch * p.K
     states = bk * nsplit * p.N * p.channels  # (B, K, nsplit, N, C): rho, mid, dA_slot, seg_rho; dA partials

@@ -123,7 +123,11 @@ class PassConfig:
             ``load_ahead``). It costs an extra 16 stores per chunk in the forward, and at 64³ (bf16 + z, raster and
             reversed, batch 2, d 96) 403 MB more activation memory per call. It also frees registers: as launched
             (sm_90a, bf16, lengths of 16s) the pass takes 238 instead of 251, and fits a ``maxnreg`` of 168 (12
-            one-warp programs per SM instead of 8) or 144 (14) without spills. Off until timed.
+            one-warp programs per SM instead of 8) or 144 (14) without spills. The line-vector passes (lines.py,
+            lines_backward.py) do the same: there the backward's chunk loop goes from 5,224 to 4,504 instructions
+            and 254 to 244 registers, and fits a cap of 200 (10 programs per SM) without spills. Off until timed.
+        line_vector_maxnreg: (backward) a register cap for the line-vector main pass (lines_backward.py); None: the
+            compiler's 255. 200 fits without spills only with ``mid_states`` (sm_90a, bf16).
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -165,6 +169,7 @@ class PassConfig:
     load_ahead: bool = False
     line_vector_load_ahead: bool = False
     mid_states: bool = False
+    line_vector_maxnreg: int | None = None
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True

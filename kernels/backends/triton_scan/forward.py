@@ -743,6 +743,7 @@ def _line_vector_settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_sof
         flags=flags,
         y_shape=(p.batch, p.channels, *p.spatial) if merge == "sum" else (p.batch, 1, p.channels, *p.spatial),
         line_vectors=lv,
+        save_mids=save and cfg.mid_states,
     )
 
 
@@ -761,8 +762,11 @@ def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> Fo
     states = torch.empty(p.batch, 1, launch.n_state, p.N, p.channels, device=dev, dtype=f32)
     z_arg = z if z is not None else u
     pre_arg = pre if pre is not None else y
+    # the chunks' middle states too, for the line-vector backward (PassConfig.mid_states)
+    mids = torch.empty_like(states) if save and launch.save_mids else None
     tensors = (u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, seg_state, seg_dt, line_state, line_dt,
-               launch.table, p.channels, p.cpg, cps, launch.n_state, nlines, ngroups, *launch.strides)  # fmt: skip
+               launch.table, mids if mids is not None else last, p.channels, p.cpg, cps, launch.n_state, nlines,
+               ngroups, *launch.strides)  # fmt: skip
     _lines_launch[launch.grid](*tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
                                **launch.flags)  # fmt: skip
     if ngroups > 1:
@@ -772,5 +776,5 @@ def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> Fo
             SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
         )  # fmt: skip
     _lines_launch[launch.grid](*tensors, GATE=z is not None, STORE_PRE=pre is not None, SAVE_STATES=save,
-                               END_ONLY=False, **launch.flags)  # fmt: skip
-    return ForwardResult(y, last, states if save else None, pre, p)
+                               END_ONLY=False, SAVE_MID=mids is not None, **launch.flags)  # fmt: skip
+    return ForwardResult(y, last, states if save else None, pre, p, mids=mids)

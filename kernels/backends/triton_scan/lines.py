@@ -83,15 +83,18 @@ def _fold(h, dts, A_n, jj, LV: tl.constexpr):
 @triton.jit
 def _fwd_lines_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
-    out_ptr, pre_ptr, state_ptr, last_ptr, seg_state_ptr, seg_dt_ptr, line_ptr, ldt_ptr, order_ptr,
+    out_ptr, pre_ptr, state_ptr, last_ptr, seg_state_ptr, seg_dt_ptr, line_ptr, ldt_ptr, order_ptr, mid_ptr,
     CH, CPG, cps, n_state, nlines, ngroups,
     su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sz_b, sz_c, so_b, so_c, sp_b, sp_c,
     SUB: tl.constexpr, LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
+    SAVE_MID: tl.constexpr = False,
 ):  # fmt: skip
     # A program: (32 channels of one group, LV neighbouring lines of the order = a group, one batch entry); one
     # thread per channel holding the group's lines side by side. END_ONLY: the segment pass (each line's end state
     # from zero and Σ Δ, and the group's map for the carry pass); else the main pass from the carried states.
+    # SAVE_MID: each chunk's middle state too (after its 8th token), at mid_ptr in the chunk-start states' layout
+    # (PassConfig.mid_states).
     N: tl.constexpr = 16
     pid_blk = tl.program_id(0)
     g = tl.program_id(1)
@@ -228,6 +231,25 @@ def _fwd_lines_kernel(
             h13, y = _step(h13, dt, dtu, A13, bp + 13 * sB_n, cp + 13 * sC_n, y, not END_ONLY)
             h14, y = _step(h14, dt, dtu, A14, bp + 14 * sB_n, cp + 14 * sC_n, y, not END_ONLY)
             h15, y = _step(h15, dt, dtu, A15, bp + 15 * sB_n, cp + 15 * sC_n, y, not END_ONLY)
+            if SAVE_MID:  # noqa: SIM102 (a compile-time switch around a run-time test)
+                if t == 7:
+                    m_rows = mid_ptr + ((b * n_state + l0 * cps + i) * N) * CH + ch  # lines cps·N·CH apart
+                    _store_lines(m_rows + 0 * CH, cps * N * CH, h0, jj, LV)
+                    _store_lines(m_rows + 1 * CH, cps * N * CH, h1, jj, LV)
+                    _store_lines(m_rows + 2 * CH, cps * N * CH, h2, jj, LV)
+                    _store_lines(m_rows + 3 * CH, cps * N * CH, h3, jj, LV)
+                    _store_lines(m_rows + 4 * CH, cps * N * CH, h4, jj, LV)
+                    _store_lines(m_rows + 5 * CH, cps * N * CH, h5, jj, LV)
+                    _store_lines(m_rows + 6 * CH, cps * N * CH, h6, jj, LV)
+                    _store_lines(m_rows + 7 * CH, cps * N * CH, h7, jj, LV)
+                    _store_lines(m_rows + 8 * CH, cps * N * CH, h8, jj, LV)
+                    _store_lines(m_rows + 9 * CH, cps * N * CH, h9, jj, LV)
+                    _store_lines(m_rows + 10 * CH, cps * N * CH, h10, jj, LV)
+                    _store_lines(m_rows + 11 * CH, cps * N * CH, h11, jj, LV)
+                    _store_lines(m_rows + 12 * CH, cps * N * CH, h12, jj, LV)
+                    _store_lines(m_rows + 13 * CH, cps * N * CH, h13, jj, LV)
+                    _store_lines(m_rows + 14 * CH, cps * N * CH, h14, jj, LV)
+                    _store_lines(m_rows + 15 * CH, cps * N * CH, h15, jj, LV)
             if not END_ONLY:
                 if GATE:
                     zz = tl.load(z_rows[:, None] + tok).to(tl.float32)

@@ -322,12 +322,14 @@ def _finish_token(q, u, dt, g, lam_B, lam_hA, d_rows, du_rows, dd_rows, line_off
 @triton.jit
 def _bwd_lines_kernel(
     u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, gy_ptr, state_ptr, last_ptr, rho_ptr, mid_ptr, dA_slot_ptr,
-    order_ptr, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    order_ptr, saved_mid_ptr, du_ptr, ddl_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
     L, CH, N, G, CPG, cps, nlines,
     su_b, su_c, sd_b, sd_c, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sg_b, sg_c, so_b,
     SUB: tl.constexpr, LV: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    LANE_SUMS: tl.constexpr, LOAD_AHEAD: tl.constexpr = False,
+    LANE_SUMS: tl.constexpr, LOAD_AHEAD: tl.constexpr = False, HAS_MIDS: tl.constexpr = False,
 ):  # fmt: skip
+    # HAS_MIDS: the chunks' middle states as the forward saved them (PassConfig.mid_states) at saved_mid_ptr, laid out
+    # as the chunk-start states: read, not recomputed.
     # A program: (32 channels of one group, LV neighbouring lines of the order, one batch entry), one thread per
     # channel holding its LV lines side by side; every line a segment whose incoming adjoint the carry pass left in
     # its ρ slot. Buffers as the chunk path's main pass (backward._bwd_kernel) with one order: slots (B, nlines, N,
@@ -361,6 +363,7 @@ def _bwd_lines_kernel(
     mid_rows = mid_ptr + slot
     dA_rows = dA_slot_ptr + slot
     st_rows = state_ptr + (b * nlines + l0) * cps * N * CH + ch  # chunk c of line j: (j·cps + c)·N·CH further
+    saved_mid_rows = saved_mid_ptr + (b * nlines + l0) * cps * N * CH + ch  # HAS_MIDS: alike
     A_rows = A_ptr + ch * N
     bias = tl.zeros([SUB], dtype=tl.float32)
     Dv = tl.zeros([SUB], dtype=tl.float32)
@@ -382,63 +385,68 @@ def _bwd_lines_kernel(
         q0 = c * 16
         start_rows = st_rows + c * N * CH
         start_ok = (l0 + jj) * cps + c > 0  # the sequence's first chunk starts from zero (its state may be unwritten)
-        # the state after the chunk's first half: exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t
-        t0, t1, t2, t3, t4, t5, t6, t7 = _dt8(d_rows, line_off, q0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
-        u0, u1, u2, u3, u4, u5, u6, u7 = _tok8(u_rows, line_off, q0, st_fast, LV)
-        x0, x1, x2, x3, x4, x5, x6, x7 = t0 * u0, t1 * u1, t2 * u2, t3 * u3, t4 * u4, t5 * u5, t6 * u6, t7 * u7
-        s7 = t7  # Σ_{j>t} Δ_j for t = 6, 5, …
-        s6 = s7 + t6
-        s5 = s6 + t5
-        s4 = s5 + t4
-        s3 = s4 + t3
-        s2 = s3 + t2
-        s1 = s2 + t1
-        total = s1 + t0
-        # (LOAD_AHEAD: state n + 1's A and B_n row loaded during state n, as in _half)
-        A_at = tl.load(A_rows)
-        r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line, line_off, q0, st_fast, LV)
-        for n in range(N):
-            n_next = tl.minimum(n + 1, N - 1)
-            if LOAD_AHEAD:
-                A2 = A_at[:, None] * LOG2E
-                b0, b1, b2, b3, b4, b5, b6, b7 = (
-                    _f32(r0),
-                    _f32(r1),
-                    _f32(r2),
-                    _f32(r3),
-                    _f32(r4),
-                    _f32(r5),
-                    _f32(r6),
-                    _f32(r7),
-                )
-                A_at = tl.load(A_rows + n_next)
-                r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
-            else:
-                A2 = tl.load(A_rows + n)[:, None] * LOG2E
-                Bp = B_line + n * sB_n
-                b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
-                b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
-                b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
-                b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
-                b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
-                b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
-                b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
-                b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
-            tail = x7 * b7
-            tail += tl.exp2(s7 * A2) * x6 * b6
-            tail += tl.exp2(s6 * A2) * x5 * b5
-            tail += tl.exp2(s5 * A2) * x4 * b4
-            tail += tl.exp2(s4 * A2) * x3 * b3
-            tail += tl.exp2(s3 * A2) * x2 * b2
-            tail += tl.exp2(s2 * A2) * x1 * b1
-            tail += tl.exp2(s1 * A2) * x0 * b0
-            h_start = tl.where(start_ok[None, :], _load_lines(start_rows + n * CH, cps * N * CH, jj, LV), 0.0)
-            _store_lines(mid_rows + n * CH, N * CH, tl.exp2(total * A2) * h_start + tail, jj, LV)
+        if not HAS_MIDS:
+            # the state after the chunk's first half: exp(A·ΣΔ)·h_start + Σ_t exp(A·Σ_{j>t} Δ_j)·Δ_t·u_t·B_t
+            t0, t1, t2, t3, t4, t5, t6, t7 = _dt8(d_rows, line_off, q0, st_fast, bias, HAS_BIAS, SOFTPLUS, LV)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _tok8(u_rows, line_off, q0, st_fast, LV)
+            x0, x1, x2, x3, x4, x5, x6, x7 = t0 * u0, t1 * u1, t2 * u2, t3 * u3, t4 * u4, t5 * u5, t6 * u6, t7 * u7
+            s7 = t7  # Σ_{j>t} Δ_j for t = 6, 5, …
+            s6 = s7 + t6
+            s5 = s6 + t5
+            s4 = s5 + t4
+            s3 = s4 + t3
+            s2 = s3 + t2
+            s1 = s2 + t1
+            total = s1 + t0
+            # (LOAD_AHEAD: state n + 1's A and B_n row loaded during state n, as in _half)
+            A_at = tl.load(A_rows)
+            r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line, line_off, q0, st_fast, LV)
+            for n in range(N):
+                n_next = tl.minimum(n + 1, N - 1)
+                if LOAD_AHEAD:
+                    A2 = A_at[:, None] * LOG2E
+                    b0, b1, b2, b3, b4, b5, b6, b7 = (
+                        _f32(r0),
+                        _f32(r1),
+                        _f32(r2),
+                        _f32(r3),
+                        _f32(r4),
+                        _f32(r5),
+                        _f32(r6),
+                        _f32(r7),
+                    )
+                    A_at = tl.load(A_rows + n_next)
+                    r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
+                else:
+                    A2 = tl.load(A_rows + n)[:, None] * LOG2E
+                    Bp = B_line + n * sB_n
+                    b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
+                    b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
+                    b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
+                    b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
+                    b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
+                    b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
+                    b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
+                    b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
+                tail = x7 * b7
+                tail += tl.exp2(s7 * A2) * x6 * b6
+                tail += tl.exp2(s6 * A2) * x5 * b5
+                tail += tl.exp2(s5 * A2) * x4 * b4
+                tail += tl.exp2(s4 * A2) * x3 * b3
+                tail += tl.exp2(s3 * A2) * x2 * b2
+                tail += tl.exp2(s2 * A2) * x1 * b1
+                tail += tl.exp2(s1 * A2) * x0 * b0
+                h_start = tl.where(start_ok[None, :], _load_lines(start_rows + n * CH, cps * N * CH, jj, LV), 0.0)
+                _store_lines(mid_rows + n * CH, N * CH, tl.exp2(total * A2) * h_start + tail, jj, LV)
         for half in tl.static_range(1, -1, -1):  # the second half first: the adjoint flows backwards
             if half == 1:
+                if HAS_MIDS:
+                    half_start, half_stride = saved_mid_rows + c * N * CH, cps * N * CH
+                else:
+                    half_start, half_stride = mid_rows, N * CH
                 gu, gd = _half(
                     q0 + 8, u_rows, d_rows, g_rows, du_rows, dd_rows, A_rows, B_line, C_line, dB_rows, dC_rows,
-                    mid_rows, N * CH, all_lines, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
+                    half_start, half_stride, all_lines, rho_rows, dA_rows, line_off, st_fast, bias, Dv, jj, lane,
                     first_line + st_fast.to(tl.int64) * (q0 + 8 + ((lane >> 2) & 7)), N, CH, L, sB_n, sC_n, LV, HAS_D,
                     HAS_BIAS, SOFTPLUS, LANE_SUMS, LOAD_AHEAD,
                 )  # fmt: skip
