@@ -85,10 +85,10 @@ def test_gpu_path_logic_matches_the_float64_reference_under_the_interpreter(
     assert any(launch.save_mids for launch in triton_forward._LAUNCHES.values()) == (mids and mode != 2)
 
 
-def test_grouped_call_hands_the_middle_states_to_its_raster_group(monkeypatch):
+def test_grouped_call_hands_each_group_its_middle_states(monkeypatch):
     # SegMamba's three orders as groups (PassConfig.split_orders) with PassConfig.mid_states on the emulated GPU
-    # path: the raster and reversed group saves its chunks' middle states and its backward gets them; the slice
-    # order's line vectors save none
+    # path: each group saves its chunks' middle states (the raster and reversed group on the per-token path, the
+    # slice order as line vectors) and its backward gets them
     import dataclasses
 
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
@@ -107,7 +107,7 @@ def test_grouped_call_hands_the_middle_states_to_its_raster_group(monkeypatch):
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     with configs.override(forward=fwd, backward=bwd):
         assert_matches_reference(low, ref, (RASTER, REVERSED, SLICE), dtype=torch.float32)
-    assert sorted(handed) == [(1, False), (2, True)]
+    assert sorted(handed) == [(1, True), (2, True)]
 
 
 def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
