@@ -185,16 +185,8 @@ def _half(
         n_next = tl.minimum(n + 1, N - 1)
         if LOAD_AHEAD:
             A_n = A_at[:, None]
-            b0, b1, b2, b3, b4, b5, b6, b7 = (
-                _f32(r0),
-                _f32(r1),
-                _f32(r2),
-                _f32(r3),
-                _f32(r4),
-                _f32(r5),
-                _f32(r6),
-                _f32(r7),
-            )
+            b0, b1, b2, b3 = _f32(r0), _f32(r1), _f32(r2), _f32(r3)
+            b4, b5, b6, b7 = _f32(r4), _f32(r5), _f32(r6), _f32(r7)
             A_at = tl.load(A_rows + n_next)
             r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
         else:
@@ -405,16 +397,8 @@ def _bwd_lines_kernel(
                 n_next = tl.minimum(n + 1, N - 1)
                 if LOAD_AHEAD:
                     A2 = A_at[:, None] * LOG2E
-                    b0, b1, b2, b3, b4, b5, b6, b7 = (
-                        _f32(r0),
-                        _f32(r1),
-                        _f32(r2),
-                        _f32(r3),
-                        _f32(r4),
-                        _f32(r5),
-                        _f32(r6),
-                        _f32(r7),
-                    )
+                    b0, b1, b2, b3 = _f32(r0), _f32(r1), _f32(r2), _f32(r3)
+                    b4, b5, b6, b7 = _f32(r4), _f32(r5), _f32(r6), _f32(r7)
                     A_at = tl.load(A_rows + n_next)
                     r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
                 else:
