@@ -59,6 +59,28 @@ def _store_lines(rows, line_stride, x, jj, LV: tl.constexpr):
 
 
 @triton.jit
+def _store_states16(rows, line_stride, CH, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15, jj,
+                    LV: tl.constexpr):  # fmt: skip
+    # the 16 states' (SUB, LV) tiles: state n to rows + n·CH, its lines line_stride apart
+    _store_lines(rows + 0 * CH, line_stride, h0, jj, LV)
+    _store_lines(rows + 1 * CH, line_stride, h1, jj, LV)
+    _store_lines(rows + 2 * CH, line_stride, h2, jj, LV)
+    _store_lines(rows + 3 * CH, line_stride, h3, jj, LV)
+    _store_lines(rows + 4 * CH, line_stride, h4, jj, LV)
+    _store_lines(rows + 5 * CH, line_stride, h5, jj, LV)
+    _store_lines(rows + 6 * CH, line_stride, h6, jj, LV)
+    _store_lines(rows + 7 * CH, line_stride, h7, jj, LV)
+    _store_lines(rows + 8 * CH, line_stride, h8, jj, LV)
+    _store_lines(rows + 9 * CH, line_stride, h9, jj, LV)
+    _store_lines(rows + 10 * CH, line_stride, h10, jj, LV)
+    _store_lines(rows + 11 * CH, line_stride, h11, jj, LV)
+    _store_lines(rows + 12 * CH, line_stride, h12, jj, LV)
+    _store_lines(rows + 13 * CH, line_stride, h13, jj, LV)
+    _store_lines(rows + 14 * CH, line_stride, h14, jj, LV)
+    _store_lines(rows + 15 * CH, line_stride, h15, jj, LV)
+
+
+@triton.jit
 def _line_starts(h_group, A_n, n, line_ptr, ldt_ptr, jj, CH, N, LV: tl.constexpr):
     # (SUB, LV) start states of state n for the group's lines: line 0 starts from the group's state, line j + 1 from
     # line j's through its map h ← exp(A·ΣΔ_j)·h + h_j (the segment pass's end state from zero and Σ Δ)
@@ -186,22 +208,9 @@ def _fwd_lines_kernel(
     for i in range(cps):
         if SAVE_STATES:  # chunk-start states (B, n_state, N, C) for the backward
             s_rows = state_ptr + ((b * n_state + l0 * cps + i) * N) * CH + ch  # lines cps·N·CH apart
-            _store_lines(s_rows + 0 * CH, cps * N * CH, h0, jj, LV)
-            _store_lines(s_rows + 1 * CH, cps * N * CH, h1, jj, LV)
-            _store_lines(s_rows + 2 * CH, cps * N * CH, h2, jj, LV)
-            _store_lines(s_rows + 3 * CH, cps * N * CH, h3, jj, LV)
-            _store_lines(s_rows + 4 * CH, cps * N * CH, h4, jj, LV)
-            _store_lines(s_rows + 5 * CH, cps * N * CH, h5, jj, LV)
-            _store_lines(s_rows + 6 * CH, cps * N * CH, h6, jj, LV)
-            _store_lines(s_rows + 7 * CH, cps * N * CH, h7, jj, LV)
-            _store_lines(s_rows + 8 * CH, cps * N * CH, h8, jj, LV)
-            _store_lines(s_rows + 9 * CH, cps * N * CH, h9, jj, LV)
-            _store_lines(s_rows + 10 * CH, cps * N * CH, h10, jj, LV)
-            _store_lines(s_rows + 11 * CH, cps * N * CH, h11, jj, LV)
-            _store_lines(s_rows + 12 * CH, cps * N * CH, h12, jj, LV)
-            _store_lines(s_rows + 13 * CH, cps * N * CH, h13, jj, LV)
-            _store_lines(s_rows + 14 * CH, cps * N * CH, h14, jj, LV)
-            _store_lines(s_rows + 15 * CH, cps * N * CH, h15, jj, LV)
+            _store_states16(
+                s_rows, cps * N * CH, CH, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15, jj, LV
+            )
         for t in range(16):
             d = tl.multiple_of(st_fast.to(tl.int64) * (i * 16 + t), LV)
             tok = (line_off + d)[None, :]
@@ -234,22 +243,29 @@ def _fwd_lines_kernel(
             if SAVE_MID:  # noqa: SIM102 (a compile-time switch around a run-time test)
                 if t == 7:
                     m_rows = mid_ptr + ((b * n_state + l0 * cps + i) * N) * CH + ch  # lines cps·N·CH apart
-                    _store_lines(m_rows + 0 * CH, cps * N * CH, h0, jj, LV)
-                    _store_lines(m_rows + 1 * CH, cps * N * CH, h1, jj, LV)
-                    _store_lines(m_rows + 2 * CH, cps * N * CH, h2, jj, LV)
-                    _store_lines(m_rows + 3 * CH, cps * N * CH, h3, jj, LV)
-                    _store_lines(m_rows + 4 * CH, cps * N * CH, h4, jj, LV)
-                    _store_lines(m_rows + 5 * CH, cps * N * CH, h5, jj, LV)
-                    _store_lines(m_rows + 6 * CH, cps * N * CH, h6, jj, LV)
-                    _store_lines(m_rows + 7 * CH, cps * N * CH, h7, jj, LV)
-                    _store_lines(m_rows + 8 * CH, cps * N * CH, h8, jj, LV)
-                    _store_lines(m_rows + 9 * CH, cps * N * CH, h9, jj, LV)
-                    _store_lines(m_rows + 10 * CH, cps * N * CH, h10, jj, LV)
-                    _store_lines(m_rows + 11 * CH, cps * N * CH, h11, jj, LV)
-                    _store_lines(m_rows + 12 * CH, cps * N * CH, h12, jj, LV)
-                    _store_lines(m_rows + 13 * CH, cps * N * CH, h13, jj, LV)
-                    _store_lines(m_rows + 14 * CH, cps * N * CH, h14, jj, LV)
-                    _store_lines(m_rows + 15 * CH, cps * N * CH, h15, jj, LV)
+                    _store_states16(
+                        m_rows,
+                        cps * N * CH,
+                        CH,
+                        h0,
+                        h1,
+                        h2,
+                        h3,
+                        h4,
+                        h5,
+                        h6,
+                        h7,
+                        h8,
+                        h9,
+                        h10,
+                        h11,
+                        h12,
+                        h13,
+                        h14,
+                        h15,
+                        jj,
+                        LV,
+                    )
             if not END_ONLY:
                 if GATE:
                     zz = tl.load(z_rows[:, None] + tok).to(tl.float32)
@@ -259,22 +275,9 @@ def _fwd_lines_kernel(
                 tl.store(o_rows[:, None] + tok, y)
     if END_ONLY:
         # per-line maps for the main pass, the group's map for the carry pass ((B, C, ngroups, N), (B, C, ngroups))
-        _store_lines(l_rows + 0 * CH, N * CH, h0, jj, LV)
-        _store_lines(l_rows + 1 * CH, N * CH, h1, jj, LV)
-        _store_lines(l_rows + 2 * CH, N * CH, h2, jj, LV)
-        _store_lines(l_rows + 3 * CH, N * CH, h3, jj, LV)
-        _store_lines(l_rows + 4 * CH, N * CH, h4, jj, LV)
-        _store_lines(l_rows + 5 * CH, N * CH, h5, jj, LV)
-        _store_lines(l_rows + 6 * CH, N * CH, h6, jj, LV)
-        _store_lines(l_rows + 7 * CH, N * CH, h7, jj, LV)
-        _store_lines(l_rows + 8 * CH, N * CH, h8, jj, LV)
-        _store_lines(l_rows + 9 * CH, N * CH, h9, jj, LV)
-        _store_lines(l_rows + 10 * CH, N * CH, h10, jj, LV)
-        _store_lines(l_rows + 11 * CH, N * CH, h11, jj, LV)
-        _store_lines(l_rows + 12 * CH, N * CH, h12, jj, LV)
-        _store_lines(l_rows + 13 * CH, N * CH, h13, jj, LV)
-        _store_lines(l_rows + 14 * CH, N * CH, h14, jj, LV)
-        _store_lines(l_rows + 15 * CH, N * CH, h15, jj, LV)
+        _store_states16(
+            l_rows, N * CH, CH, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15, jj, LV
+        )
         _store_lines(t_rows, CH, dts, jj, LV)
         seg_row = (b * CH + ch) * ngroups + g
         tl.store(seg_state_ptr + seg_row * N + 0, _fold(h0, dts, A0, jj, LV))

@@ -185,21 +185,14 @@ def _half(
         n_next = tl.minimum(n + 1, N - 1)
         if LOAD_AHEAD:
             A_n = A_at[:, None]
-            b0, b1, b2, b3 = _f32(r0), _f32(r1), _f32(r2), _f32(r3)
-            b4, b5, b6, b7 = _f32(r4), _f32(r5), _f32(r6), _f32(r7)
+            w0, w1, w2, w3, w4, w5, w6, w7 = r0, r1, r2, r3, r4, r5, r6, r7
             A_at = tl.load(A_rows + n_next)
             r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
         else:
             A_n = tl.load(A_rows + n)[:, None]
-            Bp = B_line + n * sB_n
-            b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
-            b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
-            b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
-            b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
-            b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
-            b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
-            b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
-            b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _bc8(B_line + n * sB_n, line_off, q0, st_fast, LV)
+        b0, b1, b2, b3 = _f32(w0), _f32(w1), _f32(w2), _f32(w3)
+        b4, b5, b6, b7 = _f32(w4), _f32(w5), _f32(w6), _f32(w7)
         A2 = A_n * LOG2E
         Cp = C_line + n * sC_n
         a0 = tl.exp2(t0 * A2)
@@ -397,21 +390,14 @@ def _bwd_lines_kernel(
                 n_next = tl.minimum(n + 1, N - 1)
                 if LOAD_AHEAD:
                     A2 = A_at[:, None] * LOG2E
-                    b0, b1, b2, b3 = _f32(r0), _f32(r1), _f32(r2), _f32(r3)
-                    b4, b5, b6, b7 = _f32(r4), _f32(r5), _f32(r6), _f32(r7)
+                    w0, w1, w2, w3, w4, w5, w6, w7 = r0, r1, r2, r3, r4, r5, r6, r7
                     A_at = tl.load(A_rows + n_next)
                     r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
                 else:
                     A2 = tl.load(A_rows + n)[:, None] * LOG2E
-                    Bp = B_line + n * sB_n
-                    b0 = _bc(Bp, line_off, q0 + 0, st_fast, LV)
-                    b1 = _bc(Bp, line_off, q0 + 1, st_fast, LV)
-                    b2 = _bc(Bp, line_off, q0 + 2, st_fast, LV)
-                    b3 = _bc(Bp, line_off, q0 + 3, st_fast, LV)
-                    b4 = _bc(Bp, line_off, q0 + 4, st_fast, LV)
-                    b5 = _bc(Bp, line_off, q0 + 5, st_fast, LV)
-                    b6 = _bc(Bp, line_off, q0 + 6, st_fast, LV)
-                    b7 = _bc(Bp, line_off, q0 + 7, st_fast, LV)
+                    w0, w1, w2, w3, w4, w5, w6, w7 = _bc8(B_line + n * sB_n, line_off, q0, st_fast, LV)
+                b0, b1, b2, b3 = _f32(w0), _f32(w1), _f32(w2), _f32(w3)
+                b4, b5, b6, b7 = _f32(w4), _f32(w5), _f32(w6), _f32(w7)
                 tail = x7 * b7
                 tail += tl.exp2(s7 * A2) * x6 * b6
                 tail += tl.exp2(s6 * A2) * x5 * b5

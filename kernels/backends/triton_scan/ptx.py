@@ -180,15 +180,10 @@ def _ld1_if(ptrs, ok, WRITTEN: tl.constexpr = False):
     # slots, loaded a state ahead, read stale values so on the H200).
     if INTERPRETING:
         x = tl.load(ptrs, mask=ok, other=0.0)
-    elif WRITTEN:
-        x = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
-            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-        ).to(tl.float32, bitcast=True)  # fmt: skip
     else:
         x = tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.b32 $0, [$1]; }",
-            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1,
+            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=not WRITTEN, pack=1,
         ).to(tl.float32, bitcast=True)  # fmt: skip
     return x
 
