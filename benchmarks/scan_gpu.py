@@ -353,34 +353,24 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (fwd, dataclasses.replace(bwd, line_vector_load_ahead=True)),
         ),
         (
-            "mid_states (the forward saves the chunks' middle states; the backward reads them)",
-            variant(mid_states=True),
+            "mid_states=False (the backward recomputes the chunks' middle states)",
+            variant(mid_states=False),
         ),
         (
-            "mid_states and backward maxnreg=168 (12 programs per SM, no spills on sm_90a)",
-            (dataclasses.replace(fwd, mid_states=True), dataclasses.replace(bwd, mid_states=True, maxnreg=168)),
-        ),
-        (
-            "mid_states and backward maxnreg=168, line_vector_maxnreg=200 (10 line-vector programs per SM)",
-            (
-                dataclasses.replace(fwd, mid_states=True),
-                dataclasses.replace(bwd, mid_states=True, maxnreg=168, line_vector_maxnreg=200),
-            ),
-        ),
-        (
-            "mid_states and backward maxnreg=144 (14 programs per SM, no spills on sm_90a at lengths of 16s)",
-            (dataclasses.replace(fwd, mid_states=True), dataclasses.replace(bwd, mid_states=True, maxnreg=144)),
-        ),
-        (
-            "mid_states and backward maxnreg=168, fill=12 (as many segments as resident programs)",
-            (
-                dataclasses.replace(fwd, mid_states=True),
-                dataclasses.replace(bwd, mid_states=True, maxnreg=168, fill=12),
-            ),
-        ),
-        (
-            "backward maxnreg=168 (12 programs per SM; 248 bytes of spills on sm_90a without mid_states)",
+            "backward maxnreg=168 (12 programs per SM, no spills on sm_90a with mid_states)",
             (fwd, dataclasses.replace(bwd, maxnreg=168)),
+        ),
+        (
+            "backward maxnreg=168, line_vector_maxnreg=200 (10 line-vector programs per SM)",
+            (fwd, dataclasses.replace(bwd, maxnreg=168, line_vector_maxnreg=200)),
+        ),
+        (
+            "backward maxnreg=144 (14 programs per SM, no spills on sm_90a at lengths of 16s)",
+            (fwd, dataclasses.replace(bwd, maxnreg=144)),
+        ),
+        (
+            "backward maxnreg=168, fill=12 (as many segments as resident programs)",
+            (fwd, dataclasses.replace(bwd, maxnreg=168, fill=12)),
         ),
         (
             "forward prefetch (the per-token main pass asks for the next chunk's lines)",

@@ -83,19 +83,19 @@ def test_scan_kernels_exchange_across_lanes_only_for_the_db_dc_sums():
             assert chunk["mix"].get("CCTL", 0) >= 9, chunk["mix"]
             assert not any(loop["mix"].get("CCTL") for loop in bwd["loops"] if loop is not chunk), bwd["loops"]
             # and (PassConfig.load_ahead) state 0's loads before each per-state loop stay in the chunk loop, one
-            # each: 2 halves × (start state, ρ, dA, the B and C words) and the middle-state loop's B row and start
-            # state. The slots are the kernel's own scratch: loaded by pure asm, the compiler merged the two halves'
-            # and hoisted them out of the chunk loop, and the H200 read stale ρ and dA
+            # each: 2 halves × (start state, ρ, dA, the B and C words). The slots are the kernel's own scratch:
+            # loaded by pure asm, the compiler merged the two halves' and hoisted them out of the chunk loop, and the
+            # H200 read stale ρ and dA
             plain = _sass("backward", "bf16", "--divisible", "--no-load-ahead")
             in_place = max(plain["loops"], key=lambda loop: loop["instructions"])
-            assert chunk["mix"]["LDG"] - in_place["mix"]["LDG"] >= 12, (chunk["mix"], in_place["mix"])
-            # with the forward's middle states (PassConfig.mid_states) the middle-state loop is gone: the two halves'
-            # per-state loops are the only ones with exponentials
+            assert chunk["mix"]["LDG"] - in_place["mix"]["LDG"] >= 10, (chunk["mix"], in_place["mix"])
+            # with the forward's middle states (PassConfig.mid_states, the default) the middle-state loop is gone:
+            # the two halves' per-state loops are the only ones with exponentials; without them it is back
             states = [loop for loop in bwd["loops"] if loop["mix"].get("MUFU") and loop is not chunk]
-            read = _sass("backward", "bf16", "--divisible", "--mid-states")
-            chunk_read = max(read["loops"], key=lambda loop: loop["instructions"])
-            assert len(states) == 3 and read["spill_bytes"] == 0, bwd["loops"]
-            assert len([loop for loop in read["loops"] if loop["mix"].get("MUFU") and loop is not chunk_read]) == 2
+            again = _sass("backward", "bf16", "--divisible", "--no-mid-states")
+            chunk_again = max(again["loops"], key=lambda loop: loop["instructions"])
+            assert len(states) == 2 and again["spill_bytes"] == 0, bwd["loops"]
+            assert len([loop for loop in again["loops"] if loop["mix"].get("MUFU") and loop is not chunk_again]) == 3
 
 
 def test_scan_backward_segment_pass_runs_token_by_token():

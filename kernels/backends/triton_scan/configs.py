@@ -211,9 +211,11 @@ _FORWARD = PassConfig(
     line_vectors=4,
     split_orders=True,
     split_min_length=32768,
+    mid_states=True,
 )
 # H200, 2026-11-28 (fifteenth pass): prefetch, 15.81 -> 15.29 ms forward+backward for the three orders at 64³;
-# (sixteenth pass) load_ahead, 15.41 -> 14.61 ms (32³ 4.46 -> 4.32, 16³ 2.44 -> 2.27)
+# (sixteenth pass) load_ahead, 15.41 -> 14.61 ms (32³ 4.46 -> 4.32, 16³ 2.44 -> 2.27); (seventeenth pass) mid_states,
+# 14.63 -> 13.96 ms
 # H100, 2026-11-28: line vectors in the backward took SegMamba's slice order at 64³ (bf16 + z) from 9.66 to 6.89 ms
 # forward+backward, and the three-order layer from 20.91 to 18.30 ms; their segment pass as line vectors too, 18.28 ->
 # 17.86 ms (2026-11-28, thirteenth pass)
@@ -228,6 +230,7 @@ _BACKWARD = PassConfig(
     line_vector_segments=True,
     prefetch=True,
     load_ahead=True,
+    mid_states=True,
 )
 _overrides: list[dict[str, PassConfig]] = []
 
