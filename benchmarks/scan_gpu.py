@@ -513,7 +513,8 @@ def host_us(fn, calls: int = 20) -> float:
 
 
 def launch_ab(rows, rounds: int = 2, reps=(30, 20)) -> list[dict]:
-    """Each row with Triton's own launches (``jit``) and the direct ones, interleaved ``rounds`` times.
+    """Each row with Triton's own launches (``jit``), the direct ones found by argument key (``keyed``) and by the
+    call sites' memos (``direct``, launch.Launcher.at), interleaved ``rounds`` times.
 
     The lent machines' host speed drifts within minutes, so the modes alternate on the same inputs.
     """
@@ -542,7 +543,7 @@ def _launch_row(row, rounds, reps) -> list[dict]:
     fwd, fwd_bwd = row_calls(row)
     out = []
     for rnd in range(rounds):
-        for mode in ("jit", "direct"):
+        for mode in ("jit", "keyed", "direct"):
             with launch.use_mode(mode):
                 fwd_ms = cuda_time(fwd, reps[0], warmup=3)[0]
                 fb_ms = cuda_time(fwd_bwd, reps[1], warmup=3)[0]
@@ -627,16 +628,16 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
                          f"| {r['rel_err_vs_torch']:.1e} | {grad_err:.1e} |")  # fmt: skip
     if launch_rows:
         head = ("| launch A/B (medians over rounds) | dtype | z | Triton's launch: fwd / fwd+bwd ms, host µs | "
-                "direct: fwd / fwd+bwd ms, host µs |")  # fmt: skip
-        lines += ["", head, "|---|---|---|---|---|"]
+                "direct, by argument key | direct, by the call sites' memos (default) |")  # fmt: skip
+        lines += ["", head, "|---|---|---|---|---|---|"]
         keys = list(dict.fromkeys((r["shape"], r["dtype"], r["z"]) for r in launch_rows))
         for key in keys:
             cells = []
-            for mode in ("jit", "direct"):
+            for mode in ("jit", "keyed", "direct"):
                 got = [r for r in launch_rows if (r["shape"], r["dtype"], r["z"]) == key and r["mode"] == mode]
                 med = {f: statistics.median(r[f] for r in got) for f in ("fwd_ms", "fwd_bwd_ms", "host_us")}
                 cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}, {med['host_us']:.0f}")
-            lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {' | '.join(cells)} |")
     if profile_rows:
         head = ("| kernels of a call (torch.profiler) | dtype | z | pass | per call ms | kernels ms | largest kernels: "
                 "ms per call (launches per call) |")  # fmt: skip

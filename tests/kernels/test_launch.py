@@ -197,3 +197,74 @@ def test_use_mode_sets_and_restores_every_launcher(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with launch.use_mode("direct"):  # the interpreter keeps Triton's own launch
         assert forward._fwd_launch.mode == "jit"
+
+
+def test_a_memo_hit_launches_without_reading_the_arguments(direct, monkeypatch):
+    # Launcher.at: the call site's memo (kept per call signature by forward.py and backward.py) spares the
+    # argument key; the first launch finds the kernel by that key and fills the memo
+    jit, launcher = direct
+    memo = {}
+    x, y = torch.zeros(64), torch.zeros(64)
+    launcher.at(memo, "main", (2,))(*_args(x, x), SCALE=3)
+    (compiled,) = jit.by_key.values()
+    assert memo["main"][0] is compiled and memo["main"][2] == 0  # the kernel, and the device it is for
+    monkeypatch.setattr(launch, "argument_key", lambda args: pytest.fail("a memo hit must not build the key"))
+    launcher.at(memo, "main", (4,))(*_args(y, y, 64), SCALE=3)
+    assert len(jit.calls) == 1
+    assert compiled.runs == [(4, 1, 1, 7, compiled.function, compiled.packed_metadata, None, None, None,
+                              y, y, 64, 16, 3, 64, False)]  # fmt: skip
+
+
+def test_a_memo_of_another_device_or_in_keyed_mode_is_not_used(direct):
+    jit, launcher = direct
+    x = torch.zeros(64)
+    memo = {"main": (object(), (), 1)}  # remembered on device 1; the current device is 0
+    launcher.at(memo, "main", (1,))(*_args(x, x), SCALE=1)
+    (compiled,) = jit.by_key.values()
+    assert memo["main"] == (compiled, (1, 64, False), 0)
+    launcher.mode = "keyed"  # direct launches found by the argument key alone
+    other = {}
+    for _ in range(2):
+        launcher.at(other, "main", (1,))(*_args(x, x), SCALE=1)
+    assert other == {} and len(jit.calls) == 1 and len(compiled.runs) == 2
+
+
+def test_check_mode_asserts_that_triton_picked_the_memos_kernel(direct):
+    jit, launcher = direct
+    launcher.mode = "check"
+    x = torch.zeros(64)
+    memo = {}
+    for _ in range(2):
+        launcher.at(memo, "main", (1,))(*_args(x, x), SCALE=1)
+    assert len(jit.calls) == 2 and not any(c.runs for c in jit.by_key.values())
+    memo["main"] = (object(), *memo["main"][1:])  # a memo filled by a signature that missed a specialisation
+    with pytest.raises(AssertionError, match="memo slot 'main'"):
+        launcher.at(memo, "main", (1,))(*_args(x, x), SCALE=1)
+
+
+def test_scan_launch_settings_are_keyed_on_what_the_memos_need():
+    # under the interpreter (conftest): the launch settings, and with them the memos of Launcher.at, are one per
+    # signature; A, D or delta_bias 4 bytes off a 16-byte boundary, or another dtype of A (dA's), is another
+    from medmamba.kernels import selective_scan
+    from tests.kernels.scan_checks import make_inputs
+
+    low, _ = make_inputs((16,), 1, channels=4, N=4, seed=3)
+
+    def keys_after(args):
+        forward._LAUNCHES.clear()
+        backward._LAUNCHES.clear()
+        out = selective_scan(*args, backend="triton").out
+        out.sum().backward()
+        return next(iter(forward._LAUNCHES)), next(iter(backward._LAUNCHES))
+
+    base = keys_after(low)
+    assert keys_after(low) == base
+    for i in (2, 5, 7):  # A, D, delta_bias
+        flat = torch.zeros(low[i].numel() + 1)
+        moved = list(low)
+        moved[i] = flat[1:].view(low[i].shape).copy_(low[i].detach()).requires_grad_()
+        f, b = keys_after(moved)
+        assert f != base[0] and b != base[1], i
+    as_bf16 = list(low)
+    as_bf16[2] = low[2].detach().bfloat16().requires_grad_()
+    assert keys_after(as_bf16)[1] != base[1]

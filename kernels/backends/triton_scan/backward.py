@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -769,18 +769,27 @@ def backward(
         )
     gy = layout.natural_spatial(grad_out, nd)
     gate_grad = z is not None and pre_gate is None  # dz in the kernel (PassConfig.save_pre_gate, one order)
-    dz = torch.empty(shapes[6], device=dev, dtype=z.dtype) if z is not None else None
-    if z is not None and not gate_grad:  # dz, and the scan passes' output gradient g·silu(z), in one pass
-        gy = _gate(gy, pre_gate, z, dz, p, merge)
+    gated = z is not None and not gate_grad
     cfg = configs.backward_config()
+    # everything the launches specialise on follows from this key (Launcher.at): the gated output gradient is a
+    # fresh fp32 tensor shaped like gy, the gradients are fresh or ``into``, A, D and delta_bias go in as fp32
     key = (
         p, orders, delta_softplus, merge, cfg, dev, gate_grad, u.stride(), delta.stride(), B.stride(), C.stride(),
-        z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, D is None,
-        delta_bias is None, layout.alignment(u, delta, B, C, z_arg, gy), dev.type != "cuda" and layout.interpreted(),
+        z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, A.dtype,
+        None if D is None else D.dtype, None if delta_bias is None else delta_bias.dtype,
+        None if pre_gate is None else pre_gate.stride(), None if into is None else (into[0].stride(), into[1].stride()),
+        layout.alignment(u, delta, B, C, z_arg, gy, A, D, delta_bias, pre_gate, grad_last, states, mids,
+                         *(into or ())),
+        grad_last is None, dev.type != "cuda" and layout.interpreted(),
     )  # fmt: skip
-    launch = layout.remembered(
-        _LAUNCHES, key, lambda: _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad)
-    )
+    launch = _LAUNCHES.get(key)
+    dz = torch.empty(shapes[6], device=dev, dtype=z.dtype) if z is not None else None
+    if gated:  # dz, and the scan passes' output gradient g·silu(z), in one pass
+        gy = _gate(gy, pre_gate, z, dz, p, merge, launch.sites if launch is not None else {})
+    if launch is None:
+        launch = layout.remembered(
+            _LAUNCHES, key, lambda: _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad)
+        )
     nsplit, cps, bpg = launch.nsplit, launch.cps, p.cpg // launch.sub
     if grad_last is None:  # the last state was not used: a zero adjoint, allocated once per shape (read only)
         grad_last = layout.remembered(
@@ -795,13 +804,13 @@ def backward(
 
     # launched first: the GPU starts while the host allocates the rest
     if launch.segment_lines:  # every line a segment, its lines side by side (lines_backward.py)
-        _bwd_lines_segment_launch[launch.segment_grid](
+        _bwd_lines_segment_launch.at(launch.sites, "segments", launch.segment_grid)(
             delta, A32, C, bias, gy, seg_rho, seg_dt, launch.table, p.channels, p.N, p.cpg, cps, nsplit,
             *launch.segment_strides, SUB=launch.sub, LV=launch.line_vectors, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, num_warps=1,
         )  # fmt: skip
     elif nsplit > 1:
-        _bwd_segment_launch[launch.segment_grid](
+        _bwd_segment_launch.at(launch.sites, "segments", launch.segment_grid)(
             delta, A32, C, bias, z_arg, gy, seg_rho, seg_dt, launch.table,
             p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, cps, nsplit, *launch.segment_strides,
             SUB=launch.segment_sub, BLOCK_T=p.block_t, BLOCK_N=p.block_n, HAS_BIAS=delta_bias is not None,
@@ -809,7 +818,7 @@ def backward(
             num_warps=1 if launch.segment_vec else 4,
         )  # fmt: skip
     if nsplit > 1:
-        _bwd_carry_launch[launch.carry_grid](
+        _bwd_carry_launch.at(launch.sites, "carry", launch.carry_grid)(
             A32, seg_rho, seg_dt, grad_last, rho, p.channels, p.N, p.K, nsplit,
             BLOCK_N=launch.carry_blocks[1], BLOCK_C=CARRY_CHANNELS, BLOCK_S=launch.carry_blocks[0],
             num_warps=CARRY_WARPS,
@@ -824,7 +833,7 @@ def backward(
         dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
     if launch.line_vectors:  # one strided order, its lines side by side (lines_backward.py)
-        _bwd_lines_launch[launch.grid](
+        _bwd_lines_launch.at(launch.sites, "main", launch.grid)(
             u, delta, A32, B, C, Dv, bias, gy, states, grad_last, rho, mid, dA_slot, launch.table,
             mids if mids is not None else states, du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
             p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
@@ -833,7 +842,7 @@ def backward(
             HAS_MIDS=mids is not None, num_warps=1, **launch.options,
         )  # fmt: skip
     else:
-        _bwd_launch[launch.grid](
+        _bwd_launch.at(launch.sites, "main", launch.grid)(
             u, delta, A32, B, C, Dv, bias, z_arg, gy, states, grad_last, rho, mid, dA_slot, launch.table,
             mids if mids is not None else states,
             du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part, dz if gate_grad else du,
@@ -845,7 +854,22 @@ def backward(
         )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(
-        dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, bpg, launch.fused_bc, shapes
+        dA_part,
+        dD_part,
+        dbias_part,
+        dB_part,
+        dC_part,
+        A,
+        B,
+        C,
+        D,
+        delta_bias,
+        p,
+        nsplit,
+        bpg,
+        launch.fused_bc,
+        shapes,
+        launch.sites,
     )
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
@@ -907,11 +931,11 @@ FINISH_ROWS, FINISH_COLS = 64, 64  # its tile of (batch, segment) rows × column
 
 
 def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int, bpg: int,
-            fused_bc: bool, shapes):  # fmt: skip
+            fused_bc: bool, shapes, sites: dict):  # fmt: skip
     """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops).
 
     ``bpg`` channel blocks per group wrote dB/dC partials; without ``fused_bc`` (one block, fp32 B and C) the
-    partials are the gradients.
+    partials are the gradients. ``sites``: the memo of the call's launches (Launcher.at).
     """
     dev = dA_part.device
     if fused_bc:
@@ -925,7 +949,7 @@ def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bi
     n_bc = p.batch * p.K * p.groups * p.N * layout.cdiv(p.L, FINISH_BLOCK) if fused_bc else 0
     n_a = p.K * layout.cdiv(p.channels * p.N, FINISH_COLS)
     n_d = p.K * layout.cdiv(p.channels, FINISH_COLS) if (D is not None or delta_bias is not None) else 0
-    _bwd_finish_launch[(n_bc + n_a + n_d,)](
+    _bwd_finish_launch.at(sites, "finish", (n_bc + n_a + n_d,))(
         dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA, dD if dD is not None else dA,
         dbias if dbias is not None else dA, p.L, p.N, bpg, p.channels, p.K, p.batch, nsplit, n_bc, n_a,
         HAS_BC=fused_bc, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BLOCK=FINISH_BLOCK, ROWS=FINISH_ROWS,
@@ -982,6 +1006,7 @@ class _Launch:
     segment_lines: bool  # the segment pass as line vectors too (PassConfig.line_vector_segments)
     scratch: tuple[int, ...]  # fp32 elements of rho, mid, dA_slot, seg_rho, seg_dt, dA/dD/dbias partials, dB/dC
     # partials (0 when not fused_bc), each rounded up to 64 (256 bytes)
+    sites: dict = field(default_factory=dict, compare=False, repr=False)  # the launches' kernels (Launcher.at)
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
@@ -1063,10 +1088,19 @@ def _launch_settings(p, cfg, orders, u, delta, B, C, z_arg, gy, merge, gate_grad
     )
 
 
-def _gate(gy: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, dz: torch.Tensor, p: Plan, merge: str) -> torch.Tensor:
+def _gate(
+    gy: torch.Tensor,
+    pre: torch.Tensor,
+    z: torch.Tensor,
+    dz: torch.Tensor,
+    p: Plan,
+    merge: str,
+    sites: dict | None = None,
+) -> torch.Tensor:
     """Fill ``dz`` and return the gradient at the scan's output, ``gy·silu(z)`` in fp32, shaped like ``gy``.
 
     ``pre`` is the saved pre-gate output: ``(B, C, *S)`` summed or ``(B, K, C, *S)`` stacked, spatial contiguous.
+    ``sites``: the memo of the call's launches (Launcher.at), if it has one.
     """
     k_terms = 1 if merge == "sum" else p.K
     geff = torch.empty(gy.shape, device=gy.device, dtype=torch.float32)
@@ -1074,7 +1108,9 @@ def _gate(gy: torch.Tensor, pre: torch.Tensor, z: torch.Tensor, dz: torch.Tensor
     pre_b, pre_k, pre_c = _output_strides(pre, merge)
     e_b, e_k, e_c = _output_strides(geff, merge)
     block = min(1024, layout.next_power_of_2(p.L))
-    _gate_grad_launch[(p.batch * p.channels, layout.cdiv(p.L, block))](
+    grid = (p.batch * p.channels, layout.cdiv(p.L, block))
+    run = _gate_grad_launch[grid] if sites is None else _gate_grad_launch.at(sites, "gate", grid)
+    run(
         gy, pre, z, dz, geff, p.L, p.channels, k_terms,
         g_b, g_k, g_c, pre_b, pre_k, pre_c, z.stride(0), z.stride(1), e_b, e_k, e_c,
         BLOCK=block, num_warps=4,

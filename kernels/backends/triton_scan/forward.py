@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -457,6 +457,7 @@ class _Groups:
     ranges: tuple[tuple[int, int], ...]
     merge_grid: tuple[int, int]
     merge_block: int
+    sites: dict = field(default_factory=dict, compare=False, repr=False)  # the merge's kernel (Launcher.at)
 
 
 def forward(
@@ -498,7 +499,7 @@ def forward(
     key = (
         u.shape, u.stride(), delta.stride(), B.shape, B.stride(), C.stride(), u.dtype, delta.dtype, B.dtype,
         C.dtype, None if z is None else (z.stride(), z.dtype), A.shape, D is None, delta_bias is None, orders,
-        delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z),
+        delta_softplus, merge, save, dev, cfg, layout.alignment(u, delta, B, C, z, A, D, delta_bias, out),
         dev.type != "cuda" and layout.interpreted(),  # the emulated GPU path exists only under the interpreter
         None if out is None else (out.stride(), out.dtype),
     )  # fmt: skip
@@ -527,7 +528,7 @@ def forward(
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-        _fwd_launch[launch.grid](
+        _fwd_launch.at(launch.sites, "segments", launch.grid)(
             u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, last, *common,
             nsplit, nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
             **launch.flags,
@@ -535,14 +536,14 @@ def forward(
     states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
     if nsplit > 1:
         block_s, block_n = launch.carry_blocks
-        _fwd_carry_launch[launch.carry_grid](
+        _fwd_carry_launch.at(launch.sites, "carry", launch.carry_grid)(
             A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
             SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
         )  # fmt: skip
 
     # the chunks' middle states too, for the backward's per-token main pass (PassConfig.mid_states)
     mids = torch.empty_like(states) if save and launch.save_mids else None
-    _fwd_launch[launch.grid](
+    _fwd_launch.at(launch.sites, "main", launch.grid)(
         u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table,
         mids if mids is not None else last, *common, launch.n_state, nsplit, *launch.strides,
         GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save, END_ONLY=False,
@@ -550,7 +551,7 @@ def forward(
     )  # fmt: skip
 
     if launch.fused_merge:
-        out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block)
+        out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block, launch.sites)
     else:  # y is the output: (B, K, C, *S) stacked, or allocated as (B, C, *S) for one order summed
         out = y
     return ForwardResult(out, last, states if save else None, pre, p, mids=mids)
@@ -581,6 +582,7 @@ class _Launch:
     y_shape: tuple[int, ...]  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
     line_vectors: int = 0  # lines per thread of the line-vector passes (lines.py); 0: the chunk passes
     save_mids: bool = False  # a saving call keeps the chunks' middle states too (PassConfig.mid_states)
+    sites: dict = field(default_factory=dict, compare=False, repr=False)  # the launches' kernels (Launcher.at)
 
 
 _LAUNCHES: dict[tuple, _Launch | _Groups] = {}
@@ -688,11 +690,11 @@ def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, order
         )  # fmt: skip
         lasts.append(res.last_state)
         parts.append(Part(a, b, res.states, res.plan, res.mids))
-    out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block)
+    out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block, groups.sites)
     return ForwardResult(out, torch.cat(lasts, dim=1), None, pre, p, tuple(parts))
 
 
-def _merge(y, z, u, p: Plan, save: bool, grid, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _merge(y, z, u, p: Plan, save: bool, grid, block: int, sites: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, pre_gate)``: the fp32 per-order outputs ``y`` (B, K, C, *S) summed in order and gated, in u's dtype.
 
     The pre-gate sum is kept when a gated call saves for the backward.
@@ -700,7 +702,7 @@ def _merge(y, z, u, p: Plan, save: bool, grid, block: int) -> tuple[torch.Tensor
     out = torch.empty(p.batch, p.channels, *p.spatial, device=u.device, dtype=u.dtype)
     pre = torch.empty_like(out) if (save and z is not None) else None
     z_arg = z if z is not None else u
-    _merge_launch[grid](
+    _merge_launch.at(sites, "merge", grid)(
         y, z_arg, out, pre if pre is not None else out, p.L, p.channels, p.K, z_arg.stride(0), z_arg.stride(1),
         HAS_Z=z is not None, STORE_PRE=pre is not None, BLOCK=block, num_warps=4,
     )  # fmt: skip
@@ -767,14 +769,17 @@ def _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out) -> Fo
     tensors = (u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, seg_state, seg_dt, line_state, line_dt,
                launch.table, mids if mids is not None else last, p.channels, p.cpg, cps, launch.n_state, nlines,
                ngroups, *launch.strides)  # fmt: skip
-    _lines_launch[launch.grid](*tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
-                               **launch.flags)  # fmt: skip
+    _lines_launch.at(launch.sites, "segments", launch.grid)(
+        *tensors, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True, **launch.flags
+    )
     if ngroups > 1:
         block_s, block_n = launch.carry_blocks
-        _fwd_carry_launch[launch.carry_grid](
+        _fwd_carry_launch.at(launch.sites, "carry", launch.carry_grid)(
             A, seg_state, seg_dt, states, p.channels, p.N, 1, ngroups, lv * cps, launch.n_state,
             SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
         )  # fmt: skip
-    _lines_launch[launch.grid](*tensors, GATE=z is not None, STORE_PRE=pre is not None, SAVE_STATES=save,
-                               END_ONLY=False, SAVE_MID=mids is not None, **launch.flags)  # fmt: skip
+    _lines_launch.at(launch.sites, "main", launch.grid)(
+        *tensors, GATE=z is not None, STORE_PRE=pre is not None, SAVE_STATES=save, END_ONLY=False,
+        SAVE_MID=mids is not None, **launch.flags,
+    )  # fmt: skip
     return ForwardResult(y, last, states if save else None, pre, p, mids=mids)

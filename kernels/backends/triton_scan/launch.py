@@ -11,15 +11,22 @@ decides everything Triton specialises on, so a hit launches the same compiled ke
 its C launcher directly. A miss (a new key, or any call under ``TRITON_INTERPRET=1``) goes through Triton's own
 launch, which compiles if needed and hands back the kernel to remember.
 
+Building and hashing that key is itself 10-20 µs per launch on the CI machine (a scan kernel's 40-60 arguments).
+A call site whose every specialisation follows from a signature it has already hashed (forward.py and backward.py
+key their launch settings on the inputs' shapes, strides, dtypes and alignment) launches through
+:meth:`Launcher.at` instead, with a memo kept beside those settings: its first launch finds the kernel by the
+argument key, later ones take it from the memo.
+
 ``MEDMAMBA_TRITON_LAUNCH=jit`` launches every call through Triton's own path; ``=check`` does too, and asserts that
-Triton picked the remembered kernel (the GPU tests run so).
+Triton picked the remembered kernel, the memos' included (the GPU tests run so); ``=keyed`` launches directly but
+ignores the memos (to time them).
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,12 +36,15 @@ from .layout import interpreted
 
 __all__ = ["Launcher", "argument_key", "launch_mode", "use_mode"]
 
-_MODES = ("direct", "jit", "check")
+_MODES = ("direct", "keyed", "jit", "check")
 _MAX_ENTRIES = 512  # remembered kernels per Launcher (one per argument key); cleared when full
 
 
 def launch_mode() -> str:
-    """``direct`` (the default), ``jit`` or ``check`` from ``MEDMAMBA_TRITON_LAUNCH``; ``jit`` under the interpreter."""
+    """The launch mode: ``direct`` (the default), ``keyed``, ``jit`` or ``check`` (``MEDMAMBA_TRITON_LAUNCH``).
+
+    Always ``jit`` under the interpreter.
+    """
     if interpreted():
         return "jit"
     mode = os.environ.get("MEDMAMBA_TRITON_LAUNCH", "direct")
@@ -54,7 +64,10 @@ _LAUNCHERS: list[Launcher] = []
 
 @contextmanager
 def use_mode(mode: str) -> Iterator[None]:
-    """Launch every kernel of the scan backend in ``mode`` (``direct``, ``jit`` or ``check``) inside the block."""
+    """Launch every kernel of the scan backend in ``mode`` inside the block.
+
+    ``mode``: ``direct``, ``keyed``, ``jit`` or ``check`` (the module's doc).
+    """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
     _load_all()
@@ -91,8 +104,19 @@ class Launcher:
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
-    def launch(self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any]) -> None:
-        """Launch on the current device and stream."""
+    def at(self, memo: dict, slot: Hashable, grid: tuple[int, ...]) -> Callable[..., None]:
+        """Launch as ``self[grid]``, keeping the kernel in ``memo[slot]`` for the next launches from this site.
+
+        The caller keeps ``memo`` per call signature, and everything Triton specialises on (each tensor's dtype and
+        alignment, each integer's value as far as equal to 1 or divisible by 16, the keywords) must follow from
+        that signature: a memo hit launches without looking at the arguments.
+        """
+        return lambda *args, **meta: self.launch(grid, args, meta, memo, slot)
+
+    def launch(
+        self, grid: tuple[int, ...], args: tuple, meta: dict[str, Any], memo: dict | None = None, slot: Hashable = None
+    ) -> None:
+        """Launch on the current device and stream (``memo``, ``slot``: see :meth:`at`)."""
         if self.mode is None:
             self.mode = launch_mode()
         if self.mode == "jit":
@@ -100,15 +124,31 @@ class Launcher:
             return
         device, stream_of, knobs = self._runtime or self._load_runtime()
         dev = device()
-        key = (argument_key(args), tuple(meta.items()), dev)
-        hit = self._kernels.get(key)
-        if hit is None or self.mode == "check":
-            compiled = self.fn[grid](*args, **meta)
-            if hit is not None:
-                assert compiled is hit[0], f"{self.fn.__name__}: the remembered kernel is not the one Triton picked"
-            self._remember(key, compiled, args, meta)
-            return
-        compiled, tail = hit
+        if self.mode == "keyed":
+            memo = None
+        hit = memo.get(slot) if memo is not None else None
+        if hit is not None and hit[2] == dev and self.mode == "direct":
+            compiled, tail, _ = hit
+        else:
+            key = (argument_key(args), tuple(meta.items()), dev)
+            kept = self._kernels.get(key)
+            if kept is None or self.mode == "check":
+                compiled = self.fn[grid](*args, **meta)
+                if kept is not None:
+                    assert compiled is kept[0], (
+                        f"{self.fn.__name__}: the remembered kernel is not the one Triton picked"
+                    )
+                if hit is not None and hit[2] == dev:
+                    assert compiled is hit[0], (
+                        f"{self.fn.__name__}: the kernel of memo slot {slot!r} is not the one Triton picked"
+                    )
+                kept = self._remember(key, compiled, args, meta)
+                if memo is not None and kept is not None:
+                    memo[slot] = (*kept, dev)
+                return
+            compiled, tail = kept
+            if memo is not None:
+                memo[slot] = (compiled, tail, dev)
         stream = stream_of(dev)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         full = (*args, *tail)
@@ -126,17 +166,18 @@ class Launcher:
         self._runtime = (driver.active.get_current_device, driver.active.get_current_stream, knobs)
         return self._runtime
 
-    def _remember(self, key: tuple, compiled: Any, args: tuple, meta: dict[str, Any]) -> None:
+    def _remember(self, key: tuple, compiled: Any, args: tuple, meta: dict[str, Any]) -> tuple[Any, tuple] | None:
         # The C launcher takes every parameter of the signature in order, compile-time ones included: the
         # positional arguments, then the rest from the keywords or their defaults. Anything else (an older
-        # Triton, a kernel still compiling) is not remembered and keeps Triton's own path.
+        # Triton, a kernel still compiling) is not remembered and keeps Triton's own path. Returns what a direct
+        # launch takes: the kernel and the parameters after the positional ones.
         if self._params is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
-            return
+            return None
         if hasattr(compiled, "result") or compiled.function is None:
-            return
+            return None
         names, defaults = self._params
         if any(name in meta for name in names[: len(args)]):
-            return
+            return None
         tail = []
         for name in names[len(args) :]:
             if name in meta:
@@ -144,10 +185,11 @@ class Launcher:
             elif name in defaults:
                 tail.append(defaults[name])
             else:
-                return
+                return None
         if len(self._kernels) >= _MAX_ENTRIES:
             self._kernels.clear()
-        self._kernels[key] = (compiled, tuple(tail))
+        entry = self._kernels[key] = (compiled, tuple(tail))
+        return entry
 
 
 def _parameters(fn: Any) -> tuple[list[str], dict[str, Any]] | None:
