@@ -173,3 +173,20 @@ def test_scan_gpu_sweep_checks_every_gradient_against_the_torch_backend(monkeypa
     )
     assert default["rel_err_vs_torch"] < 1e-5 and default["grad_rel_err_vs_torch"] < 1e-5, default
     assert broken["rel_err_vs_torch"] < 1e-5 and broken["grad_rel_err_vs_torch"] > 0.5, broken
+
+
+def test_scan_host_times_the_python_of_a_call_with_the_kernels_stubbed():
+    # benchmarks/scan_host.py: the scan's host path on CPU tensors, every launch a stub kernel (no interpreter, no
+    # GPU): both launch modes run all four calls of a row; under the interpreter it refuses (its stubs would not run)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = str(ROOT / "benchmarks" / "scan_host.py")
+    cmd = [sys.executable, script, "--rows", "SegMamba s3 16³", "--calls", "3", "--repeats", "1"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| SegMamba")]
+    assert [r[3].strip() for r in rows] == ["fwd", "fwd+bwd", "ops fwd", "ops fwd+bwd"]
+    assert all(float(cell) > 0 for r in rows for cell in r[4:6])
+    refused = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "1"}, check=False
+    )
+    assert refused.returncode != 0 and "without TRITON_INTERPRET" in refused.stderr
