@@ -854,23 +854,9 @@ def backward(
         )  # fmt: skip
 
     dA, dB, dC, dD, dbias = _finish(
-        dA_part,
-        dD_part,
-        dbias_part,
-        dB_part,
-        dC_part,
-        A,
-        B,
-        C,
-        D,
-        delta_bias,
-        p,
-        nsplit,
-        bpg,
-        launch.fused_bc,
-        shapes,
+        dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, bpg, launch.fused_bc, shapes,
         launch.sites,
-    )
+    )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 

@@ -697,7 +697,8 @@ def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, order
 def _merge(y, z, u, p: Plan, save: bool, grid, block: int, sites: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(out, pre_gate)``: the fp32 per-order outputs ``y`` (B, K, C, *S) summed in order and gated, in u's dtype.
 
-    The pre-gate sum is kept when a gated call saves for the backward.
+    The pre-gate sum is kept when a gated call saves for the backward. ``sites``: the memo of the call's launches
+    (Launcher.at).
     """
     out = torch.empty(p.batch, p.channels, *p.spatial, device=u.device, dtype=u.dtype)
     pre = torch.empty_like(out) if (save and z is not None) else None
