@@ -802,10 +802,12 @@ def backward(
     scratch = torch.empty(sum(launch.scratch), device=dev, dtype=torch.float32).split(launch.scratch)
     rho, mid, dA_slot, seg_rho, seg_dt, dA_part, dD_part, dbias_part, dB_part, dC_part = scratch
 
+    # the line-vector passes read A laid out (N, C): a state's values for 32 channels in one line (one order)
+    A_by_state = A32.transpose(1, 2).contiguous() if launch.line_vectors or launch.segment_lines else None
     # launched first: the GPU starts while the host allocates the rest
     if launch.segment_lines:  # every line a segment, its lines side by side (lines_backward.py)
         _bwd_lines_segment_launch.at(launch.sites, "segments", launch.segment_grid)(
-            delta, A32, C, bias, gy, seg_rho, seg_dt, launch.table, p.channels, p.N, p.cpg, cps, nsplit,
+            delta, A_by_state, C, bias, gy, seg_rho, seg_dt, launch.table, p.channels, p.N, p.cpg, cps, nsplit,
             *launch.segment_strides, SUB=launch.sub, LV=launch.line_vectors, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=delta_softplus, num_warps=1,
         )  # fmt: skip
@@ -834,7 +836,7 @@ def backward(
         dC_part = torch.empty_like(dB_part)
     if launch.line_vectors:  # one strided order, its lines side by side (lines_backward.py)
         _bwd_lines_launch.at(launch.sites, "main", launch.grid)(
-            u, delta, A32, B, C, Dv, bias, gy, states, grad_last, rho, mid, dA_slot, launch.table,
+            u, delta, A_by_state, B, C, Dv, bias, gy, states, grad_last, rho, mid, dA_slot, launch.table,
             mids if mids is not None else states, du, ddelta, dB_part, dC_part, dA_part, dD_part, dbias_part,
             p.L, p.channels, p.N, p.groups, p.cpg, cps, nsplit, *launch.strides, du.stride(0),
             SUB=launch.sub, LV=launch.line_vectors, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,

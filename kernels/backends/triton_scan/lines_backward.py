@@ -186,10 +186,10 @@ def _half(
         if LOAD_AHEAD:
             A_n = A_at[:, None]
             w0, w1, w2, w3, w4, w5, w6, w7 = r0, r1, r2, r3, r4, r5, r6, r7
-            A_at = tl.load(A_rows + n_next)
+            A_at = tl.load(A_rows + n_next * CH)
             r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
         else:
-            A_n = tl.load(A_rows + n)[:, None]
+            A_n = tl.load(A_rows + n * CH)[:, None]
             w0, w1, w2, w3, w4, w5, w6, w7 = _bc8(B_line + n * sB_n, line_off, q0, st_fast, LV)
         b0, b1, b2, b3 = _f32(w0), _f32(w1), _f32(w2), _f32(w3)
         b4, b5, b6, b7 = _f32(w4), _f32(w5), _f32(w6), _f32(w7)
@@ -319,7 +319,9 @@ def _bwd_lines_kernel(
     # channel holding its LV lines side by side; every line a segment whose incoming adjoint the carry pass left in
     # its ρ slot. Buffers as the chunk path's main pass (backward._bwd_kernel) with one order: slots (B, nlines, N,
     # C), saved states (B, nlines·cps, N, C), dB/dC partials (B, G, BPG, N, L), du/dΔ rows of L with batch stride
-    # so_b, and per-line partials of dA (B, nlines, C, N), dD and d(delta_bias) (B, nlines, C).
+    # so_b, and per-line partials of dA (B, nlines, C, N), dD and d(delta_bias) (B, nlines, C). A comes laid out
+    # (N, C), states outermost, so that a state's A values for 32 channels are one 128-byte line (as (C, N), its
+    # per-state loads touched 32 sectors each).
     pid_blk = tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -349,7 +351,7 @@ def _bwd_lines_kernel(
     dA_rows = dA_slot_ptr + slot
     st_rows = state_ptr + (b * nlines + l0) * cps * N * CH + ch  # chunk c of line j: (j·cps + c)·N·CH further
     saved_mid_rows = saved_mid_ptr + (b * nlines + l0) * cps * N * CH + ch  # HAS_MIDS: alike
-    A_rows = A_ptr + ch * N
+    A_rows = A_ptr + ch  # A laid out (N, C): a state's row is one line per 32 channels
     bias = tl.zeros([SUB], dtype=tl.float32)
     Dv = tl.zeros([SUB], dtype=tl.float32)
     if HAS_BIAS:
@@ -391,10 +393,10 @@ def _bwd_lines_kernel(
                 if LOAD_AHEAD:
                     A2 = A_at[:, None] * LOG2E
                     w0, w1, w2, w3, w4, w5, w6, w7 = r0, r1, r2, r3, r4, r5, r6, r7
-                    A_at = tl.load(A_rows + n_next)
+                    A_at = tl.load(A_rows + n_next * CH)
                     r0, r1, r2, r3, r4, r5, r6, r7 = _bc8(B_line + n_next * sB_n, line_off, q0, st_fast, LV)
                 else:
-                    A2 = tl.load(A_rows + n)[:, None] * LOG2E
+                    A2 = tl.load(A_rows + n * CH)[:, None] * LOG2E
                     w0, w1, w2, w3, w4, w5, w6, w7 = _bc8(B_line + n * sB_n, line_off, q0, st_fast, LV)
                 b0, b1, b2, b3 = _f32(w0), _f32(w1), _f32(w2), _f32(w3)
                 b4, b5, b6, b7 = _f32(w4), _f32(w5), _f32(w6), _f32(w7)
@@ -447,7 +449,8 @@ def _bwd_lines_segment_kernel(
 ):  # fmt: skip
     # A program: (32 channels of one group, LV neighbouring lines, one batch entry), as the main pass. Every line
     # is a segment: its adjoint at its first token from zero after its last, ρ (B, nlines, N, C), and its Σ Δ (B,
-    # nlines, C), both channels fastest, the layout of backward._bwd_segment_kernel with one order.
+    # nlines, C), both channels fastest, the layout of backward._bwd_segment_kernel with one order. A laid out (N, C)
+    # as for the main pass.
     pid_blk = tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -461,7 +464,7 @@ def _bwd_lines_segment_kernel(
     d_rows = dl_ptr + b * sd_b + ch * sd_c
     g_rows = gy_ptr + b * sg_b + ch * sg_c
     C_line = C_ptr + b * sC_b + grp.to(tl.int64) * sC_g
-    A_rows = A_ptr + ch * N
+    A_rows = A_ptr + ch  # A laid out (N, C): a state's row is one line per 32 channels
     rho_rows = seg_rho_ptr + (b * nlines + l0) * N * CH + ch  # line j's are j·N·CH further
     bias = tl.zeros([SUB], dtype=tl.float32)
     if HAS_BIAS:
@@ -475,7 +478,7 @@ def _bwd_lines_segment_kernel(
         g8, g9, g10, g11, g12, g13, g14, g15 = _tok8(g_rows, line_off, q0 + 8, st_fast, LV)
         dts += t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7 + t8 + t9 + t10 + t11 + t12 + t13 + t14 + t15
         for n in range(N):
-            A2 = tl.load(A_rows + n)[:, None] * LOG2E
+            A2 = tl.load(A_rows + n * CH)[:, None] * LOG2E
             Cp = C_line + n * sC_n
             if i == 0:  # after the line's last token: zero
                 r = tl.zeros([SUB, LV], dtype=tl.float32)
