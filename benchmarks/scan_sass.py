@@ -53,7 +53,7 @@ def compile_sm90(
     ``load_ahead``: PassConfig.load_ahead (backward; lines-backward: line_vector_load_ahead); ``None``: as the
     default settings.
     ``mid_states``: PassConfig.mid_states (forward: saves the middle states; backward: reads them); ``None``: as the
-    default settings.
+    default forward settings (the backward reads what the forward saved).
     """
     cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
@@ -61,7 +61,7 @@ def compile_sm90(
     if load_ahead is None:
         load_ahead = cfg.line_vector_load_ahead if kernel == "lines-backward" else cfg.load_ahead
     if mid_states is None:
-        mid_states = cfg.mid_states
+        mid_states = configs.forward_config().mid_states
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,

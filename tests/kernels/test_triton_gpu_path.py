@@ -95,7 +95,7 @@ def test_grouped_call_hands_each_group_its_middle_states(monkeypatch):
 
     low, ref = make_inputs((16, 1, 4), 3, channels=32, N=16, dtype=torch.float32, seed=29)
     fwd = dataclasses.replace(configs.forward_config(), emulate_ptx=True, split_min_length=0, mid_states=True)
-    bwd = dataclasses.replace(configs.backward_config(), emulate_ptx=True, mid_states=True)
+    bwd = dataclasses.replace(configs.backward_config(), emulate_ptx=True)
     handed = []
     backward = triton_backward.backward
 

@@ -97,7 +97,7 @@ def test_backward_of_one_strided_order_runs_as_line_vectors(spatial, order, dtyp
     # loaded during state n (line_vector_load_ahead)
     first = forward_lv == 4
     bwd = dataclasses.replace(configs.backward_config(), line_vectors=2, emulate_ptx=first, line_vector_segments=first,
-                              line_vector_load_ahead=not first, mid_states=True)  # fmt: skip
+                              line_vector_load_ahead=not first)  # fmt: skip
     # the defaults since the H100 timings (configs._BACKWARD)
     assert configs.backward_config().line_vectors == 2 and configs.backward_config().line_vector_segments
     with configs.override(forward=fwd, backward=bwd):

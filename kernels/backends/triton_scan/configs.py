@@ -115,19 +115,18 @@ class PassConfig:
             16³; sm_90a, Triton 3.6: 255 registers, no spills, 537/513 -> 512/504 instructions per state and half).
             That kernel is bound by L2 traffic rather than latency (68.6 % of L2 throughput, 64 % of its sectors
             beyond the ideal). Off.
-        mid_states: (forward, read by the backward) a call that saves for the backward on the per-token path
-            (``VEC_MODE`` 1 or 3, 16 states) keeps each chunk's middle state too (after its 8th token, in the layout
-            of the chunk-start states: as many bytes again), and the backward's raster and reversed main pass reads
-            it instead of recomputing it, so its middle-state loop goes. That loop was 12 % of the pass's
-            instructions and 25 % of its stall samples (Nsight Compute, H200, before ``prefetch`` and
-            ``load_ahead``). It costs an extra 16 stores per chunk in the forward, and at 64³ (bf16 + z, raster and
-            reversed, batch 2, d 96) 403 MB more activation memory per call. It also frees registers: as launched
-            (sm_90a, bf16, lengths of 16s) the pass takes 238 instead of 251, and fits a ``maxnreg`` of 168 (12
-            one-warp programs per SM instead of 8) or 144 (14) without spills. The line-vector passes (lines.py,
-            lines_backward.py) do the same: there the backward's chunk loop goes from 5,224 to 4,504 instructions
-            and 254 to 244 registers, and fits a cap of 200 (10 programs per SM) without spills. Off until timed.
+        mid_states: (forward; the backward reads what it saved) a call that saves for the backward on the
+            per-token path (``VEC_MODE`` 1 or 3, 16 states) or as line vectors keeps each chunk's middle state too
+            (after its 8th token, in the layout of the chunk-start states: as many bytes again), and the backward's
+            main pass reads it instead of recomputing it, so its middle-state loop goes. That loop was 12 % of the
+            raster and reversed pass's instructions and 25 % of its stall samples (Nsight Compute, H200). It costs
+            16 more stores per chunk in the forward and, at 64³ (bf16 + z, raster and reversed, batch 2, d 96), 403
+            MB more saved activation. On by default: on an H200 SegMamba's three orders (bf16 + z) took 14.64 ->
+            14.16 ms forward+backward at 64³ and 4.27 -> 4.09 at 32³ (16³ within noise). It also frees registers
+            (238 instead of 251 as launched, sm_90a, bf16): the pass then fits a ``maxnreg`` of 168 or 144 without
+            spills, and the line-vector one 200, yet every such cap ran slower (15.2-15.6 ms).
         line_vector_maxnreg: (backward) a register cap for the line-vector main pass (lines_backward.py); None: the
-            compiler's 255. 200 fits without spills only with ``mid_states`` (sm_90a, bf16).
+            compiler's 255. 200 fits without spills only with ``mid_states`` (sm_90a, bf16), and ran slower.
         split_orders: (forward) run a call whose orders mix strided and raster or reversed ones (SegMamba's three
             orders) as one call per group of neighbouring orders when a strided order alone would run as line vectors:
             each strided order alone, the raster and reversed orders between them together (``VEC_MODE`` 3).
@@ -230,7 +229,6 @@ _BACKWARD = PassConfig(
     line_vector_segments=True,
     prefetch=True,
     load_ahead=True,
-    mid_states=True,
 )
 _overrides: list[dict[str, PassConfig]] = []
 

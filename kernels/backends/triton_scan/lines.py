@@ -243,29 +243,8 @@ def _fwd_lines_kernel(
             if SAVE_MID:  # noqa: SIM102 (a compile-time switch around a run-time test)
                 if t == 7:
                     m_rows = mid_ptr + ((b * n_state + l0 * cps + i) * N) * CH + ch  # lines cps·N·CH apart
-                    _store_states16(
-                        m_rows,
-                        cps * N * CH,
-                        CH,
-                        h0,
-                        h1,
-                        h2,
-                        h3,
-                        h4,
-                        h5,
-                        h6,
-                        h7,
-                        h8,
-                        h9,
-                        h10,
-                        h11,
-                        h12,
-                        h13,
-                        h14,
-                        h15,
-                        jj,
-                        LV,
-                    )
+                    _store_states16(m_rows, cps * N * CH, CH, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11,
+                                    h12, h13, h14, h15, jj, LV)  # fmt: skip
             if not END_ONLY:
                 if GATE:
                     zz = tl.load(z_rows[:, None] + tok).to(tl.float32)

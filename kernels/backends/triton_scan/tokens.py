@@ -311,10 +311,11 @@ def _chunk16(
 ):
     # One chunk of 16 tokens (q0 ..) from the (BLOCK_N, SUB) chunk-start state h0; writes y (and the pre-gate output)
     # and returns the state after the chunk. SAVE_MID: state n after the chunk's 8th token goes to
-    # mid_rows + n·mid_stride (the backward's middle states, PassConfig.mid_states). Each quantity is 16 per-channel vectors, one per token. An order whose
-    # chunk is 16 neighbours in memory from offset `base` on moves it by 16-byte loads (a reversed order reads them
-    # in reverse); any other order (STRIDED: the call may have some) loads one token at a time. ANY = False: every
-    # order is the raster one. Without STRIDED no token offsets are computed (nor kept in registers).
+    # mid_rows + n·mid_stride (the backward's middle states, PassConfig.mid_states). Each quantity is 16 per-channel
+    # vectors, one per token. An order whose chunk is 16 neighbours in memory from offset `base` on moves it by
+    # 16-byte loads (a reversed order reads them in reverse); any other order (STRIDED: the call may have some) loads
+    # one token at a time. ANY = False: every order is the raster one. Without STRIDED no token offsets are computed
+    # (nor kept in registers).
     if STRIDED:
         o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _offsets16(q0, L, fast, mid, st_fast, st_mid, st_slow, rev)
     else:  # unused: every chunk is 16 neighbours
