@@ -555,6 +555,81 @@ def _launch_row(row, rounds, reps) -> list[dict]:
     return out
 
 
+def graphed_calls(row):
+    """``(fwd, fwd_bwd, matches)``: replays of CUDA graphs of a row's Triton forward (no grad) and forward+backward.
+
+    Each call is captured once on static inputs (``torch.cuda.graph``, after warm-up on a side stream, as PyTorch's
+    whole-network capture does), so a replay issues the same kernels with no Python between them: the call's GPU
+    time. ``matches``: a replay on new input values gives the eager call's output and gradients, bit for bit.
+    """
+    _, batch, d, spatial, orders, dtname, z = row
+    dtype = DTYPES[dtname]
+    args = make_inputs(batch, d, spatial, orders, dtype, z)
+    leaves = [a.detach().requires_grad_() if a is not None else None for a in args]
+    grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype)
+
+    def fwd():
+        return scan_call(args, orders, "triton")
+
+    def fwd_bwd():
+        for a in leaves:
+            if a is not None:
+                a.grad = None
+        selective_scan(*leaves, orders=orders, backend="triton").out.backward(grad_out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fwd()
+            fwd_bwd()
+    torch.cuda.current_stream().wait_stream(side)
+    g_fwd, g_fwd_bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_fwd):
+        static_out = fwd()
+    with torch.cuda.graph(g_fwd_bwd):
+        fwd_bwd()
+
+    with torch.no_grad():  # new values in the static inputs: each one's own, shuffled (A stays negative)
+        for a in [*args, grad_out]:
+            if a is not None:
+                a.copy_(a.flatten()[torch.randperm(a.numel(), device=a.device)].view_as(a))
+    g_fwd.replay()
+    g_fwd_bwd.replay()
+    want = scan_call(args, orders, "triton")
+    eager, eager_leaves = scan_call(args, orders, "triton", grad=True)
+    eager.backward(grad_out)
+    matches = torch.equal(static_out, want) and all(
+        torch.equal(a.grad, b.grad) for a, b in zip(leaves, eager_leaves, strict=True) if a is not None
+    )
+    return g_fwd.replay, g_fwd_bwd.replay, matches
+
+
+def graph_rows(rows, card, reps=(30, 20)) -> list[dict]:
+    """Each row's forward and forward+backward per call, eager and as CUDA-graph replays (:func:`graphed_calls`),
+    beside upstream's eager call on the same card kind."""
+    out = []
+    for row in rows:
+        name, *_, dtname, z = row
+        fwd, fwd_bwd = row_calls(row)
+        g_fwd, g_fwd_bwd, matches = graphed_calls(row)
+        r = {"shape": name, "dtype": dtname, "z": z, "graph_matches_eager": matches,
+             "fwd_ms": cuda_time(fwd, reps[0], warmup=3)[0], "fwd_bwd_ms": cuda_time(fwd_bwd, reps[1], warmup=3)[0],
+             "graph_fwd_ms": cuda_time(g_fwd, reps[0], warmup=3)[0],
+             "graph_fwd_bwd_ms": cuda_time(g_fwd_bwd, reps[1], warmup=3)[0]}  # fmt: skip
+        up = UPSTREAM.get(card, {}).get((name, dtname, z))
+        if up is not None:
+            r["upstream_fwd_ms"], r["upstream_fwd_bwd_ms"] = up[0], up[0] + up[1]
+        out.append(r)
+        print(
+            f"graphs {name} {dtname} z={z}: eager {r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f} ms, graph "
+            f"{r['graph_fwd_ms']:.3f} / {r['graph_fwd_bwd_ms']:.3f} ms, matches eager: {matches}",
+            flush=True,
+        )
+        torch.cuda.empty_cache()
+    return out
+
+
 PROFILE_ROWS = ("S1", "U-Mamba s3 16³", "SegMamba s3 16³", "SegMamba 3-order layer 64³")
 
 
@@ -585,16 +660,17 @@ def kernel_profile(rows, calls: int = 5) -> list[dict]:
     return out
 
 
-def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), profile_rows=()) -> str:
+def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), profile_rows=(), graph_rows=()) -> str:
     head = (f"Card: {info['card_name']} ({info['card']}), torch {info['torch']}, triton {info['triton']}; "
             f"copy bandwidth {info['copy_TBps']:.2f} TB/s. Command: `{info['command']}`.")  # fmt: skip
-    lines = [head, ""]
-    lines.append(
-        "| shape | dtype | z | K | fwd ms | upstream fwd | × | fwd+bwd ms | upstream fwd+bwd | × | back to back: fwd / "
-        "fwd+bwd ms | ops alone: fwd / fwd+bwd ms (×) | fwd GB/s | fwd × floor | extra MiB fwd / fwd+bwd | "
-        "err vs torch |"
-    )
-    lines.append("|" + "---|" * 16)
+    lines = [head]
+    if rows:
+        lines.append(
+            "\n| shape | dtype | z | K | fwd ms | upstream fwd | × | fwd+bwd ms | upstream fwd+bwd | × | back to back: "
+            "fwd / fwd+bwd ms | ops alone: fwd / fwd+bwd ms (×) | fwd GB/s | fwd × floor | extra MiB fwd / fwd+bwd | "
+            "err vs torch |"
+        )
+        lines.append("|" + "---|" * 16)
     for r in rows:
         up_f = r.get("upstream_fwd_ms")
         up_fb = (r["upstream_fwd_ms"] + r["upstream_bwd_ms"]) if up_f is not None else None
@@ -638,6 +714,23 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
                 med = {f: statistics.median(r[f] for r in got) for f in ("fwd_ms", "fwd_bwd_ms", "host_us")}
                 cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}, {med['host_us']:.0f}")
             lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {' | '.join(cells)} |")
+    if graph_rows:
+        lines += [
+            "",
+            (
+                "| CUDA graph replay | dtype | z | eager fwd / fwd+bwd ms | graph fwd / fwd+bwd ms | upstream's ops "
+                "(§4.1) fwd / fwd+bwd ms | graph × upstream | replay = eager, bit for bit |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in graph_rows:
+            up = r.get("upstream_fwd_ms")
+            ups = f"{up:.3f} / {r['upstream_fwd_bwd_ms']:.3f}" if up else "-"
+            ratio = (f"{up / r['graph_fwd_ms']:.2f} / {r['upstream_fwd_bwd_ms'] / r['graph_fwd_bwd_ms']:.2f}"
+                     if up else "-")  # fmt: skip
+            lines.append(f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['fwd_ms']:.3f} / "
+                         f"{r['fwd_bwd_ms']:.3f} | {r['graph_fwd_ms']:.3f} / {r['graph_fwd_bwd_ms']:.3f} | {ups} | "
+                         f"{ratio} | {r['graph_matches_eager']} |")  # fmt: skip
     if profile_rows:
         head = ("| kernels of a call (torch.profiler) | dtype | z | pass | per call ms | kernels ms | largest kernels: "
                 "ms per call (launches per call) |")  # fmt: skip
@@ -677,13 +770,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="compare the default settings with each opt-in path")
-    ap.add_argument("--only", help="--sweep, --profile: only the rows whose name contains this (e.g. SegMamba)")
+    ap.add_argument(
+        "--only", help="--sweep, --profile, --graphs: only the rows whose name contains this (e.g. SegMamba)"
+    )
     ap.add_argument(
         "--variants", help="--sweep: only the variants whose label contains one of these comma-separated parts"
     )
     ap.add_argument("--layer", action="store_true")
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
+    ap.add_argument(
+        "--graphs", action="store_true", help="per call as CUDA-graph replays beside eager (host-bound rows or --only)"
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-shapes", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
@@ -704,13 +802,13 @@ def main() -> int:
     print(json.dumps(info), flush=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows = [], [], [], [], [], []
+    rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_ = [], [], [], [], [], [], []
 
     def save():
         payload = {"info": info, "rows": rows, "torch": torch_rows, "sweep": sweep_rows, "layer": layer_rows,
-                   "launch": launch_rows, "profile": profile_rows}  # fmt: skip
+                   "launch": launch_rows, "profile": profile_rows, "graphs": graph_rows_}  # fmt: skip
         (out_dir / "scan_gpu.json").write_text(json.dumps(payload, indent=1))
-        md = markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows)
+        md = markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_)
         (out_dir / "scan_gpu.md").write_text(md)
 
     t0 = time.time()
@@ -739,7 +837,12 @@ def main() -> int:
         picked = [r for r in candidates if (args.only in r[0] if args.only else r[0] in PROFILE_ROWS)]
         profile_rows.extend(kernel_profile(picked))
         save()
-    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows))
+    if args.graphs:
+        candidates = {r[0]: r for r in [*shapes(False), *SWEEP_ROWS]}.values()
+        picked = [r for r in candidates if (args.only in r[0] if args.only else r[0] in LAUNCH_ROWS)]
+        graph_rows_.extend(graph_rows(picked, card))
+        save()
+    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_))
     return 0
 
 

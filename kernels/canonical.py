@@ -15,6 +15,7 @@ views that autograd did not record and maps its gradients back with :func:`grads
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,12 +45,79 @@ def _shape(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
+#: signature of checked arguments -> how each becomes its canonical view (see canonical_views)
+_VIEWS: dict[tuple, tuple] = {}
+_MAX_VIEWS = 256
+
+
+def _signature(args: tuple, K: int) -> tuple | None:
+    # everything the checks read: each argument's shape, dtype and device (None for an absent one)
+    try:
+        return (K, *[None if x is None else (x.shape, x.dtype, x.device) for x in args])
+    except AttributeError:  # not a tensor: the checks say which
+        return None
+
+
 def canonical_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
     """Check the arguments of ``selective_scan`` and return them as canonical views (module docstring); no copies.
+
+    The checks run once per signature (each argument's shape, dtype and device): at the small stages a call's
+    host time is what the GPU waits for.
 
     Raises:
         ScanInputError: an argument's type, shape, dtype or device does not fit; the message names it.
     """
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    key = _signature(args, len(orders))
+    recipe = _VIEWS.get(key) if key is not None else None
+    if recipe is None:
+        views = _checked_views(*args, orders)
+        recipe = tuple(_view_recipe(x, v) for x, v in zip(args, views, strict=True))
+        if key is not None and False not in recipe:
+            if len(_VIEWS) >= _MAX_VIEWS:
+                _VIEWS.clear()
+            _VIEWS[key] = recipe
+        return views
+    return tuple([x if how is None else how(x) for x, how in zip(args, recipe, strict=True)])
+
+
+def _view_recipe(x, view):
+    """How ``view`` follows from ``x``.
+
+    ``None``: it is ``x``; a function of ``x`` that gives a view of the same shape and strides for any tensor of
+    ``x``'s signature; ``False``: none found (the call's signature is then not remembered).
+    """
+    if view is None or view is x:
+        return None
+    shape = tuple(view.shape)
+    broadcast = functools.partial(_broadcast, shape=shape)  # a constant B or C over batch and space
+    for how in (_unsqueeze0, _unsqueeze1, _unsqueeze11, broadcast):
+        try:
+            candidate = how(x)
+        except RuntimeError:
+            continue
+        if candidate.shape == view.shape and candidate.stride() == view.stride():
+            return how
+    return False
+
+
+def _broadcast(x, shape):
+    return x.reshape(1, *shape[1:4], *([1] * (len(shape) - 4))).expand(shape)
+
+
+def _unsqueeze0(x):
+    return x.unsqueeze(0)
+
+
+def _unsqueeze1(x):
+    return x.unsqueeze(1)
+
+
+def _unsqueeze11(x):
+    return x.unsqueeze(1).unsqueeze(1)
+
+
+def _checked_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
     K = len(orders)
     for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(x, torch.Tensor):

@@ -298,3 +298,34 @@ def test_softplus_matches_torch():
     a = selective_scan(u, delta, A, B, C, D, z, bias, backend="torch").out
     b = selective_scan(u, explicit, A, B, C, D, z, None, delta_softplus=False, backend="torch").out
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_canonical_views_of_a_known_signature_follow_each_calls_tensors(K):
+    # the checks run once per signature (shapes, dtypes, devices); the views of a later call are of its own tensors,
+    # with their own strides, and a new signature is checked again
+    from medmamba.kernels import canonical
+
+    orders = (RASTER,) * K
+    g = generator(5)
+    u, delta, A, B, C, D, z, bias = (a.detach() for a in make_inputs((4, 5), K, dtype=torch.float32, seed=5))
+    constant = torch.randn(*A.shape, generator=g)  # constant B/C: broadcast over batch and space
+    cases = [(u, delta, A, B, C, D, z, bias), (u, delta, A, constant, constant, None, None, None)]
+    if K == 1:  # B, C without a group axis
+        cases.append((u, delta, A, B[:, 0], C[:, 0], D, None, bias))
+    for first in cases:
+        # the same signature, other strides: the spatial axes transposed in memory
+        second = [
+            x.transpose(-1, -2).contiguous().transpose(-1, -2) if x is not None and x.ndim > 1 else x for x in first
+        ]
+        canonical.canonical_views(*first, orders)
+        got = canonical.canonical_views(*second, orders)
+        canonical._VIEWS.clear()
+        want = canonical.canonical_views(*second, orders)
+        for x, a, b in zip(second, got, want, strict=True):
+            if x is None:
+                assert a is None and b is None
+                continue
+            assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == x.data_ptr()
+    with pytest.raises(ScanInputError, match="z must be"):
+        canonical.canonical_views(u, delta, A, B, C, D, z[:, :2], bias, orders)
