@@ -268,3 +268,14 @@ def test_scan_launch_settings_are_keyed_on_what_the_memos_need():
     as_bf16 = list(low)
     as_bf16[2] = low[2].detach().bfloat16().requires_grad_()
     assert keys_after(as_bf16)[1] != base[1]
+
+
+def test_a_first_call_under_cuda_graph_capture_says_to_warm_up(monkeypatch):
+    # a shape's order table is copied to the device on its first call, which a CUDA graph cannot capture
+    from medmamba.kernels import RASTER, SLICE
+    from medmamba.kernels.backends.triton_scan import layout
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match=r"spatial shape \(3, 5, 7\).*run one call of that shape before capturing"):
+        layout.order_table((RASTER, SLICE), (3, 5, 7), torch.device("cuda"))
+    assert layout.order_table((RASTER, SLICE), (3, 5, 7), torch.device("cpu")).shape[0] == 2  # not capturing: fine

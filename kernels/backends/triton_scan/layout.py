@@ -234,6 +234,11 @@ def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: tor
     key = (tuple(orders), tuple(spatial), str(device))
     table = _TABLE_CACHE.get(key)
     if table is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"the Triton scan's first call at spatial shape {tuple(spatial)} is being captured in a CUDA graph; "
+                "run one call of that shape before capturing (torch.cuda.make_graphed_callables does so itself)"
+            )
         table = torch.tensor(order_rows(orders, spatial), dtype=torch.int32, device=device)
         _TABLE_CACHE[key] = table
     return table
