@@ -650,14 +650,16 @@ def _gate_grad_kernel(
 @triton.jit
 def _bwd_finish_kernel(
     dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    L, N, BPG, CH, K, batch, nsplit, n_bc, n_a,
+    L, N, BPG, CH, K, batch, nsplit, n_bc, n_a, bc_rows, sbc_b,
     HAS_BC: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):  # fmt: skip
     # The backward's partial sums, summed in a fixed order (deterministic) and stored in the parameters' dtypes, in
     # one launch: programs [0, n_bc) sum dB and dC over the channel blocks of a group (B, K, G, BPG, N, L) -> (B, K,
-    # G, N, L), BLOCK tokens each; then [n_bc, n_bc + n_a) sum dA over batch and segments (B, K, nsplit, C, N) ->
-    # (K, C, N), COLS columns each; the rest sum dD and d(delta_bias) likewise (B, K, nsplit, C) -> (K, C).
+    # G, N, L), BLOCK tokens each (dB and dC: bc_rows = K·G·N rows of L per batch, batch stride sbc_b: a slice along
+    # K of a larger buffer for a group of orders); then [n_bc, n_bc + n_a) sum dA over batch and segments (B, K,
+    # nsplit, C, N) -> (K, C, N), COLS columns each; the rest sum dD and d(delta_bias) likewise (B, K, nsplit, C) ->
+    # (K, C).
     pid = tl.program_id(0)
     if HAS_BC and pid < n_bc:
         tiles = tl.cdiv(L, BLOCK)
@@ -672,8 +674,9 @@ def _bwd_finish_kernel(
             part = ((bkg * BPG + j) * N + n) * L + q
             acc_b += tl.load(dB_part_ptr + part, mask=mask, other=0.0)
             acc_c += tl.load(dC_part_ptr + part, mask=mask, other=0.0)
-        tl.store(dB_ptr + row * L + q, acc_b, mask=mask)
-        tl.store(dC_ptr + row * L + q, acc_c, mask=mask)
+        at = (row // bc_rows) * sbc_b + (row % bc_rows) * L + q
+        tl.store(dB_ptr + at, acc_b, mask=mask)
+        tl.store(dC_ptr + at, acc_c, mask=mask)
     else:
         # dA (columns C·N of each (b, k, segment) row) or dD and d(delta_bias) (columns C): a program sums one
         # block of columns of one k over all batch × segment rows, ROWS rows at a time (a loop of one row per step
@@ -738,7 +741,7 @@ def backward(
     delta_softplus: bool,
     merge: str,
     given_shapes: tuple | None = None,
-    into: tuple[torch.Tensor, torch.Tensor] | None = None,
+    into: tuple | None = None,
     mids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)`` in the canonical shapes of the inputs.
@@ -746,8 +749,10 @@ def backward(
     ``mids``: the chunks' middle states the forward saved (PassConfig.mid_states), laid out as ``states``; the
     per-token main pass then reads them instead of recomputing them. Other paths ignore them.
 
-    ``into``: ``(du, ddelta)`` to write instead of fresh tensors, ``(B, K, C, *S)`` views with contiguous ``(K, C,
-    *S)`` blocks and one batch stride (slices along K of larger buffers: groups of orders).
+    ``into``: ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` to write instead of fresh tensors (``None`` for an absent
+    D or delta_bias): slices along K of larger buffers, for a group of orders. du and ddelta are ``(B, K, C, *S)``
+    views with contiguous ``(K, C, *S)`` blocks and one batch stride; dB and dC ``(B, K, G, N, *S)`` likewise; dA,
+    dD and ddelta_bias contiguous.
 
     ``given_shapes``: the shapes of the arguments as given (canonical.py); a gradient is allocated in its argument's
     shape wherever that holds the same elements in the same order (an added axis of size one), which spares a view
@@ -777,7 +782,8 @@ def backward(
         p, orders, delta_softplus, merge, cfg, dev, gate_grad, u.stride(), delta.stride(), B.stride(), C.stride(),
         z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, A.dtype,
         None if D is None else D.dtype, None if delta_bias is None else delta_bias.dtype,
-        None if pre_gate is None else pre_gate.stride(), None if into is None else (into[0].stride(), into[1].stride()),
+        None if pre_gate is None else pre_gate.stride(),
+        None if into is None else tuple(None if t is None else t.stride() for t in into),
         layout.alignment(u, delta, B, C, z_arg, gy, A, D, delta_bias, pre_gate, grad_last, states, mids,
                          *(into or ())),
         grad_last is None, dev.type != "cuda" and layout.interpreted(),
@@ -830,7 +836,7 @@ def backward(
         du = torch.empty(shapes[0], device=dev, dtype=u.dtype)
         ddelta = torch.empty(shapes[1], device=dev, dtype=delta.dtype)
     else:
-        du, ddelta = into
+        du, ddelta = into[:2]
     if not launch.fused_bc:  # the partials are the gradients: owned and shaped (B, K, G, 1, N, *S)
         dB_part = torch.empty(p.batch, p.K, p.groups, bpg, p.N, *p.spatial, device=dev, dtype=torch.float32)
         dC_part = torch.empty_like(dB_part)
@@ -857,7 +863,7 @@ def backward(
 
     dA, dB, dC, dD, dbias = _finish(
         dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, bpg, launch.fused_bc, shapes,
-        launch.sites,
+        launch.sites, into[2:] if into is not None else None,
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
@@ -882,7 +888,7 @@ def grouped_backward(
     """Gradients of a ``merge="sum"`` call that ran as groups of orders (PassConfig.split_orders), canonical shapes.
 
     The gate's gradient is taken once, from the summed pre-gate output; each group's backward then runs ungated on
-    its orders, and the per-order gradients are joined along the orders (du and dΔ written in place).
+    its orders and writes its gradients into their slices along the orders (no joining copies).
     """
     p = parts[0].plan
     if grad_out is None:
@@ -893,25 +899,22 @@ def grouped_backward(
         dz = torch.empty(z.shape, device=u.device, dtype=z.dtype)
         gy = _gate(gy, pre_gate, z, dz, p, "sum")
 
-    du = torch.empty(p.batch, parts[-1].stop, p.channels, *p.spatial, device=u.device, dtype=u.dtype)
-    ddelta = torch.empty(du.shape, device=u.device, dtype=delta.dtype)
-    grads = []
+    dev = u.device
+    du = torch.empty(p.batch, parts[-1].stop, p.channels, *p.spatial, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(du.shape, device=dev, dtype=delta.dtype)
+    dA = torch.empty(A.shape, device=dev, dtype=A.dtype)
+    dB = torch.empty(B.shape, device=dev, dtype=B.dtype)
+    dC = torch.empty(C.shape, device=dev, dtype=C.dtype)
+    dD = torch.empty(D.shape, device=dev, dtype=D.dtype) if D is not None else None
+    dbias = torch.empty(delta_bias.shape, device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
     for part in parts:
         k = slice(part.start, part.stop)
         dl, uk, dk, Bk, Ck = (None if x is None else x[:, k] for x in (grad_last, u, delta, B, C))
         Ak, Dk, bk = (None if x is None else x[k] for x in (A, D, delta_bias))
         kw = {"p": part.plan, "orders": orders[k], "delta_softplus": delta_softplus, "merge": "sum"}
-        into = (du[:, k], ddelta[:, k])
-        grads.append(
-            backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, into=into, mids=part.mids, **kw)
-        )
-    axes = (None, None, 0, 1, 1, 0, None, 0)  # the orders' axis of dA, dB, dC, dD and ddelta_bias
-    joined = [
-        None if axis is None or ga[0] is None else torch.cat(ga, dim=axis)
-        for ga, axis in zip(zip(*grads, strict=True), axes, strict=True)
-    ]
-    joined[0], joined[1], joined[6] = du, ddelta, dz
-    return tuple(joined)
+        into = (du[:, k], ddelta[:, k], dA[k], dB[:, k], dC[:, k], *(None if x is None else x[k] for x in (dD, dbias)))
+        backward(gy, dl, uk, dk, Ak, Bk, Ck, Dk, None, bk, part.states, None, into=into, mids=part.mids, **kw)
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
 FINISH_BLOCK = 1024  # tokens per program of _bwd_finish_kernel's dB/dC sums
@@ -919,27 +922,36 @@ FINISH_ROWS, FINISH_COLS = 64, 64  # its tile of (batch, segment) rows × column
 
 
 def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int, bpg: int,
-            fused_bc: bool, shapes, sites: dict):  # fmt: skip
+            fused_bc: bool, shapes, sites: dict, outs: tuple | None = None):  # fmt: skip
     """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops).
 
     ``bpg`` channel blocks per group wrote dB/dC partials; without ``fused_bc`` (one block, fp32 B and C) the
-    partials are the gradients. ``sites``: the memo of the call's launches (Launcher.at).
+    partials are the gradients. ``sites``: the memo of the call's launches (Launcher.at). ``outs``: the five
+    gradients' tensors to write (backward's ``into``), else fresh ones.
     """
     dev = dA_part.device
-    if fused_bc:
-        dB = torch.empty(shapes[3], device=dev, dtype=B.dtype)
-        dC = torch.empty(shapes[4], device=dev, dtype=C.dtype)
+    if outs is not None:
+        dA, dB, dC, dD, dbias = outs
+        if not fused_bc:
+            dB.copy_(dB_part[:, :, :, 0])
+            dC.copy_(dC_part[:, :, :, 0])
     else:
-        dB, dC = dB_part[:, :, :, 0], dC_part[:, :, :, 0]
-    dA = torch.empty(shapes[2], device=dev, dtype=A.dtype)
-    dD = torch.empty(shapes[5], device=dev, dtype=D.dtype) if D is not None else None
-    dbias = torch.empty(shapes[7], device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
+        if fused_bc:
+            dB = torch.empty(shapes[3], device=dev, dtype=B.dtype)
+            dC = torch.empty(shapes[4], device=dev, dtype=C.dtype)
+        else:
+            dB, dC = dB_part[:, :, :, 0], dC_part[:, :, :, 0]
+        dA = torch.empty(shapes[2], device=dev, dtype=A.dtype)
+        dD = torch.empty(shapes[5], device=dev, dtype=D.dtype) if D is not None else None
+        dbias = torch.empty(shapes[7], device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
+    bc_rows = p.K * p.groups * p.N
     n_bc = p.batch * p.K * p.groups * p.N * layout.cdiv(p.L, FINISH_BLOCK) if fused_bc else 0
     n_a = p.K * layout.cdiv(p.channels * p.N, FINISH_COLS)
     n_d = p.K * layout.cdiv(p.channels, FINISH_COLS) if (D is not None or delta_bias is not None) else 0
     _bwd_finish_launch.at(sites, "finish", (n_bc + n_a + n_d,))(
         dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA, dD if dD is not None else dA,
-        dbias if dbias is not None else dA, p.L, p.N, bpg, p.channels, p.K, p.batch, nsplit, n_bc, n_a,
+        dbias if dbias is not None else dA, p.L, p.N, bpg, p.channels, p.K, p.batch, nsplit, n_bc, n_a, bc_rows,
+        dB.stride(0) if fused_bc else bc_rows * p.L,
         HAS_BC=fused_bc, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BLOCK=FINISH_BLOCK, ROWS=FINISH_ROWS,
         COLS=FINISH_COLS, num_warps=4,
     )  # fmt: skip
