@@ -72,15 +72,25 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
 _RESOLVED: dict[tuple, tuple[str, Callable[..., object]]] = {}
 
 
+def choice_key(requested: str | None, device: torch.device) -> tuple:
+    """Everything :func:`resolve_backend`'s answer depends on (the request, the override, the environment)."""
+    name = requested or (_override_stack[-1] if _override_stack else os.environ.get("MEDMAMBA_SCAN_BACKEND", "auto"))
+    return (name, device.type, os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None)
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> tuple[str, Callable[..., object]]:
     """The backend name that will run on ``device`` and its ``scan`` function."""
-    name = requested or (_override_stack[-1] if _override_stack else os.environ.get("MEDMAMBA_SCAN_BACKEND", "auto"))
     # remembered per answer's inputs: the import checks cost host time on every scan call
-    key = (name, device.type, os.environ.get("TRITON_INTERPRET") if device.type == "cpu" else None)
+    key = choice_key(requested, device)
     resolved = _RESOLVED.get(key)
     if resolved is None:
-        resolved = _RESOLVED[key] = _resolve(name, device)
+        resolved = _RESOLVED[key] = _resolve(key[0], device)
     return resolved
+
+
+def no_grad_hook(name: str) -> Callable[..., object] | None:
+    """The backend's ``no_grad_forward`` (see triton_scan), if it has one: ``selective_scan``'s no-grad memo."""
+    return getattr(_load(name), "no_grad_forward", None)
 
 
 def _resolve(name: str, device: torch.device) -> tuple[str, Callable[..., object]]:

@@ -371,3 +371,47 @@ def test_float64_runs_in_float64_on_the_torch_backend():
     got = selective_scan(*low, backend="triton").out
     want = selective_scan(*ref, backend="reference").out
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("spatial", "orders", "extras"),
+    [((5, 7), (RASTER,), True), ((3, 4, 5), (RASTER, REVERSED, SLICE), True), ((3, 4, 5), (SLICE,), False)],
+    ids=["raster", "3-order", "slice-no-extras"],
+)
+def test_no_grad_calls_of_a_known_signature_take_the_remembered_forward(spatial, orders, extras, monkeypatch):
+    # selective_scan's no-grad memo: a second call of a signature launches the remembered forward with the
+    # arguments as given (no checks, views or settings key); same results as the full path, and the full path again
+    # after a settings override or a cleared memo, or for another signature
+    import medmamba.kernels.scan as scan_module
+
+    K = len(orders)
+    low, _ = make_inputs(spatial, K, channels=4, N=3, seed=11, z=extras, D=extras, bias=extras)
+    args = [a.detach() if a is not None else None for a in low]
+    runs = []
+    real_run = triton_forward.run
+    monkeypatch.setattr(triton_forward, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+
+    def call(tensors):
+        with torch.no_grad(), configs.override(TINY, TINY):
+            return selective_scan(*tensors, orders=orders, backend="triton", return_last_state=True)
+
+    scan_module._NO_GRAD.clear()
+    full = call(args)
+    assert len(scan_module._NO_GRAD) == 1 and next(iter(scan_module._NO_GRAD.values())) is not None
+    fresh = [a.clone() if a is not None else None for a in args]  # same signature, other memory
+    settings_memo = dict(triton_forward._LAUNCHES)
+    monkeypatch.setattr(triton_forward, "settings", lambda *a, **k: pytest.fail("the full path ran"))
+    fast = call(fresh)
+    assert torch.equal(fast.out, full.out) and torch.equal(fast.last_state, full.last_state)
+    assert fast.out.data_ptr() != full.out.data_ptr() and len(runs) == 2
+    monkeypatch.undo()
+    monkeypatch.setattr(triton_forward, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    with torch.no_grad(), configs.override(TINY_SEGMENTS, TINY_SEGMENTS):  # other settings: derived again
+        seg = selective_scan(*fresh, orders=orders, backend="triton", return_last_state=True)
+    assert len(triton_forward._LAUNCHES) > len(settings_memo)
+    torch.testing.assert_close(seg.out, full.out, rtol=1e-5, atol=1e-6)
+    triton_forward._LAUNCHES.clear()
+    assert torch.equal(call(fresh).out, full.out) and len(triton_forward._LAUNCHES) >= 1
+    strided = [a.transpose(-1, -2).contiguous().transpose(-1, -2) if a is not None and a.ndim > 2 else a for a in fresh]
+    assert torch.equal(call(strided).out, full.out)
+    assert len(scan_module._NO_GRAD) == 2

@@ -17,7 +17,7 @@ import torch
 
 from medmamba.kernels.orders import ScanOrder
 
-__all__ = ["causal_conv", "channel_layer_norm", "scan", "unavailable_reason"]
+__all__ = ["causal_conv", "channel_layer_norm", "no_grad_forward", "scan", "unavailable_reason"]
 
 _modules: tuple = ()
 
@@ -92,6 +92,39 @@ def scan(
         res = _forward.forward(*tensors, orders=orders, delta_softplus=delta_softplus, merge=merge, save=False)
         out, last = res.out, res.last_state
     return out, (last if return_last_state else None)
+
+
+def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str):
+    """For ``selective_scan``'s no-grad memo: a forward of the eight arguments as given, for this call's signature.
+
+    ``None`` where such a call needs more: float64 inputs, a copy of an input with a strided spatial block, groups
+    of orders. The function returns ``(out, last_state)`` as :func:`scan` does before ``selective_scan``'s own steps, or
+    ``None`` when the settings have changed since (``configs.override``, a cleared memo): then the caller takes
+    the full path.
+    """
+    forward, layout, _ = _modules or _import_modules()
+    from . import configs
+
+    u, delta, A, B, C, D, z, delta_bias = canonical
+    if u.dtype == torch.float64:
+        return None
+    natural = layout.natural_inputs(u, delta, B, C, z)
+    if any(a is not b for a, b in zip(natural, (u, delta, B, C, z), strict=True)):
+        return None
+    key, launch, cfg = forward.settings(
+        u, delta, A, B, C, D, z, delta_bias, tuple(orders), delta_softplus, merge, False
+    )
+    if type(launch) is not forward._Launch:
+        return None
+    memo = forward._LAUNCHES
+
+    def run(u, delta, A, B, C, D, z, delta_bias):
+        if configs.forward_config() is not cfg or memo.get(key) is not launch:
+            return None
+        res = forward.run(launch, u, delta, A, B, C, D, z, delta_bias, False)
+        return res.out, res.last_state
+
+    return run
 
 
 def causal_conv(x4, weight, bias, *, orders, silu):  # noqa: D103 (documented in conv.py)

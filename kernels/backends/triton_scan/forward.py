@@ -494,6 +494,17 @@ def forward(
         out: for ``merge="stack"`` without z, the ``(B, K, C, *S)`` tensor the outputs go to (rows of the spatial
             size contiguous, e.g. a slice of one fp32 buffer for several groups of orders) instead of a fresh one.
     """
+    _, launch, _ = settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, out)
+    if type(launch) is _Groups:
+        return _grouped_forward(launch, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save)
+    return run(launch, u, delta, A, B, C, D, z, delta_bias, save, out)
+
+
+def settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, out=None) -> tuple:
+    """``(key, launch settings, forward settings)`` of a :func:`forward` call.
+
+    The ``_LAUNCHES`` memo's key and entry (derived on first use), and the ``configs.PassConfig`` they follow from.
+    """
     dev = u.device
     cfg = configs.forward_config()
     key = (
@@ -507,9 +518,17 @@ def forward(
         _LAUNCHES, key, lambda: _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
                                                  save, cfg, out)
     )  # fmt: skip
-    if type(launch) is _Groups:
-        return _grouped_forward(launch, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save)
-    p, nsplit = launch.plan, launch.nsplit
+    return key, launch, cfg
+
+
+def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=None) -> ForwardResult:
+    """The launches of one ungrouped forward call with settings ``launch`` (:func:`settings`).
+
+    The kernels read the tensors through their data pointers and ``launch``'s strides only: any tensors with the
+    data, dtypes and alignment of the call the settings were derived for will do (the arguments as given to
+    ``selective_scan`` included, whose canonical views only add axes).
+    """
+    p, nsplit, dev = launch.plan, launch.nsplit, u.device
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
     bias = delta_bias.float().contiguous() if delta_bias is not None else A
