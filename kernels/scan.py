@@ -1,7 +1,8 @@
 """``selective_scan``: the one entry point through which every network runs its selective scan.
 
 It validates the arguments once, brings them to one canonical set of shapes (``canonical.py``), picks a backend
-and returns a :class:`ScanResult`. Backends trust what it hands them.
+and returns a :class:`ScanResult`. Backends trust what it hands them. Without gradients, a call whose signature it
+has seen goes straight to what the backend remembered for it (``_NO_GRAD``: the small stages are host-bound).
 """
 
 from __future__ import annotations
