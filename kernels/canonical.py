@@ -62,7 +62,8 @@ def canonical_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
     """Check the arguments of ``selective_scan`` and return them as canonical views (module docstring); no copies.
 
     The checks run once per signature (each argument's shape, dtype and device): at the small stages a call's
-    host time is what the GPU waits for.
+    host time is what the GPU waits for. They yield each argument's view as a function of it, kept for the next
+    calls of that signature.
 
     Raises:
         ScanInputError: an argument's type, shape, dtype or device does not fit; the message names it.
@@ -71,40 +72,15 @@ def canonical_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
     key = _signature(args, len(orders))
     recipe = _VIEWS.get(key) if key is not None else None
     if recipe is None:
-        views = _checked_views(*args, orders)
-        recipe = tuple(_view_recipe(x, v) for x, v in zip(args, views, strict=True))
-        if key is not None and False not in recipe:
+        recipe = _checked_recipe(*args, orders)
+        if key is not None:
             if len(_VIEWS) >= _MAX_VIEWS:
                 _VIEWS.clear()
             _VIEWS[key] = recipe
-        return views
     return tuple([x if how is None else how(x) for x, how in zip(args, recipe, strict=True)])
 
 
-def _view_recipe(x, view):
-    """How ``view`` follows from ``x``.
-
-    ``None``: it is ``x``; a function of ``x`` that gives a view of the same shape and strides for any tensor of
-    ``x``'s signature; ``False``: none found (the call's signature is then not remembered).
-    """
-    if view is None or view is x:
-        return None
-    shape = tuple(view.shape)
-    broadcast = functools.partial(_broadcast, shape=shape)  # a constant B or C over batch and space
-    for how in (_unsqueeze0, _unsqueeze1, _unsqueeze11, broadcast):
-        try:
-            candidate = how(x)
-        except RuntimeError:
-            continue
-        if candidate.shape == view.shape and candidate.stride() == view.stride():
-            return how
-    return False
-
-
-def _broadcast(x, shape):
-    return x.reshape(1, *shape[1:4], *([1] * (len(shape) - 4))).expand(shape)
-
-
+# how an argument becomes its canonical view (None: it already is)
 def _unsqueeze0(x):
     return x.unsqueeze(0)
 
@@ -117,7 +93,11 @@ def _unsqueeze11(x):
     return x.unsqueeze(1).unsqueeze(1)
 
 
-def _checked_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
+def _broadcast(x, shape):  # a constant B or C, (C, N) or (K, C, N), over batch and space
+    return x.reshape(1, *shape[1:4], *([1] * (len(shape) - 4))).expand(shape)
+
+
+def _checked_recipe(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
     K = len(orders)
     for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(x, torch.Tensor):
@@ -134,52 +114,53 @@ def _checked_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
     layout = "(B, K, C, *S)" if per_order else "(B, C, *S)"
     if nd < 1:
         raise ScanInputError(f"u must be {layout} with at least one spatial axis, got shape {_shape(u)}")
-    u4 = u if per_order else u.unsqueeze(1)
-    batch, _, channels, *spatial = u4.shape
-    if per_order and u4.shape[1] != K:
-        raise ScanInputError(f"u has {u4.shape[1]} orders on axis 1 but {K} orders were given; expected {layout}")
+    how_u = None if per_order else _unsqueeze1  # u and delta
+    batch, orders_axis, channels, *spatial = u.shape if per_order else u.unsqueeze(1).shape
+    if per_order and orders_axis != K:
+        raise ScanInputError(f"u has {orders_axis} orders on axis 1 but {K} orders were given; expected {layout}")
     if _shape(delta) != _shape(u):
         raise ScanInputError(f"delta must have the shape of u {_shape(u)}, got {_shape(delta)}")
-    delta4 = delta if per_order else delta.unsqueeze(1)
 
-    A3 = A if A.ndim == 3 else A.unsqueeze(0)
+    how_a = None if A.ndim == 3 else _unsqueeze0
+    A3 = A if how_a is None else how_a(A)
     if A3.ndim != 3 or A3.shape[:2] != (K, channels):
         expected = f"({K}, {channels}, N)" + (f" or ({channels}, N)" if K == 1 else "")
         raise ScanInputError(f"A must be {expected}, got {_shape(A)}")
     N = A3.shape[2]
 
-    B5, C5 = (_canonical_bc(name, x, batch, K, channels, N, spatial) for name, x in (("B", B), ("C", C)))
-    if B5.shape[2] != C5.shape[2]:
-        raise ScanInputError(f"B and C must have the same number of groups, got {B5.shape[2]} and {C5.shape[2]}")
+    how_b, how_c = (_checked_bc(name, x, batch, K, channels, N, spatial) for name, x in (("B", B), ("C", C)))
+    groups_b, groups_c = ((x if how is None else how(x)).shape[2] for x, how in ((B, how_b), (C, how_c)))
+    if groups_b != groups_c:
+        raise ScanInputError(f"B and C must have the same number of groups, got {groups_b} and {groups_c}")
 
-    def per_channel(name: str, x: torch.Tensor | None) -> torch.Tensor | None:
+    def per_channel(name: str, x: torch.Tensor | None):
         if x is None:
             return None
-        x2 = x if x.ndim == 2 else x.unsqueeze(0)
-        if x2.shape != (K, channels) or x.device != u.device:
+        how = None if x.ndim == 2 else _unsqueeze0
+        if (x if how is None else how(x)).shape != (K, channels) or x.device != u.device:
             expected = f"({K}, {channels})" + (f" or ({channels},)" if K == 1 else "")
             raise ScanInputError(f"{name} must be {expected} on {u.device}, got {_shape(x)} on {x.device}")
-        return x2
+        return how
 
     if z is not None and (_shape(z) != (batch, channels, *spatial) or z.device != u.device):
         raise ScanInputError(f"z must be {(batch, channels, *spatial)} on {u.device}, got {_shape(z)} on {z.device}")
-    return u4, delta4, A3, B5, C5, per_channel("D", D), z, per_channel("delta_bias", delta_bias)
+    return how_u, how_u, how_a, how_b, how_c, per_channel("D", D), None, per_channel("delta_bias", delta_bias)
 
 
-def _canonical_bc(name, x, batch, K, channels, N, spatial):
+def _checked_bc(name, x, batch, K, channels, N, spatial):
     nd = len(spatial)
     if x.ndim == (2 if K == 1 else 3):  # constant per channel: one group per channel, broadcast over S
-        x3 = x if x.ndim == 3 else x.unsqueeze(0)
-        if x3.shape != (K, channels, N):
+        if (x.shape if x.ndim == 3 else (1, *x.shape)) != (K, channels, N):
             raise ScanInputError(f"constant {name} must be {(K, channels, N)[3 - x.ndim :]}, got {_shape(x)}")
-        return x3.reshape(1, K, channels, N, *([1] * nd)).expand(batch, K, channels, N, *spatial)
+        return functools.partial(_broadcast, shape=(batch, K, channels, N, *spatial))
     extra = x.ndim - nd
     if K == 1 and extra in (2, 3):
-        x5 = x.unsqueeze(1).unsqueeze(1) if extra == 2 else x.unsqueeze(1)
+        how = _unsqueeze11 if extra == 2 else _unsqueeze1
     elif extra == 4:
-        x5 = x
+        how = None
     else:
-        x5 = None
+        how = False
+    x5 = None if how is False else (x if how is None else how(x))
     ok = (
         x5 is not None
         and x5.shape[0] == batch
@@ -192,4 +173,4 @@ def _canonical_bc(name, x, batch, K, channels, N, spatial):
         S = ", ".join(map(str, spatial))
         forms = f"({batch}, {N}, {S}) or ({batch}, G, {N}, {S})" if K == 1 else f"({batch}, {K}, G, {N}, {S})"
         raise ScanInputError(f"{name} must be {forms} with G dividing C={channels}, or constant; got {_shape(x)}")
-    return x5
+    return how
