@@ -770,9 +770,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true", help="compare the default settings with each opt-in path")
-    ap.add_argument(
-        "--only", help="--sweep, --profile, --graphs: only the rows whose name contains this (e.g. SegMamba)"
-    )
+    ap.add_argument("--only", help="only the rows whose name contains this (e.g. SegMamba), in every table")
     ap.add_argument(
         "--variants", help="--sweep: only the variants whose label contains one of these comma-separated parts"
     )
@@ -817,14 +815,17 @@ def main() -> int:
         save()
     if not args.no_shapes:
         for row in shapes(args.quick):
+            if args.only and args.only not in row[0]:
+                continue
             r = bench_shape(row, bw, card, reps_fwd=20, reps_bwd=10)
             rows.append(r)
             print(f"{r['shape']} {r['dtype']} z={r['z']}: fwd {r['fwd_ms']:.3f} ms (x{r.get('speedup_fwd', 0):.2f}), "
                   f"fwd+bwd {r['fwd_bwd_ms']:.3f} ms (x{r.get('speedup_fwd_bwd', 0):.2f}), "
                   f"err {r.get('rel_err_vs_torch', 0):.1e}, {time.time() - t0:.0f}s", flush=True)  # fmt: skip
             save()
-        torch_rows.extend(bench_torch_backend(card))
-        save()
+        if not args.only:  # the whole table: the torch backend too
+            torch_rows.extend(bench_torch_backend(card))
+            save()
     if args.layer:
         layer_rows.extend(bench_layer(card))
         save()

@@ -2,7 +2,7 @@
 
     python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment]
         [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch] [--[no-]load-ahead]
-        [--[no-]mid-states] [--json]
+        [--[no-]mid-states] [--both-ways] [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -42,6 +42,7 @@ def compile_sm90(
     prefetch: bool | None = None,
     load_ahead: bool | None = None,
     mid_states: bool | None = None,
+    both_ways: bool = False,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -54,6 +55,8 @@ def compile_sm90(
     default settings.
     ``mid_states``: PassConfig.mid_states (forward: saves the middle states; backward: reads them); ``None``: as the
     default forward settings (the backward reads what the forward saved).
+    ``both_ways``: the per-token path of calls whose orders are raster or reversed, decided per program (``VEC_MODE``
+    3, SegMamba's raster and reversed group) instead of the raster order alone (1).
     """
     cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
@@ -62,6 +65,7 @@ def compile_sm90(
         load_ahead = cfg.line_vector_load_ahead if kernel == "lines-backward" else cfg.load_ahead
     if mid_states is None:
         mid_states = configs.forward_config().mid_states
+    vec = (3 if both_ways else 1) if ptx else 0
     if kernel == "lines-backward":
         fn = lines_backward._bwd_lines_kernel
         const = {"SUB": 32, "LV": lv, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True, "LANE_SUMS": ptx,
@@ -72,18 +76,18 @@ def compile_sm90(
     elif kernel == "backward-segment":
         fn = backward._bwd_segment_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_BIAS": True, "HAS_Z": False, "SOFTPLUS": True,
-                 "VEC_MODE": int(ptx)}  # fmt: skip
+                 "VEC_MODE": vec}  # fmt: skip
     elif kernel == "backward":
         fn = backward._bwd_kernel
         const = {"SUB": 32, "BLOCK_T": 16, "HAS_D": True, "HAS_BIAS": True, "HAS_Z": False, "SOFTPLUS": True,
-                 "LANE_SUMS": ptx, "VEC_MODE": int(ptx), "GATE_GRAD": False, "PREFETCH": prefetch,
+                 "LANE_SUMS": ptx, "VEC_MODE": vec, "GATE_GRAD": False, "PREFETCH": prefetch,
                  "LOAD_AHEAD": load_ahead, "HAS_MIDS": mid_states}  # fmt: skip
     else:
         fn = forward._fwd_kernel
         end = kernel == "segment"
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
                  "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
-                 "VEC_MODE": int(ptx), "LINES": 1, "PREFETCH": prefetch,
+                 "VEC_MODE": vec, "LINES": 1, "PREFETCH": prefetch,
                  "SAVE_MID": mid_states and not end}  # fmt: skip
     names = fn.arg_names
     sig = {}
@@ -163,6 +167,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="forward, backward: with or without PassConfig.mid_states; default: as the default settings",
     )
+    ap.add_argument(
+        "--both-ways",
+        action="store_true",
+        help="forward, segment, backward(-segment): the per-token path of a group of raster and reversed orders "
+        "(VEC_MODE 3) instead of the raster order alone",
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     ptx = compile_sm90(
@@ -175,6 +185,7 @@ def main() -> None:
         args.prefetch,
         args.load_ahead,
         args.mid_states,
+        args.both_ways,
     )
     report = sass_report(ptx)
     if args.json:

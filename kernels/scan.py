@@ -91,8 +91,9 @@ def selective_scan(
     given = (u, delta, A, B, C, D, z, delta_bias)
     grad = torch.is_grad_enabled()
     fast_key = None if grad else _no_grad_key(given, orders, delta_softplus, merge, backend)
-    if fast_key is not None:  # a signature seen before: its forward without the checks and views (host time)
-        fast = _NO_GRAD.get(fast_key)
+    known = fast_key is not None and fast_key in _NO_GRAD
+    if known:  # a signature seen before: its forward without the checks and views (host time)
+        fast = _NO_GRAD[fast_key]
         got = fast(*given) if fast is not None else None
         if got is not None:
             return _result(*got, K, return_last_state)
@@ -117,7 +118,7 @@ def selective_scan(
             canonical = canonical_views(*given, orders)
         out, last = run(*canonical, orders=orders, delta_softplus=delta_softplus, merge=merge,
                         return_last_state=return_last_state)  # fmt: skip
-        if fast_key is not None:
+        if fast_key is not None and (not known or fast is not None):  # new, or its settings changed since
             hook = no_grad_hook(name)
             if len(_NO_GRAD) >= _MAX_NO_GRAD:
                 _NO_GRAD.clear()
@@ -127,7 +128,8 @@ def selective_scan(
     return _result(out, last, K, return_last_state)
 
 
-#: no-grad calls: signature -> the backend's forward of the arguments as given (``no_grad_forward``), or None
+#: no-grad calls: signature -> the backend's forward of the arguments as given (``no_grad_forward``), or None where
+#: the backend declined (those take the full path, and are not asked again)
 _NO_GRAD: dict[tuple, Callable | None] = {}
 _MAX_NO_GRAD = 256
 

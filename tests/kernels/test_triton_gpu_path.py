@@ -110,6 +110,33 @@ def test_grouped_call_hands_each_group_its_middle_states(monkeypatch):
     assert sorted(handed) == [(1, True), (2, True)]
 
 
+def test_grouped_call_derives_each_groups_settings_once(monkeypatch):
+    # the groups' launch settings are remembered with the call's (host time before the first kernel): a second call
+    # of the signature derives none, and computes what the first did
+    import dataclasses
+
+    from medmamba.kernels import selective_scan
+
+    low, _ = make_inputs((16, 1, 4), 3, channels=32, N=16, dtype=torch.float32, seed=31)
+    fwd = dataclasses.replace(configs.forward_config(), emulate_ptx=True, split_min_length=0)
+    derived = []
+    settings = triton_forward.settings
+    monkeypatch.setattr(triton_forward, "settings", lambda *a, **k: derived.append(a[10]) or settings(*a, **k))
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+
+    def call(tensors):
+        with torch.no_grad(), configs.override(forward=fwd):
+            return selective_scan(*tensors, orders=(RASTER, REVERSED, SLICE), backend="triton").out
+
+    first = call(low)
+    assert derived.count("stack") == 2  # each group's, once
+    (groups,) = [v for v in triton_forward._LAUNCHES.values() if type(v) is triton_forward._Groups]
+    assert sorted(groups.groups) == [0, 1] and groups.groups[0] is not groups.groups[1]
+    calls = len(derived)
+    again = call([x.clone() if x is not None else None for x in low])
+    assert derived.count("stack") == 2 and derived[calls:] == ["sum"] and torch.equal(again, first)
+
+
 def test_raster_calls_on_the_gpu_path_cap_their_registers(monkeypatch):
     # the default forward settings cap registers only for the per-token path without token offsets (every order
     # raster, VEC_MODE 1, or raster and reversed, VEC_MODE 3): there 128 keeps 16 one-warp programs per SM; calls
