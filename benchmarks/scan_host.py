@@ -92,9 +92,7 @@ def row_calls(scan_gpu, row) -> dict:
     args = scan_gpu.make_inputs(batch, d, spatial, orders, dtype, z)
     grad_out = torch.randn((batch, d, *spatial), dtype=dtype)
 
-    def fwd_bwd():  # fresh leaves each call, as scan_gpu.py: no gradient accumulation into earlier ones
-        out, _ = scan_gpu.scan_call(args, orders, "triton", grad=True)
-        out.backward(grad_out)
+    fwd_bwd, _ = scan_gpu.training_step(args, orders, grad_out)  # as scan_gpu.py times it
 
     ops_fwd, ops_fwd_bwd = scan_gpu.op_calls(args, orders, grad_out)
     return {

@@ -93,6 +93,11 @@ def no_grad_hook(name: str) -> Callable[..., object] | None:
     return getattr(_load(name), "no_grad_forward", None)
 
 
+def grad_hook(name: str) -> Callable[..., object] | None:
+    """The backend's ``grad_forward`` (see triton_scan), if it has one: ``selective_scan``'s memo of grad calls."""
+    return getattr(_load(name), "grad_forward", None)
+
+
 def _resolve(name: str, device: torch.device) -> tuple[str, Callable[..., object]]:
     _check_name(name)
     if name == "auto":

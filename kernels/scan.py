@@ -1,8 +1,9 @@
 """``selective_scan``: the one entry point through which every network runs its selective scan.
 
 It validates the arguments once, brings them to one canonical set of shapes (``canonical.py``), picks a backend
-and returns a :class:`ScanResult`. Backends trust what it hands them. Without gradients, a call whose signature it
-has seen goes straight to what the backend remembered for it (``_NO_GRAD``: the small stages are host-bound).
+and returns a :class:`ScanResult`. Backends trust what it hands them. A call whose signature it has seen goes
+straight to what the backend remembered for it (``_NO_GRAD``, and ``_GRAD`` for calls that record gradients: the
+small stages are host-bound, and at the large ones this is time before the first kernel starts).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from .canonical import canonical_views
-from .dispatch import OWN_AUTOGRAD, BackendName, choice_key, no_grad_hook, resolve_backend
+from .dispatch import OWN_AUTOGRAD, BackendName, choice_key, grad_hook, no_grad_hook, resolve_backend
 from .errors import ScanInputError
 from .orders import RASTER, ScanOrder
 
@@ -90,10 +91,11 @@ def selective_scan(
     K = len(orders)
     given = (u, delta, A, B, C, D, z, delta_bias)
     grad = torch.is_grad_enabled()
-    fast_key = None if grad else _no_grad_key(given, orders, delta_softplus, merge, backend)
-    known = fast_key is not None and fast_key in _NO_GRAD
+    fast_key = _call_key(given, orders, delta_softplus, merge, backend, grad)
+    memo = _GRAD if grad else _NO_GRAD
+    known = fast_key is not None and fast_key in memo
     if known:  # a signature seen before: its forward without the checks and views (host time)
-        fast = _NO_GRAD[fast_key]
+        fast = memo[fast_key]
         got = fast(*given) if fast is not None else None
         if got is not None:
             return _result(*got, K, return_last_state)
@@ -113,34 +115,51 @@ def selective_scan(
     if grad and name in OWN_AUTOGRAD:  # its Function maps the gradients back (canonical.grads_as_given)
         out, last = run(*canonical, orders=orders, delta_softplus=delta_softplus, merge=merge,
                         return_last_state=return_last_state, given=given)  # fmt: skip
+        if fast_key is not None and (not known or fast is not None):
+            _remember(memo, fast_key, grad_hook(name), canonical, orders, delta_softplus, merge)
     else:
         if grad:  # recorded views: these backends differentiate through them
             canonical = canonical_views(*given, orders)
         out, last = run(*canonical, orders=orders, delta_softplus=delta_softplus, merge=merge,
                         return_last_state=return_last_state)  # fmt: skip
-        if fast_key is not None and (not known or fast is not None):  # new, or its settings changed since
-            hook = no_grad_hook(name)
-            if len(_NO_GRAD) >= _MAX_NO_GRAD:
-                _NO_GRAD.clear()
-            _NO_GRAD[fast_key] = (
-                hook(canonical, orders=orders, delta_softplus=delta_softplus, merge=merge) if hook else None
-            )
+        # nothing to record (gradients off, or no argument requires them): the memo of either kind holds the
+        # backend's plain forward
+        if fast_key is not None and not grad and (not known or fast is not None):  # new, or its settings changed
+            _remember(memo, fast_key, no_grad_hook(name), canonical, orders, delta_softplus, merge)
     return _result(out, last, K, return_last_state)
 
 
 #: no-grad calls: signature -> the backend's forward of the arguments as given (``no_grad_forward``), or None where
 #: the backend declined (those take the full path, and are not asked again)
 _NO_GRAD: dict[tuple, Callable | None] = {}
-_MAX_NO_GRAD = 256
+#: calls that record gradients (with each argument's requires_grad in the signature): the backend's
+#: ``grad_forward``, or None
+_GRAD: dict[tuple, Callable | None] = {}
+_MAX_REMEMBERED = 256
 
 
-def _no_grad_key(given: tuple, orders: tuple, delta_softplus, merge, backend) -> tuple | None:
+def _remember(memo: dict, key: tuple, hook, canonical, orders, delta_softplus, merge) -> None:
+    if len(memo) >= _MAX_REMEMBERED:
+        memo.clear()
+    memo[key] = hook(canonical, orders=orders, delta_softplus=delta_softplus, merge=merge) if hook else None
+
+
+def _call_key(given: tuple, orders: tuple, delta_softplus, merge, backend, grad: bool) -> tuple | None:
     # what a call's checks, views, backend and launch settings follow from: each tensor's shape, strides, dtype,
-    # device and 16-byte alignment, the flags and the backend's choice
+    # device and 16-byte alignment (and, with gradients on, whether it requires them), the flags and the backend's
+    # choice
     try:
-        tensors = tuple(
-            [None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) for x in given]
-        )
+        if grad:
+            tensors = tuple(
+                [
+                    None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, x.requires_grad)
+                    for x in given
+                ]
+            )
+        else:
+            tensors = tuple(
+                [None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) for x in given]
+            )
         return (tensors, orders, delta_softplus, merge, choice_key(backend, given[0].device))
     except (AttributeError, TypeError, RuntimeError):  # not tensors (or no storage), unhashable flags: the full path
         return None

@@ -415,3 +415,42 @@ def test_no_grad_calls_of_a_known_signature_take_the_remembered_forward(spatial,
     strided = [a.transpose(-1, -2).contiguous().transpose(-1, -2) if a is not None and a.ndim > 2 else a for a in fresh]
     assert torch.equal(call(strided).out, full.out)
     assert len(scan_module._NO_GRAD) == 2
+
+
+@pytest.mark.parametrize(
+    ("spatial", "orders"), [((5, 7), (RASTER,)), ((3, 4, 5), (RASTER, REVERSED, SLICE))], ids=["raster", "3-order"]
+)
+def test_grad_calls_of_a_known_signature_take_the_remembered_forward(spatial, orders, monkeypatch):
+    # selective_scan's memo of calls that record gradients: a second call of a signature (requires_grad included)
+    # goes through the autograd Function with the launch settings derived once (no checks, backend choice or
+    # settings key); its output and every gradient are the full path's, bit for bit. Other requires_grad flags, or
+    # other settings, take the full path again.
+    import medmamba.kernels.scan as scan_module
+
+    low, _ = make_inputs(spatial, len(orders), channels=4, N=3, seed=13, z=True, D=True, bias=True)
+    grad_out = torch.randn_like(low[0][:, 0] if len(orders) > 1 else low[0])
+
+    def call(tensors, cfg=TINY):
+        leaves = [a.detach().requires_grad_() if a is not None else None for a in tensors]
+        with configs.override(cfg, cfg):
+            out = selective_scan(*leaves, orders=orders, backend="triton").out
+            out.backward(grad_out)
+        return out.detach(), [a.grad for a in leaves if a is not None]
+
+    scan_module._GRAD.clear()
+    full, full_grads = call(low)
+    assert len(scan_module._GRAD) == 1 and next(iter(scan_module._GRAD.values())) is not None
+    monkeypatch.setattr(triton_forward, "settings", lambda *a, **k: pytest.fail("the full path ran"))
+    fresh = [a.detach().clone() if a is not None else None for a in low]  # same signature, other memory
+    fast, fast_grads = call(fresh)
+    assert torch.equal(fast, full) and all(torch.equal(a, b) for a, b in zip(fast_grads, full_grads, strict=True))
+    monkeypatch.undo()
+    seg, seg_grads = call(fresh, TINY_SEGMENTS)  # other settings: the full path, the same values
+    torch.testing.assert_close(seg, full, rtol=1e-5, atol=1e-6)
+    for got, want in zip(seg_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    leaves = [a.detach().requires_grad_(i != 2) if a is not None else None for i, a in enumerate(fresh)]  # A frozen
+    with configs.override(TINY, TINY):
+        selective_scan(*leaves, orders=orders, backend="triton").out.backward(grad_out)
+    assert leaves[2].grad is None and torch.equal(leaves[0].grad, full_grads[0])
+    assert len(scan_module._GRAD) == 2  # another signature

@@ -17,7 +17,7 @@ import torch
 
 from medmamba.kernels.orders import ScanOrder
 
-__all__ = ["causal_conv", "channel_layer_norm", "no_grad_forward", "scan", "unavailable_reason"]
+__all__ = ["causal_conv", "channel_layer_norm", "grad_forward", "no_grad_forward", "scan", "unavailable_reason"]
 
 _modules: tuple = ()
 
@@ -87,7 +87,7 @@ def scan(
     if given is None and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
         given = tensors  # called with recorded views (or directly): they are the Function's inputs
     if given is not None:
-        out, last = TritonScan.apply(tensors, *given, orders, delta_softplus, merge)
+        out, last = TritonScan.apply(tensors, *given, orders, delta_softplus, merge, None)
     else:
         res = _forward.forward(*tensors, orders=orders, delta_softplus=delta_softplus, merge=merge, save=False)
         out, last = res.out, res.last_state
@@ -123,6 +123,40 @@ def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_soft
             return None
         res = forward.run(launch, u, delta, A, B, C, D, z, delta_bias, False)
         return res.out, res.last_state
+
+    return run
+
+
+def grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str):
+    """For ``selective_scan``'s memo of calls that record gradients: the call through the autograd Function.
+
+    It runs for this call's signature, on the arguments as given, with the forward's launch settings derived once.
+
+    ``None`` where such a call needs more (float64 inputs, a copy of an input with a strided spatial block). The
+    function returns ``(out, last_state)``, or ``None`` when the settings have changed since (``configs.override``,
+    a cleared memo): then the caller takes the full path.
+    """
+    forward, layout, TritonScan = _modules or _import_modules()
+    from medmamba.kernels.canonical import canonical_views
+
+    from . import configs
+
+    u, delta, A, B, C, D, z, delta_bias = canonical
+    if u.dtype == torch.float64:
+        return None
+    natural = layout.natural_inputs(u, delta, B, C, z)
+    if any(a is not b for a, b in zip(natural, (u, delta, B, C, z), strict=True)):
+        return None
+    orders = tuple(orders)
+    key, launch, cfg = forward.settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, True)
+    memo = forward._LAUNCHES
+
+    def run(*given):
+        if configs.forward_config() is not cfg or memo.get(key) is not launch:
+            return None
+        with torch.no_grad():  # unrecorded views, as selective_scan's full path hands them
+            tensors = canonical_views(*given, orders)
+        return TritonScan.apply(tensors, *given, orders, delta_softplus, merge, launch)
 
     return run
 

@@ -15,9 +15,10 @@ __all__ = ["TritonScan"]
 class TritonScan(torch.autograd.Function):
     """``(out, last_state) = scan(u, delta, A, B, C, D, z, delta_bias)`` over canonical shapes (kernels/canonical.py).
 
-    ``apply(canonical, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge)``: the kernels read the
-    eight ``canonical`` tensors (views of the arguments, not recorded by autograd); the gradients go to the
-    arguments as given, in their shapes (``canonical.grads_as_given``).
+    ``apply(canonical, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, launch)``: the kernels
+    read the eight ``canonical`` tensors (views of the arguments, not recorded by autograd); the gradients go to the
+    arguments as given, in their shapes (``canonical.grads_as_given``). ``launch``: the forward's launch settings
+    for these tensors (``forward.settings``), or ``None`` to derive them.
 
     Saved for backward: the canonical views (no copies), the fp32 chunk-start states ``(B, K, nchunks, N, C)``
     (``N/BLOCK_T`` of an fp32 copy of u: one full copy at N = 16, BLOCK_T = 16) and, with a gate, the pre-gate
@@ -30,14 +31,15 @@ class TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, canonical, *given_and_flags):  # type: ignore[override]
         """Run the forward kernels, saving the chunk-start states."""
-        *given, orders, delta_softplus, merge = given_and_flags
+        *given, orders, delta_softplus, merge, launch = given_and_flags
         u, delta, A, B, C, D, z, delta_bias = canonical
         # an unused last state's gradient stays None (no zeros materialised by the engine on every call)
         ctx.set_materialize_grads(False)
         ctx.given_shapes = tuple(x.shape if x is not None else None for x in given)
         res = _forward.forward(
-            u, delta, A, B, C, D, z, delta_bias, orders=orders, delta_softplus=delta_softplus, merge=merge, save=True
-        )
+            u, delta, A, B, C, D, z, delta_bias, orders=orders, delta_softplus=delta_softplus, merge=merge, save=True,
+            launch=launch,
+        )  # fmt: skip
         states = [part.states for part in res.parts] if res.parts else [res.states]
         mids = [part.mids for part in res.parts] if res.parts else [res.mids]
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, res.pre_gate, *states, *mids)
@@ -62,4 +64,4 @@ class TritonScan(torch.autograd.Function):
                 p=ctx.plan, orders=ctx.orders, delta_softplus=ctx.delta_softplus, merge=ctx.merge,
                 given_shapes=ctx.given_shapes, mids=mids[0],
             )  # fmt: skip
-        return (None, *grads_as_given(grads, ctx.given_shapes), None, None, None)
+        return (None, *grads_as_given(grads, ctx.given_shapes), None, None, None, None)

@@ -483,6 +483,7 @@ def forward(
     merge: str,
     save: bool,
     out: torch.Tensor | None = None,
+    launch: _Launch | _Groups | None = None,
 ) -> ForwardResult:
     """Run the forward passes over canonical inputs (spatial blocks contiguous, see layout.natural_spatial).
 
@@ -501,8 +502,10 @@ def forward(
         save: keep every chunk-start state and, with z, the pre-gate output (for the backward).
         out: for ``merge="stack"`` without z, the ``(B, K, C, *S)`` tensor the outputs go to (rows of the spatial
             size contiguous, e.g. a slice of one fp32 buffer for several groups of orders) instead of a fresh one.
+        launch: the launch settings of this call (:func:`settings`) when the caller has them, else derived here.
     """
-    _, launch, _ = settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, out)
+    if launch is None:
+        _, launch, _ = settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, out)
     if type(launch) is _Groups:
         return _grouped_forward(launch, u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, save)
     return run(launch, u, delta, A, B, C, D, z, delta_bias, save, out)
