@@ -1,6 +1,7 @@
 """GPU benchmark of the Triton selective scan: builds, checks and times in one call.
 
-    python benchmarks/scan_gpu.py [--out DIR] [--sweep] [--layer] [--launch] [--profile] [--quick]
+    python benchmarks/scan_gpu.py [--out DIR] [--only NAME] [--sweep] [--layer] [--launch] [--profile] [--graphs]
+        [--marks] [--quick]
 
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
@@ -14,7 +15,9 @@ path of configs.PassConfig, ``--layer`` times
 MambaLayer (SegMamba's stage-0 mixer pair) on both backends, ``--launch`` times the host-bound rows and S1 with
 Triton's own kernel launches and the direct ones (launch.py), interleaved, with the host time of a forward call.
 ``--profile`` lists the GPU time of each kernel of a call (torch.profiler) beside the call's per-call median: what
-the kernels take and what the host adds. Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
+the kernels take and what the host adds. ``--marks`` records a CUDA event before each launch of a forward+backward:
+when the host reaches the first kernel, and where the GPU waits on it. ``--only NAME`` keeps the rows whose name
+contains NAME, in every table. Results: ``DIR/scan_gpu.json`` and ``DIR/scan_gpu.md``.
 """
 
 from __future__ import annotations
@@ -642,6 +645,54 @@ def graph_rows(rows, card, reps=(30, 20)) -> list[dict]:
     return out
 
 
+def launch_marks(rows, calls: int = 15) -> list[dict]:
+    """When each kernel launch of a row's forward+backward is reached, in ms after the call's start.
+
+    A CUDA event is recorded before every launch of the scan backend (``launch.Launcher``), medians of ``calls``
+    calls. The first mark is the host's time before the GPU can start (at the large shapes the whole of what a call
+    adds to its kernels); a later mark that lies past the previous kernel's end is the GPU waiting on the host.
+    """
+    from medmamba.kernels.backends.triton_scan import launch as launch_module
+
+    out = []
+    real = launch_module.Launcher.launch
+    for row in rows:
+        name, batch, d, spatial, orders, dtname, z = row
+        dtype = DTYPES[dtname]
+        args = make_inputs(batch, d, spatial, orders, dtype, z)
+        step, _ = training_step(args, orders, torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype))
+        marks: list = []
+
+        def marked(self, *a, marks=marks, **k):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append(event)
+            return real(self, *a, **k)
+
+        launch_module.Launcher.launch = marked
+        try:
+            for _ in range(3):
+                step()
+            runs = []
+            for _ in range(calls):
+                marks.clear()
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                runs.append([start.elapsed_time(m) for m in marks] + [start.elapsed_time(end)])
+        finally:
+            launch_module.Launcher.launch = real
+        med = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
+        out.append({"shape": name, "dtype": dtname, "z": z, "launch_ms": med[:-1], "call_ms": med[-1]})
+        print(f"marks {name} {dtname} z={z}: first launch at {med[0]:.3f} ms, call {med[-1]:.3f} ms, launches "
+              + " ".join(f"{x:.3f}" for x in med[:-1]), flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
+    return out
+
+
 PROFILE_ROWS = ("S1", "U-Mamba s3 16³", "SegMamba s3 16³", "SegMamba 3-order layer 64³")
 
 
@@ -672,7 +723,9 @@ def kernel_profile(rows, calls: int = 5) -> list[dict]:
     return out
 
 
-def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), profile_rows=(), graph_rows=()) -> str:
+def markdown(
+    info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), profile_rows=(), graph_rows=(), marks_rows=()
+) -> str:
     head = (f"Card: {info['card_name']} ({info['card']}), torch {info['torch']}, triton {info['triton']}; "
             f"copy bandwidth {info['copy_TBps']:.2f} TB/s. Command: `{info['command']}`.")  # fmt: skip
     lines = [head]
@@ -751,6 +804,14 @@ def markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows=(), pro
             top = "; ".join(f"{k['name'][:40]} {k['ms']:.3f} (×{k['per_call']:g})" for k in r["kernels"][:5])
             lines.append(f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['pass']} | "
                          f"{r['per_call_ms']:.3f} | {r['kernels_ms']:.3f} | {top} |")  # fmt: skip
+    if marks_rows:
+        head = ("| launches reached (CUDA events) | dtype | z | first launch ms | call ms | every launch, ms after the "
+                "call's start |")  # fmt: skip
+        lines += ["", head, "|---|---|---|---|---|---|"]
+        for r in marks_rows:
+            every = " ".join(f"{x:.3f}" for x in r["launch_ms"])
+            lines.append(f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['launch_ms'][0]:.3f} | "
+                         f"{r['call_ms']:.3f} | {every} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -792,6 +853,12 @@ def main() -> int:
     ap.add_argument(
         "--graphs", action="store_true", help="per call as CUDA-graph replays beside eager (host-bound rows or --only)"
     )
+    ap.add_argument(
+        "--marks",
+        action="store_true",
+        help="when each launch of a forward+backward is reached, ms after the call's start (CUDA events; host-bound "
+        "rows or --only)",
+    )
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-shapes", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
@@ -813,12 +880,15 @@ def main() -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_ = [], [], [], [], [], [], []
+    marks_rows = []
 
     def save():
         payload = {"info": info, "rows": rows, "torch": torch_rows, "sweep": sweep_rows, "layer": layer_rows,
-                   "launch": launch_rows, "profile": profile_rows, "graphs": graph_rows_}  # fmt: skip
+                   "launch": launch_rows, "profile": profile_rows, "graphs": graph_rows_,
+                   "marks": marks_rows}  # fmt: skip
         (out_dir / "scan_gpu.json").write_text(json.dumps(payload, indent=1))
-        md = markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_)
+        md = markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_,
+                      marks_rows)  # fmt: skip
         (out_dir / "scan_gpu.md").write_text(md)
 
     t0 = time.time()
@@ -855,7 +925,12 @@ def main() -> int:
         picked = [r for r in candidates if (args.only in r[0] if args.only else r[0] in LAUNCH_ROWS)]
         graph_rows_.extend(graph_rows(picked, card))
         save()
-    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_))
+    if args.marks:
+        candidates = {r[0]: r for r in [*shapes(False), *SWEEP_ROWS]}.values()
+        picked = [r for r in candidates if (args.only in r[0] if args.only else r[0] in LAUNCH_ROWS)]
+        marks_rows.extend(launch_marks(picked))
+        save()
+    print(markdown(info, rows, torch_rows, sweep_rows, layer_rows, launch_rows, profile_rows, graph_rows_, marks_rows))
     return 0
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .canonical import canonical_views
 from .dispatch import OWN_AUTOGRAD, BackendName, choice_key, grad_hook, no_grad_hook, resolve_backend
@@ -147,8 +148,10 @@ def _remember(memo: dict, key: tuple, hook, canonical, orders, delta_softplus, m
 def _call_key(given: tuple, orders: tuple, delta_softplus, merge, backend, grad: bool) -> tuple | None:
     # what a call's checks, views, backend and launch settings follow from: each tensor's shape, strides, dtype,
     # device and 16-byte alignment (and, with gradients on, whether it requires them), the flags and the backend's
-    # choice
+    # choice. Fake tensors (shape tracing, memory estimates) have no memory: they take the full path, remembered nowhere
     try:
+        if isinstance(given[0], FakeTensor):
+            return None
         if grad:
             tensors = tuple(
                 [
