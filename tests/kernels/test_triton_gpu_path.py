@@ -117,8 +117,8 @@ def test_grouped_call_derives_each_groups_settings_once(monkeypatch):
 
     from medmamba.kernels import selective_scan
 
-    low, _ = make_inputs((16, 1, 4), 3, channels=32, N=16, dtype=torch.float32, seed=31)
-    fwd = dataclasses.replace(configs.forward_config(), emulate_ptx=True, split_min_length=0)
+    low, _ = make_inputs((16, 1, 2), 3, channels=32, N=16, dtype=torch.float32, seed=31)
+    fwd = dataclasses.replace(configs.forward_config(), emulate_ptx=True, split_min_length=0, line_vectors=2)
     derived = []
     settings = triton_forward.settings
     monkeypatch.setattr(triton_forward, "settings", lambda *a, **k: derived.append(a[10]) or settings(*a, **k))
