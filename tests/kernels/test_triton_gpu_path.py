@@ -131,7 +131,7 @@ def test_grouped_call_derives_each_groups_settings_once(monkeypatch):
     first = call(low)
     assert derived.count("stack") == 2  # each group's, once
     (groups,) = [v for v in triton_forward._LAUNCHES.values() if type(v) is triton_forward._Groups]
-    assert sorted(groups.groups) == [0, 1] and groups.groups[0] is not groups.groups[1]
+    assert sorted(groups.group_launches) == [0, 1] and groups.group_launches[0] is not groups.group_launches[1]
     calls = len(derived)
     again = call([x.clone() if x is not None else None for x in low])
     assert derived.count("stack") == 2 and derived[calls:] == ["sum"] and torch.equal(again, first)

@@ -465,7 +465,7 @@ class _Groups:
     merge_block: int
     sites: dict = field(default_factory=dict, compare=False, repr=False)  # the merge's kernel (Launcher.at)
     # each group's launch settings, by its index: they follow from the call's (_LAUNCHES key) as much as the call's do
-    groups: dict = field(default_factory=dict, compare=False, repr=False)
+    group_launches: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def forward(
@@ -715,10 +715,10 @@ def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, order
     for i, (a, b) in enumerate(groups.ranges):
         args = (u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, None,
                 delta_bias[a:b] if delta_bias is not None else None)  # fmt: skip
-        launch = groups.groups.get(i)
+        launch = groups.group_launches.get(i)
         if launch is None:  # a group's settings, once (this is host time before the first kernel starts)
             _, launch, _ = settings(*args, orders[a:b], delta_softplus, "stack", save, y[:, a:b])
-            groups.groups[i] = launch
+            groups.group_launches[i] = launch
         res = run(launch, *args, save, y[:, a:b])
         lasts.append(res.last_state)
         parts.append(Part(a, b, res.states, res.plan, res.mids))
