@@ -152,17 +152,10 @@ def _call_key(given: tuple, orders: tuple, delta_softplus, merge, backend, grad:
     try:
         if isinstance(given[0], FakeTensor):
             return None
-        if grad:
-            tensors = tuple(
-                [
-                    None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16, x.requires_grad)
-                    for x in given
-                ]
-            )
-        else:
-            tensors = tuple(
-                [None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16) for x in given]
-            )
+        tensors = tuple(
+            [None if x is None else (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16,
+                                     grad and x.requires_grad) for x in given]
+        )  # fmt: skip
         return (tensors, orders, delta_softplus, merge, choice_key(backend, given[0].device))
     except (AttributeError, TypeError, RuntimeError):  # not tensors (or no storage), unhashable flags: the full path
         return None

@@ -94,13 +94,14 @@ def scan(
     return out, (last if return_last_state else None)
 
 
-def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str):
-    """For ``selective_scan``'s no-grad memo: a forward of the eight arguments as given, for this call's signature.
+def _remembered_settings(canonical: tuple, orders: tuple, delta_softplus: bool, merge: str, save: bool):
+    """``(launch, current)`` for a memo of ``selective_scan``: the forward's launch settings, and a check of them.
 
-    ``None`` where such a call needs more: float64 inputs, a copy of an input with a strided spatial block, groups
-    of orders. The function returns ``(out, last_state)`` as :func:`scan` does before ``selective_scan``'s own steps, or
-    ``None`` when the settings have changed since (``configs.override``, a cleared memo): then the caller takes
-    the full path.
+    The settings are this call's signature's; ``current()`` tells that they still hold (no ``configs.override``
+    since, the settings memo not cleared).
+
+    ``None`` where such a call needs more than its settings: float64 inputs, a copy of an input with a strided
+    spatial block.
     """
     forward, layout, _ = _modules or _import_modules()
     from . import configs
@@ -111,15 +112,27 @@ def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_soft
     natural = layout.natural_inputs(u, delta, B, C, z)
     if any(a is not b for a, b in zip(natural, (u, delta, B, C, z), strict=True)):
         return None
-    key, launch, cfg = forward.settings(
-        u, delta, A, B, C, D, z, delta_bias, tuple(orders), delta_softplus, merge, False
-    )
-    if type(launch) is not forward._Launch:
-        return None
+    key, launch, cfg = forward.settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save)
     memo = forward._LAUNCHES
+    return launch, lambda: configs.forward_config() is cfg and memo.get(key) is launch
+
+
+def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str):
+    """For ``selective_scan``'s no-grad memo: a forward of the eight arguments as given, for this call's signature.
+
+    ``None`` where such a call needs more: float64 inputs, a copy of an input with a strided spatial block, groups
+    of orders. The function returns ``(out, last_state)`` as :func:`scan` does before ``selective_scan``'s own steps, or
+    ``None`` when the settings have changed since (``configs.override``, a cleared memo): then the caller takes
+    the full path.
+    """
+    forward, _, _ = _modules or _import_modules()
+    remembered = _remembered_settings(canonical, tuple(orders), delta_softplus, merge, False)
+    if remembered is None or type(remembered[0]) is not forward._Launch:
+        return None
+    launch, current = remembered
 
     def run(u, delta, A, B, C, D, z, delta_bias):
-        if configs.forward_config() is not cfg or memo.get(key) is not launch:
+        if not current():
             return None
         res = forward.run(launch, u, delta, A, B, C, D, z, delta_bias, False)
         return res.out, res.last_state
@@ -136,23 +149,17 @@ def grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplu
     function returns ``(out, last_state)``, or ``None`` when the settings have changed since (``configs.override``,
     a cleared memo): then the caller takes the full path.
     """
-    forward, layout, TritonScan = _modules or _import_modules()
     from medmamba.kernels.canonical import canonical_views
 
-    from . import configs
-
-    u, delta, A, B, C, D, z, delta_bias = canonical
-    if u.dtype == torch.float64:
-        return None
-    natural = layout.natural_inputs(u, delta, B, C, z)
-    if any(a is not b for a, b in zip(natural, (u, delta, B, C, z), strict=True)):
-        return None
+    _, _, TritonScan = _modules or _import_modules()
     orders = tuple(orders)
-    key, launch, cfg = forward.settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, True)
-    memo = forward._LAUNCHES
+    remembered = _remembered_settings(canonical, orders, delta_softplus, merge, True)
+    if remembered is None:
+        return None
+    launch, current = remembered
 
     def run(*given):
-        if configs.forward_config() is not cfg or memo.get(key) is not launch:
+        if not current():
             return None
         with torch.no_grad():  # unrecorded views, as selective_scan's full path hands them
             tensors = canonical_views(*given, orders)
