@@ -22,7 +22,7 @@ import torch
 
 from .errors import ScanInputError
 
-__all__ = ["canonical_views", "grads_as_given"]
+__all__ = ["canonical_views", "grads_as_given", "view_maker"]
 
 
 def grads_as_given(grads, shapes) -> tuple:
@@ -78,6 +78,20 @@ def canonical_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
                 _VIEWS.clear()
             _VIEWS[key] = recipe
     return tuple([x if how is None else how(x) for x, how in zip(args, recipe, strict=True)])
+
+
+def view_maker(u, delta, A, B, C, D, z, delta_bias, orders):
+    """A function of the eight arguments that returns their canonical views, for arguments of this call's signature.
+
+    It checks this call's arguments as :func:`canonical_views` does; the function it returns skips the checks and
+    the signature (``selective_scan``'s memos call it only for arguments of a signature they have seen). ``None``
+    where every argument already is its canonical view.
+    """
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    recipe = _checked_recipe(*args, orders)
+    if all(how is None for how in recipe):
+        return None
+    return lambda *given: tuple([x if how is None else how(x) for x, how in zip(given, recipe, strict=True)])
 
 
 # how an argument becomes its canonical view (None: it already is)

@@ -117,7 +117,7 @@ def selective_scan(
         out, last = run(*canonical, orders=orders, delta_softplus=delta_softplus, merge=merge,
                         return_last_state=return_last_state, given=given)  # fmt: skip
         if fast_key is not None and (not known or fast is not None):
-            _remember(memo, fast_key, grad_hook(name), canonical, orders, delta_softplus, merge)
+            _remember(memo, fast_key, grad_hook(name), canonical, orders, delta_softplus, merge, given=given)
     else:
         if grad:  # recorded views: these backends differentiate through them
             canonical = canonical_views(*given, orders)
@@ -139,10 +139,10 @@ _GRAD: dict[tuple, Callable | None] = {}
 _MAX_REMEMBERED = 256
 
 
-def _remember(memo: dict, key: tuple, hook, canonical, orders, delta_softplus, merge) -> None:
+def _remember(memo: dict, key: tuple, hook, canonical, orders, delta_softplus, merge, **extra) -> None:
     if len(memo) >= _MAX_REMEMBERED:
         memo.clear()
-    memo[key] = hook(canonical, orders=orders, delta_softplus=delta_softplus, merge=merge) if hook else None
+    memo[key] = hook(canonical, orders=orders, delta_softplus=delta_softplus, merge=merge, **extra) if hook else None
 
 
 def _call_key(given: tuple, orders: tuple, delta_softplus, merge, backend, grad: bool) -> tuple | None:

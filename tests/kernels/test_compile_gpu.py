@@ -37,9 +37,11 @@ for affine in (True, False):
     build(norm._norm_fwd_kernel, {"HAS_W": affine, "HAS_B": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
     build(norm._norm_bwd_kernel, {"HAS_W": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
 grads = {"dB_ptr": "*bf16", "dC_ptr": "*bf16", "dD_ptr": "*bf16"}
-for has_bc, has_d, has_bias in [(True, True, True), (False, False, True), (True, True, False)]:
+for has_bc, has_d, has_bias, tiles in [(True, True, True, backward.FINISH_TILES),
+                                       (False, False, True, backward.FINISH_TILES),
+                                       (True, True, False, backward.FINISH_TALL_TILES)]:
     const = {"HAS_BC": has_bc, "HAS_D": has_d, "HAS_BIAS": has_bias, "BLOCK": backward.FINISH_BLOCK,
-             "ROWS": backward.FINISH_ROWS, "COLS": backward.FINISH_COLS}
+             "ROWS": tiles[0], "COLS": tiles[1]}
     build(backward._bwd_finish_kernel, const, grads)
 seq = {n: "*bf16" for n in ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "pre_ptr")} | {"order_ptr": "*i32"}
 for end, save, mid in [(True, False, False), (False, True, False), (False, True, True), (False, False, False)]:

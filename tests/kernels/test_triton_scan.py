@@ -102,18 +102,25 @@ def test_carry_passes_chain_segments_block_by_block(monkeypatch, block_s, tile, 
         assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("rows, cols", [(8, 2)])
-def test_finish_pass_sums_partials_tile_by_tile(monkeypatch, rows, cols):
-    # dA, dD and d(delta_bias) are summed over 2 batches × 6 segments = 12 partial rows, `rows` at a time (the last
-    # tile partial), and over column blocks of `cols` (C·N = 8 and C = 4 columns, two orders: 4 and 2 blocks)
+@pytest.mark.parametrize("tall", [False, True])
+def test_finish_pass_sums_partials_tile_by_tile(monkeypatch, tall):
+    # dA, dD and d(delta_bias) are summed over 2 batches × 6 segments = 12 partial rows, 8 (or, in tall tiles, 16:
+    # one partial tile) at a time, and over column blocks of 2 (or 4) columns (C·N = 8 and C = 4 columns, two orders)
     from medmamba.kernels.backends.triton_scan import backward
 
-    monkeypatch.setattr(backward, "FINISH_ROWS", rows)
-    monkeypatch.setattr(backward, "FINISH_COLS", cols)
+    monkeypatch.setattr(backward, "FINISH_TILES", (8, 2, 4))
+    monkeypatch.setattr(backward, "FINISH_TALL_TILES", (16, 4, 8))
+    monkeypatch.setattr(backward, "FINISH_TALL_FROM", 12 if tall else 13)  # batch × segments = 12 rows
+    monkeypatch.setattr(backward, "_LAUNCHES", {})
+    launcher, tiles = backward._bwd_finish_launch, []
+    run = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda grid, args, meta, *memo: tiles.append(meta["ROWS"]) or run(
+        grid, args, meta, *memo))  # fmt: skip
     low, ref = make_inputs((4, 6, 8), 2, batch=2, channels=4, seed=4)
     cfg = P(sub=2, num_warps=1, segments=6)
     with configs.override(cfg, cfg):
         assert_matches_reference(low, ref, (RASTER, SLICE), dtype=torch.float32)
+    assert tiles and set(tiles) == {16 if tall else 8}
 
 
 def test_channels_per_group_not_a_power_of_two_with_default_blocking():

@@ -140,16 +140,20 @@ def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_soft
     return run
 
 
-def grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str):
+def grad_forward(
+    canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str, given: tuple | None = None
+):
     """For ``selective_scan``'s memo of calls that record gradients: the call through the autograd Function.
 
-    It runs for this call's signature, on the arguments as given, with the forward's launch settings derived once.
+    It runs for this call's signature, on the arguments as given, with the forward's launch settings derived once
+    and the canonical views made without the checks (``canonical.view_maker`` of ``given``, this call's arguments;
+    without them, by ``canonical_views``).
 
     ``None`` where such a call needs more (float64 inputs, a copy of an input with a strided spatial block). The
     function returns ``(out, last_state)``, or ``None`` when the settings have changed since (``configs.override``,
     a cleared memo): then the caller takes the full path.
     """
-    from medmamba.kernels.canonical import canonical_views
+    from medmamba.kernels.canonical import canonical_views, view_maker
 
     _, _, TritonScan = _modules or _import_modules()
     orders = tuple(orders)
@@ -157,12 +161,19 @@ def grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplu
     if remembered is None:
         return None
     launch, current = remembered
+    if given is None:
+        views = lambda *args: canonical_views(*args, orders)  # noqa: E731
+    else:
+        views = view_maker(*given, orders)
 
     def run(*given):
         if not current():
             return None
-        with torch.no_grad():  # unrecorded views, as selective_scan's full path hands them
-            tensors = canonical_views(*given, orders)
+        if views is None:  # every argument is its canonical view (several orders)
+            tensors = given
+        else:
+            with torch.no_grad():  # unrecorded views, as selective_scan's full path hands them
+                tensors = views(*given)
         return TritonScan.apply(tensors, *given, orders, delta_softplus, merge, launch)
 
     return run

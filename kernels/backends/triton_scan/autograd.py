@@ -33,13 +33,14 @@ class TritonScan(torch.autograd.Function):
         """Run the forward kernels, saving the chunk-start states."""
         *given, orders, delta_softplus, merge, launch = given_and_flags
         u, delta, A, B, C, D, z, delta_bias = canonical
-        # an unused last state's gradient stays None (no zeros materialised by the engine on every call)
-        ctx.set_materialize_grads(False)
-        ctx.given_shapes = tuple(x.shape if x is not None else None for x in given)
         res = _forward.forward(
             u, delta, A, B, C, D, z, delta_bias, orders=orders, delta_softplus=delta_softplus, merge=merge, save=True,
             launch=launch,
         )  # fmt: skip
+        # after the launches (host time before the first kernel): an unused last state's gradient stays None (no
+        # zeros materialised by the engine on every call)
+        ctx.set_materialize_grads(False)
+        ctx.given_shapes = tuple(x.shape if x is not None else None for x in given)
         states = [part.states for part in res.parts] if res.parts else [res.states]
         mids = [part.mids for part in res.parts] if res.parts else [res.mids]
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, res.pre_gate, *states, *mids)

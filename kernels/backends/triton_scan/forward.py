@@ -713,13 +713,19 @@ def _grouped_forward(groups: _Groups, u, delta, A, B, C, D, z, delta_bias, order
     y = torch.empty(p.batch, p.K, p.channels, *p.spatial, device=u.device, dtype=torch.float32)
     parts, lasts = [], []
     for i, (a, b) in enumerate(groups.ranges):
-        args = (u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, None,
-                delta_bias[a:b] if delta_bias is not None else None)  # fmt: skip
         launch = groups.group_launches.get(i)
+        if launch is not None and a == 0:
+            # the first group's slices start where the tensors do, and run() reads data pointers and the settings'
+            # strides only: no slicing before the first kernel (host time)
+            args, group_y = (u, delta, A, B, C, D, None, delta_bias), y
+        else:
+            args = (u[:, a:b], delta[:, a:b], A[a:b], B[:, a:b], C[:, a:b], D[a:b] if D is not None else None, None,
+                    delta_bias[a:b] if delta_bias is not None else None)  # fmt: skip
+            group_y = y[:, a:b]
         if launch is None:  # a group's settings, once (this is host time before the first kernel starts)
-            _, launch, _ = settings(*args, orders[a:b], delta_softplus, "stack", save, y[:, a:b])
+            _, launch, _ = settings(*args, orders[a:b], delta_softplus, "stack", save, group_y)
             groups.group_launches[i] = launch
-        res = run(launch, *args, save, y[:, a:b])
+        res = run(launch, *args, save, group_y)
         lasts.append(res.last_state)
         parts.append(Part(a, b, res.states, res.plan, res.mids))
     out, pre = _merge(y, z, u, p, save, groups.merge_grid, groups.merge_block, groups.sites)
