@@ -162,6 +162,6 @@ def _call_key(given: tuple, orders: tuple, delta_softplus, merge, backend, grad:
 
 
 def _result(out: torch.Tensor, last: torch.Tensor | None, K: int, return_last_state: bool) -> ScanResult:
-    if last is not None and K == 1:
-        last = last[:, 0]
-    return ScanResult(out, last if return_last_state else None)
+    if not return_last_state:  # no view of an unused output (with gradients on, autograd would record it)
+        return ScanResult(out, None)
+    return ScanResult(out, last[:, 0] if last is not None and K == 1 else last)
