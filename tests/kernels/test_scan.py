@@ -329,3 +329,16 @@ def test_canonical_views_of_a_known_signature_follow_each_calls_tensors(K):
             assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == x.data_ptr()
     with pytest.raises(ScanInputError, match="z must be"):
         canonical.canonical_views(u, delta, A, B, C, D, z[:, :2], bias, orders)
+    # selective_scan's memo of grad calls takes its views from view_maker: the same views, or None where the
+    # arguments already are canonical (several orders with per-order B and C)
+    for first in cases:
+        make = canonical.view_maker(*first, orders)
+        want = canonical.canonical_views(*first, orders)
+        if make is None:
+            assert all(a is b for a, b in zip(first, want, strict=True)) and K == 3 and first[3] is B
+            continue
+        for x, a, b in zip(first, make(*first), want, strict=True):
+            assert (a is None and b is None) or (a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() ==
+                                                 x.data_ptr())  # fmt: skip
+    with pytest.raises(ScanInputError, match="z must be"):
+        canonical.view_maker(u, delta, A, B, C, D, z[:, :2], bias, orders)

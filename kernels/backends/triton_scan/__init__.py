@@ -166,15 +166,15 @@ def grad_forward(
     else:
         views = view_maker(*given, orders)
 
-    def run(*given):
+    def run(*args):
         if not current():
             return None
         if views is None:  # every argument is its canonical view (several orders)
-            tensors = given
+            tensors = args
         else:
             with torch.no_grad():  # unrecorded views, as selective_scan's full path hands them
-                tensors = views(*given)
-        return TritonScan.apply(tensors, *given, orders, delta_softplus, merge, launch)
+                tensors = views(*args)
+        return TritonScan.apply(tensors, *args, orders, delta_softplus, merge, launch)
 
     return run
 
