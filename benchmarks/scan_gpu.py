@@ -672,45 +672,76 @@ def launch_marks(rows, calls: int = 15) -> list[dict]:
     A CUDA event is recorded before every launch of the scan backend (``launch.Launcher``), medians of ``calls``
     calls. The first mark is the host's time before the GPU can start (at the large shapes the whole of what a call
     adds to its kernels); a later mark that lies past the previous kernel's end is the GPU waiting on the host.
+
+    The host's own timeline of the same calls (``time.perf_counter``, ms after the start event was recorded): when
+    each launch was called and returned, when autograd entered the backward Function and left it, and when the call
+    returned. Between a launch's return and the next one's call is Python; between the forward's last launch and
+    the backward's entry, autograd's engine and the harness's ``backward()``.
     """
+    from medmamba.kernels.backends.triton_scan import autograd
     from medmamba.kernels.backends.triton_scan import launch as launch_module
 
     out = []
-    real = launch_module.Launcher.launch
+    real, real_backward = launch_module.Launcher.launch, autograd.TritonScan.backward
+    clock = time.perf_counter
     for row in rows:
         name, batch, d, spatial, orders, dtname, z = row
         dtype = DTYPES[dtname]
         args = make_inputs(batch, d, spatial, orders, dtype, z)
         step, _ = training_step(args, orders, torch.randn((batch, d, *spatial), device=DEVICE, dtype=dtype))
         marks: list = []
+        host: dict = {"launches": [], "backward": []}
 
-        def marked(self, *a, marks=marks, **k):
+        def marked(self, *a, marks=marks, host=host, **k):
+            host["launches"].append(clock())
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             marks.append(event)
-            return real(self, *a, **k)
+            real(self, *a, **k)
+            host["launches"].append(clock())
+
+        def timed_backward(ctx, *grads, host=host):
+            host["backward"].append(clock())
+            grads = real_backward(ctx, *grads)
+            host["backward"].append(clock())
+            return grads
 
         launch_module.Launcher.launch = marked
+        autograd.TritonScan.backward = staticmethod(timed_backward)
         try:
             for _ in range(3):
                 step()
-            runs = []
+            runs, host_runs = [], []
             for _ in range(calls):
                 step.reset()
                 marks.clear()
+                host["launches"].clear()
+                host["backward"].clear()
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
+                t0 = clock()
                 step.run()
+                returned = clock()
                 end.record()
                 end.synchronize()
                 runs.append([start.elapsed_time(m) for m in marks] + [start.elapsed_time(end)])
+                host_runs.append([(t - t0) * 1e3 for t in (*host["launches"], *host["backward"], returned)])
         finally:
             launch_module.Launcher.launch = real
+            autograd.TritonScan.backward = real_backward
         med = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
-        out.append({"shape": name, "dtype": dtname, "z": z, "launch_ms": med[:-1], "call_ms": med[-1]})
+        host_med = [statistics.median(r[i] for r in host_runs) for i in range(len(host_runs[0]))]
+        n = len(med) - 1
+        out.append({"shape": name, "dtype": dtname, "z": z, "launch_ms": med[:-1], "call_ms": med[-1],
+                    "host_launch_ms": host_med[: 2 * n], "host_backward_ms": host_med[2 * n : -1],
+                    "host_return_ms": host_med[-1]})  # fmt: skip
+        pairs = zip(host_med[0 : 2 * n : 2], host_med[1 : 2 * n : 2], strict=True)
         print(f"marks {name} {dtname} z={z}: first launch at {med[0]:.3f} ms, call {med[-1]:.3f} ms, launches "
-              + " ".join(f"{x:.3f}" for x in med[:-1]), flush=True)  # fmt: skip
+              + " ".join(f"{x:.3f}" for x in med[:-1]) + "; host: launches called/returned "
+              + " ".join(f"{a:.3f}/{b:.3f}" for a, b in pairs)
+              + f", backward {'/'.join(f'{x:.3f}' for x in host_med[2 * n : -1])}, returned {host_med[-1]:.3f}",
+              flush=True)  # fmt: skip
         torch.cuda.empty_cache()
     return out
 
@@ -828,12 +859,18 @@ def markdown(
                          f"{r['per_call_ms']:.3f} | {r['kernels_ms']:.3f} | {top} |")  # fmt: skip
     if marks_rows:
         head = ("| launches reached (CUDA events) | dtype | z | first launch ms | call ms | every launch, ms after the "
-                "call's start |")  # fmt: skip
-        lines += ["", head, "|---|---|---|---|---|---|"]
+                "call's start | host: each launch called / returned | host: backward entered / left | host: call "
+                "returned |")  # fmt: skip
+        lines += ["", head, "|---|---|---|---|---|---|---|---|---|"]
         for r in marks_rows:
             every = " ".join(f"{x:.3f}" for x in r["launch_ms"])
+            hl = r.get("host_launch_ms", [])
+            called = " ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(hl[0::2], hl[1::2], strict=True))
+            bwd = " / ".join(f"{x:.3f}" for x in r.get("host_backward_ms", []))
+            back = r.get("host_return_ms")
             lines.append(f"| {r['shape']} | {r['dtype']} | {'z' if r['z'] else '-'} | {r['launch_ms'][0]:.3f} | "
-                         f"{r['call_ms']:.3f} | {every} |")  # fmt: skip
+                         f"{r['call_ms']:.3f} | {every} | {called} | {bwd} | "
+                         f"{'' if back is None else f'{back:.3f}'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
