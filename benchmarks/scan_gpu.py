@@ -953,8 +953,8 @@ def main() -> int:
     t0 = time.time()
     if args.sweep:
         # with --only, any row of the table or the sweep's own whose name contains it
-        rows = list({r[0]: r for r in [*shapes(False), *SWEEP_ROWS]}.values()) if args.only else SWEEP_ROWS
-        sweep_rows.extend(sweep(rows=rows, only=args.only, variants=args.variants))
+        table = list({r[0]: r for r in [*shapes(False), *SWEEP_ROWS]}.values()) if args.only else SWEEP_ROWS
+        sweep_rows.extend(sweep(rows=table, only=args.only, variants=args.variants))
         save()
     if not args.no_shapes:
         for row in shapes(args.quick):

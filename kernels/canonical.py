@@ -77,6 +77,10 @@ def canonical_views(u, delta, A, B, C, D, z, delta_bias, orders) -> tuple:
             if len(_VIEWS) >= _MAX_VIEWS:
                 _VIEWS.clear()
             _VIEWS[key] = recipe
+    return _views(args, recipe)
+
+
+def _views(args: tuple, recipe: tuple) -> tuple:
     return tuple([x if how is None else how(x) for x, how in zip(args, recipe, strict=True)])
 
 
@@ -91,7 +95,7 @@ def view_maker(u, delta, A, B, C, D, z, delta_bias, orders):
     recipe = _checked_recipe(*args, orders)
     if all(how is None for how in recipe):
         return None
-    return lambda *given: tuple([x if how is None else how(x) for x, how in zip(given, recipe, strict=True)])
+    return lambda *given: _views(given, recipe)
 
 
 # how an argument becomes its canonical view (None: it already is)

@@ -140,20 +140,17 @@ def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_soft
     return run
 
 
-def grad_forward(
-    canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str, given: tuple | None = None
-):
+def grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplus: bool, merge: str, given: tuple):
     """For ``selective_scan``'s memo of calls that record gradients: the call through the autograd Function.
 
     It runs for this call's signature, on the arguments as given, with the forward's launch settings derived once
-    and the canonical views made without the checks (``canonical.view_maker`` of ``given``, this call's arguments;
-    without them, by ``canonical_views``).
+    and the canonical views made without the checks (``canonical.view_maker`` of ``given``, this call's arguments).
 
     ``None`` where such a call needs more (float64 inputs, a copy of an input with a strided spatial block). The
     function returns ``(out, last_state)``, or ``None`` when the settings have changed since (``configs.override``,
     a cleared memo): then the caller takes the full path.
     """
-    from medmamba.kernels.canonical import canonical_views, view_maker
+    from medmamba.kernels.canonical import view_maker
 
     _, _, TritonScan = _modules or _import_modules()
     orders = tuple(orders)
@@ -161,10 +158,7 @@ def grad_forward(
     if remembered is None:
         return None
     launch, current = remembered
-    if given is None:
-        views = lambda *args: canonical_views(*args, orders)  # noqa: E731
-    else:
-        views = view_maker(*given, orders)
+    views = view_maker(*given, orders)
 
     def run(*args):
         if not current():
