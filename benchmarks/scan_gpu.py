@@ -425,6 +425,10 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("strided_maxnreg=200", variant(strided_maxnreg=200)),
         ("maxnreg=168", variant(maxnreg=168)),
         ("save_pre_gate=False", variant(save_pre_gate=False)),
+        (
+            "forward fused_carry (segment pass, carry and main pass as one cooperative launch)",
+            (dataclasses.replace(fwd, fused_carry=True), bwd),
+        ),
         ("line_segments=False", variant(line_segments=False)),
     ]
 

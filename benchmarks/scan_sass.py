@@ -88,7 +88,7 @@ def compile_sm90(
         const = {"SUB": 32, "BLOCK_T": 16, "BLOCK_N": 16, "HAS_D": True, "HAS_BIAS": True, "SOFTPLUS": True,
                  "GATE": not end, "STORE_PRE": False, "SAVE_STATES": not end, "END_ONLY": end,
                  "VEC_MODE": vec, "LINES": 1, "PREFETCH": prefetch,
-                 "SAVE_MID": mid_states and not end}  # fmt: skip
+                 "SAVE_MID": mid_states and not end, "CARRIED": False}  # fmt: skip
     names = fn.arg_names
     sig = {}
     for name in names:

@@ -285,3 +285,32 @@ def test_gpu_scan_replays_as_a_cuda_graph(spatial, orders, dtype):
         for a, b in zip(leaves, fresh, strict=True):
             if a is not None:
                 assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("spatial", "orders", "channels", "dtype"),
+    [
+        ((16, 16, 16), (RASTER,), 64, torch.float32),
+        ((16, 16, 16), (RASTER,), 96, torch.bfloat16),
+        ((7, 9, 33), (RASTER, REVERSED), 48, torch.float16),
+        ((4097,), (REVERSED,), 32, torch.float32),
+    ],
+    ids=["16³-fp32", "16³-bf16", "odd-K2-fp16", "1d-reversed"],
+)
+def test_gpu_fused_carry_runs_as_one_cooperative_launch(spatial, orders, channels, dtype):
+    # PassConfig.fused_carry: segment pass, carry and main pass in one launch whose programs wait for their row's
+    # carry; output and every gradient as the torch backend's, and the counters zero again afterwards
+    import dataclasses
+
+    low, ref = make_inputs(spatial, len(orders), batch=2, channels=channels, N=16, dtype=dtype, seed=5, device="cuda")
+    ref = [a.detach().float().cuda().requires_grad_() if a is not None else None for a in ref]
+    triton_forward._LAUNCHES.clear()
+    fused = dataclasses.replace(configs.forward_config(), fused_carry=True)
+    with configs.override(forward=fused):
+        for _ in range(2):  # the second call finds the counters the first left
+            assert_matches_reference(low, ref, orders, dtype=dtype, other="torch")
+    torch.cuda.synchronize()
+    launches = [x for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Launch)]
+    assert any(x.fused and "fused" in x.sites and "apart" not in x.sites for x in launches)
+    assert all(int(words.abs().sum()) == 0 for words in triton_forward._SYNC.values())

@@ -483,3 +483,20 @@ def test_fake_tensors_take_the_full_path_and_are_remembered_nowhere():
         selective_scan(*leaves, backend="torch").out.sum().backward()
     assert out.shape == low[0].shape and leaves[0].grad.shape == low[0].shape
     assert (dict(scan_module._NO_GRAD), dict(scan_module._GRAD)) == before
+
+
+@pytest.mark.parametrize(("orders", "spatial", "N"), [((RASTER,), (5, 16), 3), ((RASTER, REVERSED), (77,), 5)])
+def test_fused_carry_chains_the_segments_in_blocks_and_leaves_the_counters_zero(monkeypatch, orders, spatial, N):
+    # PassConfig.fused_carry under the interpreter: the fused kernel's two phases (segment pass and carry, then the
+    # main pass). 5 segments, their 4 boundaries carried 2 at a time (so across blocks), N states split between
+    # the helpers; against the float64 reference, output and every gradient
+    monkeypatch.setattr(triton_forward, "CARRY_STEP", 2)
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    monkeypatch.setattr(triton_forward, "_SYNC", {})
+    low, ref = make_inputs(spatial, len(orders), channels=4, N=N, seed=11)
+    with configs.override(P(sub=2, num_warps=1, segments=5, fused_carry=True), TINY):
+        assert_matches_reference(low, ref, orders, dtype=torch.float32)
+        assert_matches_reference(low, ref, orders, dtype=torch.float32)  # the counters as the first call left them
+    (launch,) = triton_forward._LAUNCHES.values()
+    assert launch.fused and launch.nsplit == 5 and launch.helpers == 4
+    assert all(int(words.abs().sum()) == 0 for words in triton_forward._SYNC.values())

@@ -19,7 +19,9 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import layout
 
-__all__ = ["CHUNK", "PassConfig", "backward_config", "forward_config", "override", "target_programs"]
+__all__ = [
+    "CHUNK", "PassConfig", "backward_config", "forward_config", "override", "resident_programs", "target_programs"
+]  # fmt: skip
 
 CHUNK = 16  # tokens per chunk: the forward's state-saving step and the unit both kernels unroll
 
@@ -144,6 +146,19 @@ class PassConfig:
             fp32) and a pass over gy, y, z and dz, but adds 11-14 % to the backward's per-state loop (sm_90a,
             triton 3.6). The compute-bound loop costs more than the saved memory traffic, so this is off by default:
             a memory option.
+        fused_carry: (forward) run the segment pass, the carry and the main pass of a call cut into segments as one
+            launch (forward._fwd_fused_kernel): the row's last programs to finish their segments chain the row's
+            segments, a few states each, and the others wait for them. Every program must then be resident at once,
+            so the launch is a cooperative grid of at most :func:`resident_programs` programs (segments are cut
+            longer to fit), and only calls of raster or reversed orders on one-warp programs take it. Two launches
+            fewer per forward. Off by default: on an H200 (twenty-first pass, forward / forward+backward ms per
+            call, fused against apart) U-Mamba's fp32 stages gained (16³: 0.194 / 0.861 against 0.225 / 0.964; 32³:
+            0.518 / 1.827 against 0.569 / 1.828) but SegMamba's bf16 ones lost (16³: 0.147 / 0.986 against 0.134 /
+            0.751; 32³: 0.355 / 1.511 against 0.324 / 1.299): the fused kernel spills more (94-146 bytes at the
+            cap of 128 registers) and its in-kernel carry costs about what the carry launch did. Within a CUDA graph
+            capture a stream without counters yet takes the passes apart.
+        fused_max_chunks: with ``fused_carry``, fuse only calls whose segments are at most this many chunks long
+            once cut to fit (the short calls, whose launches the GPU waits for).
         emulate_ptx: under ``TRITON_INTERPRET=1`` on the CPU, take the GPU path too, its inline PTX emulated by plain
             loads and gathers (ptx.py): the tests check its logic without a GPU.
     """
@@ -172,6 +187,8 @@ class PassConfig:
     split_orders: bool = False
     split_min_length: int = 0
     save_pre_gate: bool = True
+    fused_carry: bool = False
+    fused_max_chunks: int = 16
     emulate_ptx: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:
@@ -266,3 +283,17 @@ def target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def resident_programs(device: torch.device, num_warps: int, registers: int) -> int:
+    """How many programs of ``num_warps`` warps and ``registers`` registers per thread the device holds at once.
+
+    From the SM count, threads and registers per SM and 32 blocks per SM at most (sm_80, sm_90); shared memory is
+    not counted, so a cooperative launch may still refuse the grid (forward.run then launches the passes apart).
+    """
+    props = torch.cuda.get_device_properties(device)
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    per_sm = min(32, threads // (32 * num_warps), regs // (per_warp * num_warps))
+    return props.multi_processor_count * per_sm

@@ -35,9 +35,9 @@ from medmamba.kernels.orders import ScanOrder
 
 from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
-from .launch import Launcher
+from .launch import Launcher, launch_stream
 from .lines import _fwd_lines_kernel
-from .ptx import _ld1_if, _prefetch, _st1_if
+from .ptx import _fence, _ld1_if, _nap, _prefetch, _st1_if
 from .tokens import _chunk16
 
 __all__ = ["ForwardResult", "Part", "Plan", "forward", "plan"]
@@ -142,6 +142,7 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr, END_ONLY: tl.constexpr,
     VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1, PREFETCH: tl.constexpr = False, SAVE_MID: tl.constexpr = False,
+    CARRIED: tl.constexpr = False,
 ):  # fmt: skip
     # One thread per channel: tiles are (T, SUB) with the chunk's tokens in the thread's registers and the
     # channels across lanes and warps, so the scan along T runs inside each thread and the sum over the states
@@ -156,6 +157,8 @@ def _fwd_kernel(
     # mid_ptr in the saved states' layout (PassConfig.mid_states).
     # LINES > 1 (layout.lines): a segment per line of cps chunks, and lane l runs segment LINES·pid(1) + l % LINES
     # of channel c0 + l // LINES: the lanes' pointers are shifted by the distance between neighbouring segments.
+    # CARRIED (_fwd_fused_kernel): the main pass's start states were written during this launch, so their loads
+    # may not be treated as reading constant memory; the segment pass stores its maps channels fastest.
     tl.static_assert(BLOCK_T == 16, "the recurrence is written out for chunks of 16 tokens")
     tl.static_assert(LINES == 1 or VEC_MODE == 0, "lines run on tiles")
     zero_i = tl.zeros([SUB], dtype=tl.int32)
@@ -223,7 +226,7 @@ def _fwd_kernel(
             start = seg0
         # a segment after the first starts from the state the carry pass left at its start
         if VEC_MODE != 0:
-            h0 = _ld1_if(state_rows[None, :] + start * N * CH + n_rows, n_ok[:, None] & lane_first)
+            h0 = _ld1_if(state_rows[None, :] + start * N * CH + n_rows, n_ok[:, None] & lane_first, WRITTEN=CARRIED)
         else:
             h0 = tl.load(state_rows[None, :] + start * N * CH + n_rows, mask=n_ok[:, None] & lane_first, other=0.0)
     dt_sum = tl.zeros([SUB], dtype=tl.float32)
@@ -276,7 +279,13 @@ def _fwd_kernel(
                 p_rows, A_rows, B_base, C_base, fast, mid, st_fast, st_mid, st_slow,
                 SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, END_ONLY, VEC_MODE == 1, LINES,
             )  # fmt: skip
-    if END_ONLY:
+    if END_ONLY and CARRIED:
+        # (B, K, nsplit, N, C) and (B, K, nsplit, C), channels fastest: _carry_states loads a state's segments as
+        # rows of channels, one lane each, in the layout it stores the start states in
+        seg_i = bk.to(tl.int64) * nsplit + seg0
+        tl.store(state_ptr + (seg_i * N + nn[:, None]) * CH + ch64[None, :], h0, mask=n_ok[:, None])
+        tl.store(seg_dt_ptr + seg_i * CH + ch64, dt_sum)
+    elif END_ONLY:
         # (B, K, C, nsplit, N) and (B, K, C, nsplit): N fastest here compiles without layout moves
         seg_row = (bk * CH + ch64) * nsplit + seg0 + line  # (SUB,)
         tl.store(state_ptr + seg_row[None, :] * N + nn[:, None], h0, mask=n_ok[:, None])
@@ -331,6 +340,125 @@ def _fwd_carry_kernel(
 
 
 @triton.jit
+def _carry_states(
+    A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr, bk, k, ch, CH, N, nsplit, cps, n_state, n_lo,
+    SUB: tl.constexpr, STATES: tl.constexpr, SAVE_STATES: tl.constexpr, STEP: tl.constexpr,
+):  # fmt: skip
+    # _fwd_carry_kernel's work for states n_lo .. n_lo + STATES - 1 of one row (b, k, the SUB channels `ch`), by
+    # one program of _fwd_fused_kernel: h -> exp(A·ΣΔ)·h + h_seg over the segments in order, STEP segments' maps
+    # loaded at once and chained by an associative scan; each segment's start state goes where the main pass
+    # reads it.
+    ch64 = ch.to(tl.int64)
+    first = bk * nsplit  # segment states (B, K, nsplit, N, C), Σ Δ (B, K, nsplit, C): channels fastest
+    j = tl.arange(0, STEP)
+    for i in tl.static_range(STATES):
+        n = n_lo + i
+        A_n = tl.load(A_ptr + (k * CH + ch64) * N + n, mask=n < N, other=0.0) * 1.4426950408889634  # exp2
+        h = tl.zeros([SUB], dtype=tl.float32)
+        for s0 in range(0, nsplit - 1, STEP):
+            s = s0 + j
+            ok = (s < nsplit - 1)[:, None] & (n < N)
+            dt = tl.load(seg_dt_ptr + (first + s)[:, None] * CH + ch64[None, :], mask=ok, other=0.0)  # (STEP, SUB)
+            seg_h = tl.load(seg_state_ptr + ((first + s)[:, None] * N + n) * CH + ch64[None, :], mask=ok, other=0.0)
+            # past the last boundary Σ Δ = 0 and h_seg = 0: the maps are the identity
+            decay, local = tl.associative_scan((tl.exp2(A_n[None, :] * dt), seg_h), 0, _linear_combine)
+            hs = local + decay * h[None, :]  # the state after each segment
+            if SAVE_STATES:
+                idx = (s + 1) * cps
+            else:
+                idx = s + 1
+            tl.store(state_ptr + (bk * n_state + idx)[:, None] * N * CH + n * CH + ch64[None, :], hs, mask=ok)
+            h = tl.sum(tl.where((j == STEP - 1)[:, None], hs, 0.0), axis=0)
+
+
+@triton.jit
+def _fwd_fused_kernel(
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr,
+    out_ptr, pre_ptr, state_ptr, last_ptr, seg_state_ptr, seg_dt_ptr, order_ptr, mid_ptr, sync_ptr,
+    L, CH, N, K, CPG, nchunks, cps, n_state, nsplit,
+    su_b, su_k, su_c, sd_b, sd_k, sd_c,
+    sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
+    sz_b, sz_c, so_b, so_k, so_c, sp_b, sp_k, sp_c,
+    SUB: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    GATE: tl.constexpr, STORE_PRE: tl.constexpr, SAVE_STATES: tl.constexpr,
+    VEC_MODE: tl.constexpr, LINES: tl.constexpr = 1, PREFETCH: tl.constexpr = False, SAVE_MID: tl.constexpr = False,
+    PHASE: tl.constexpr = 0, HELPERS: tl.constexpr = 1, CARRY_STEP: tl.constexpr = 16,
+    SYNC_STRIDE: tl.constexpr = 64,
+):  # fmt: skip
+    # The segment pass, the carry and the main pass of _fwd_kernel in one launch (PassConfig.fused_carry). Each
+    # program runs its segment's pass, then arrives at its row's counter. The row's last HELPERS programs to arrive
+    # wait for the rest, then each chains BLOCK_N / HELPERS states over the row's segments (_carry_states); the last
+    # of them to finish raises the row's flag, which every program waits for before its main pass. Waiting needs
+    # every program of the grid resident at once: PHASE 0 is launched as a cooperative grid, which the driver
+    # refuses rather than run otherwise. The interpreter runs programs one at a time, so there PHASE 1 (segment
+    # pass, and the last program to arrive carries every state) and PHASE 2 (main pass) are two launches.
+    # sync_ptr: SYNC_STRIDE int32 words per grid row, zero before the launch and zero again after it: the row's
+    # arrivals and its helpers done in one 128-byte line, its flag (the word every program polls) in the next.
+    tl.static_assert(LINES == 1, "segments of chunks only")
+    if PHASE != 2:
+        _fwd_kernel(
+            u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, out_ptr, pre_ptr, seg_state_ptr, last_ptr,
+            seg_dt_ptr, order_ptr, last_ptr, L, CH, N, K, CPG, nchunks, cps, nsplit, nsplit,
+            su_b, su_k, su_c, sd_b, sd_k, sd_c, sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
+            sz_b, sz_c, so_b, so_k, so_c, sp_b, sp_k, sp_c,
+            SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, False, False, False, True, VEC_MODE, 1, PREFETCH,
+            False, True,
+        )  # fmt: skip
+        pid_blk = tl.program_id(0)
+        bk = tl.program_id(2)
+        row = bk * tl.num_programs(0) + pid_blk
+        arrivals = sync_ptr + row * SYNC_STRIDE
+        carried = arrivals + SYNC_STRIDE // 4
+        flag = arrivals + SYNC_STRIDE // 2
+        lane = tl.arange(0, SUB)
+        ch = pid_blk * SUB + lane
+        _fence(lane)  # every lane's end state and Σ Δ before the arrival
+        tl.debug_barrier()
+        order = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
+        if PHASE == 1:  # one program at a time: the last to arrive carries every state
+            if order == nsplit - 1:
+                tl.atomic_xchg(arrivals, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+                for helper in range(HELPERS):
+                    _carry_states(A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr, bk.to(tl.int64), bk % K, ch, CH, N,
+                                  nsplit, cps, n_state, helper * (BLOCK_N // HELPERS), SUB, BLOCK_N // HELPERS,
+                                  SAVE_STATES, CARRY_STEP)  # fmt: skip
+        else:
+            # the row's last HELPERS programs to arrive each carry BLOCK_N / HELPERS states once all have arrived;
+            # the last of them to finish zeroes the counters and raises the flag
+            if order >= nsplit - HELPERS:
+                seen = tl.load(arrivals, volatile=True)
+                while seen < nsplit:
+                    _nap(lane)
+                    seen = tl.load(arrivals, volatile=True)
+                _fence(lane)
+                _carry_states(A_ptr, seg_state_ptr, seg_dt_ptr, state_ptr, bk.to(tl.int64), bk % K, ch, CH, N,
+                              nsplit, cps, n_state, (order - (nsplit - HELPERS)) * (BLOCK_N // HELPERS), SUB,
+                              BLOCK_N // HELPERS, SAVE_STATES, CARRY_STEP)  # fmt: skip
+                _fence(lane)
+                tl.debug_barrier()
+                if tl.atomic_add(carried, 1, sem="acq_rel", scope="gpu") == HELPERS - 1:
+                    tl.atomic_xchg(arrivals, 0, sem="relaxed", scope="gpu")
+                    tl.atomic_xchg(carried, 0, sem="relaxed", scope="gpu")
+                    tl.atomic_add(flag, nsplit, sem="release", scope="gpu")
+            seen = tl.load(flag, volatile=True)
+            while seen == 0:
+                _nap(lane)
+                seen = tl.load(flag, volatile=True)
+            _fence(lane)  # with the read of the flag: an acquire
+            tl.atomic_add(flag, -1, sem="relaxed", scope="gpu")  # nsplit programs take it back to zero
+    if PHASE != 1:
+        _fwd_kernel(
+            u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, out_ptr, pre_ptr, state_ptr, last_ptr,
+            last_ptr, order_ptr, mid_ptr, L, CH, N, K, CPG, nchunks, cps, n_state, nsplit,
+            su_b, su_k, su_c, sd_b, sd_k, sd_c, sB_b, sB_k, sB_g, sB_n, sC_b, sC_k, sC_g, sC_n,
+            sz_b, sz_c, so_b, so_k, so_c, sp_b, sp_k, sp_c,
+            SUB, BLOCK_T, BLOCK_N, HAS_D, HAS_BIAS, SOFTPLUS, GATE, STORE_PRE, SAVE_STATES, False, VEC_MODE, 1,
+            PREFETCH, SAVE_MID, True,
+        )  # fmt: skip
+
+
+@triton.jit
 def _merge_kernel(
     y_ptr, z_ptr, out_ptr, pre_ptr, L, CH, K, sz_b, sz_c,
     HAS_Z: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK: tl.constexpr,
@@ -354,6 +482,7 @@ def _merge_kernel(
 _fwd_launch = Launcher(_fwd_kernel)
 _fwd_carry_launch = Launcher(_fwd_carry_kernel)
 _merge_launch = Launcher(_merge_kernel)
+_fused_launch = Launcher(_fwd_fused_kernel)
 _lines_launch = Launcher(_fwd_lines_kernel)
 
 
@@ -555,6 +684,10 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     pre = torch.empty_like(y) if launch.pre_per_order else None
     pre_arg = pre if pre is not None else y
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
+    if launch.fused and "apart" not in launch.sites:
+        fused = _fused_passes(launch, u, delta, A, B, C, Dv, bias, z, z_arg, y, pre, pre_arg, last, save)
+        if fused is not None:
+            return fused
     if nsplit > 1:
         seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
         seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
@@ -587,6 +720,65 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     return ForwardResult(out, last, states if save else None, pre, p, mids=mids)
 
 
+SYNC_STRIDE = 64  # int32 words per row of a fused launch's counters (_fwd_fused_kernel)
+CARRY_STEP = 16  # segments whose end states the fused carry loads together
+_SYNC: dict[tuple, torch.Tensor] = {}  # the fused passes' counters, per device and stream (zero between launches)
+
+
+def _sync_words(dev: torch.device, n: int) -> torch.Tensor | None:
+    """``n`` zero int32 words for a fused launch on the current stream.
+
+    None while a CUDA graph is being captured and the stream has none yet: a buffer made then would be zeroed only
+    when the graph replays.
+    """
+    stream = launch_stream(dev) if dev.type == "cuda" else 0
+    words = _SYNC.get((dev, stream))
+    if words is None or words.numel() < n:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        words = _SYNC[(dev, stream)] = torch.zeros(max(n, 4096), device=dev, dtype=torch.int32)
+    return words
+
+
+def _fused_passes(launch, u, delta, A, B, C, Dv, bias, z, z_arg, y, pre, pre_arg, last, save) -> ForwardResult | None:
+    # _fwd_fused_kernel: one cooperative launch on the GPU, its two phases apart under the interpreter. None: launch
+    # the passes apart (no counters while a graph is captured, or the driver refused the grid).
+    p, nsplit, dev, grid = launch.plan, launch.nsplit, u.device, launch.grid
+    sync = _sync_words(dev, SYNC_STRIDE * grid[0] * grid[2])
+    if sync is None:
+        return None
+    seg_state = torch.empty(p.batch, p.K, nsplit, p.N, p.channels, device=dev, dtype=torch.float32)
+    seg_dt = torch.empty(p.batch, p.K, nsplit, p.channels, device=dev, dtype=torch.float32)
+    states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
+    mids = torch.empty_like(states) if save and launch.save_mids else None
+    args = (
+        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, seg_state, seg_dt, launch.table,
+        mids if mids is not None else last, sync, p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps,
+        launch.n_state, nsplit, *launch.strides,
+    )  # fmt: skip
+    meta = dict(
+        GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save,
+        SAVE_MID=mids is not None, HELPERS=launch.helpers, CARRY_STEP=CARRY_STEP, SYNC_STRIDE=SYNC_STRIDE,
+        **launch.flags,
+    )  # fmt: skip
+    if dev.type != "cuda":
+        _fused_launch[grid](*args, PHASE=1, **meta)
+        _fused_launch[grid](*args, PHASE=2, **meta)
+    else:
+        try:
+            _fused_launch.at(launch.sites, "fused", grid)(*args, PHASE=0, launch_cooperative_grid=True, **meta)
+        except RuntimeError as err:  # too many programs for a cooperative grid (shared memory, another GPU)
+            if "fused" in launch.sites or "cooperative" not in str(err).lower():
+                raise
+            launch.sites["apart"] = True
+            return None
+    if launch.fused_merge:
+        out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block, launch.sites)
+    else:
+        out = y
+    return ForwardResult(out, last, states if save else None, pre, p, mids=mids)
+
+
 @dataclass(frozen=True)
 class _Launch:
     """What the launches of a forward call take besides its tensors.
@@ -612,6 +804,8 @@ class _Launch:
     y_shape: tuple[int, ...]  # of y and the pre-gate output: (B, K, C, *S), or (B, C, *S) for one order summed
     line_vectors: int = 0  # lines per thread of the line-vector passes (lines.py); 0: the chunk passes
     save_mids: bool = False  # a saving call keeps the chunks' middle states too (PassConfig.mid_states)
+    fused: bool = False  # segment pass, carry and main pass in one launch (PassConfig.fused_carry)
+    helpers: int = 1  # programs per row that carry the fused launch's states, a power of two dividing BLOCK_N
     sites: dict = field(default_factory=dict, compare=False, repr=False)  # the launches' kernels (Launcher.at)
 
 
@@ -658,6 +852,16 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
     cap = cfg.raster_maxnreg if vec in (1, 3) else cfg.maxnreg  # no token offsets: few registers to spare
     if cap:
         flags["maxnreg"] = cap
+    fused = False
+    if cfg.fused_carry and nsplit > 1 and lines == 1 and not layout.strided(orders, p.spatial):
+        if dev.type == "cuda":  # every program resident at once: segments cut longer where needed
+            most = configs.resident_programs(dev, num_warps, cap or 255) // (p.batch * p.K * (p.channels // sub))
+            per = layout.cdiv(p.nchunks, most) if most >= 2 else p.nchunks
+            if nsplit > most and cfg.segments is None and per <= cfg.fused_max_chunks:
+                cps, nsplit = per, layout.cdiv(p.nchunks, per)
+            fused = 2 <= nsplit <= most and cps <= cfg.fused_max_chunks
+        else:
+            fused = layout.interpreted()
     one_summed = merge == "sum" and p.K == 1  # then y, the output, is (B, C, *S): the memory of (B, 1, C, *S)
     return _Launch(
         plan=p,
@@ -676,6 +880,8 @@ def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus
         flags=flags,
         y_shape=(p.batch, p.channels, *p.spatial) if one_summed else (p.batch, p.K, p.channels, *p.spatial),
         save_mids=save and cfg.mid_states and vec in (1, 3),
+        fused=fused,
+        helpers=min(p.block_n, 1 << (nsplit.bit_length() - 1)),
     )
 
 

@@ -34,7 +34,7 @@ import torch
 
 from .layout import interpreted
 
-__all__ = ["Launcher", "argument_key", "launch_mode", "use_mode"]
+__all__ = ["Launcher", "argument_key", "launch_mode", "launch_stream", "use_mode"]
 
 _MODES = ("direct", "keyed", "jit", "check")
 _MAX_ENTRIES = 512  # remembered kernels per Launcher (one per argument key); cleared when full
@@ -51,6 +51,11 @@ def launch_mode() -> str:
     if mode not in _MODES:
         raise ValueError(f"MEDMAMBA_TRITON_LAUNCH must be one of {', '.join(_MODES)}, got {mode!r}")
     return mode
+
+
+def launch_stream(device: torch.device) -> int:
+    """The handle of ``device``'s current CUDA stream, the one the launches go to."""
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def argument_key(args: Sequence[Any]) -> tuple:

@@ -228,3 +228,27 @@ def _slot_st(ptrs, x, ASM: tl.constexpr):
         _st1(ptrs, x)
     else:
         tl.store(ptrs, x)
+
+
+@triton.jit
+def _fence(like):
+    # A gpu-scope acquire-release fence by every thread holding an element of `like` (one element per thread):
+    # orders that thread's loads and stores around a grid-wide handshake (forward.py's fused carry); nothing under
+    # the interpreter, which runs programs one after another. Returns zeros shaped like `like`.
+    if INTERPRETING:
+        z = like.to(tl.int32) * 0
+    else:
+        z = tl.inline_asm_elementwise(
+            "fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [like.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1
+        )
+    return z
+
+
+@triton.jit
+def _nap(like):
+    # Sleeps the thread about 100 ns (a polling loop's back-off, so that waiting warps leave the L2 slice of the
+    # word they poll to the others); nothing under the interpreter.
+    if not INTERPRETING:
+        tl.inline_asm_elementwise(
+            "nanosleep.u32 100;\n\tmov.u32 $0, 0;", "=r,r", [like.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1
+        )
