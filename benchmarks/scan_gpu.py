@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton selective scan: builds, checks and times in one call.
 
-    python benchmarks/scan_gpu.py [--out DIR] [--only NAME] [--sweep] [--layer] [--launch] [--profile] [--graphs]
-        [--marks] [--quick]
+    python benchmarks/scan_gpu.py [--out DIR] [--only NAME] [--sweep] [--layer] [--layer-profile] [--launch]
+        [--profile] [--graphs] [--marks] [--quick]
 
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
@@ -12,7 +12,8 @@ alone"), which is how the spec timed upstream's ``fwd`` and ``bwd`` ops. Also re
 "floor bytes / time" (kernels.md §3), the distance to the physical floor (max of the DRAM and exp terms) and the
 peak extra device memory beyond inputs and outputs. ``--sweep`` compares the default settings with each opt-in
 path of configs.PassConfig, ``--layer`` times
-MambaLayer (SegMamba's stage-0 mixer pair) on both backends, ``--launch`` times the host-bound rows and S1 with
+MambaLayer (SegMamba's stage-0 mixer pair) on both backends, ``--layer-profile`` its training step on the triton
+backend with each kernel's GPU time, ``--launch`` times the host-bound rows and S1 with
 Triton's own kernel launches and the direct ones (launch.py), interleaved, with the host time of a forward call.
 ``--profile`` lists the GPU time of each kernel of a call (torch.profiler) beside the call's per-call median: what
 the kernels take and what the host adds. ``--marks`` records a CUDA event before each launch of a forward+backward:
@@ -753,6 +754,43 @@ def launch_marks(rows, calls: int = 15) -> list[dict]:
 PROFILE_ROWS = ("S1", "U-Mamba s3 16³", "SegMamba s3 16³", "SegMamba 3-order layer 64³")
 
 
+def layer_profile(spatial=(64, 64, 64), steps: int = 3, reps: int = 5, d_model: int = 48) -> dict:
+    """SegMamba's stage-0 mixer pair (two ``MambaLayer``s, d_model 48, batch 2, bf16 autocast, the scan in bf16) on
+    the triton backend: ms per training step (forward+backward, CUDA events, :func:`cuda_time`) and each kernel's GPU
+    time per step (torch.profiler), against the official pair's 90 ms (networks.md §10)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from medmamba.kernels import use_backend
+    from medmamba.layers import MambaLayer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, d_model, *spatial, device=DEVICE)
+    pair = torch.nn.Sequential(*(MambaLayer(d_model, orders=SEGMAMBA, residual=True, ssm_fp32=False)
+                                 for _ in range(2))).to(DEVICE)  # fmt: skip
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = pair(x)
+        out.float().square().mean().backward()
+
+    with use_backend("triton"):
+        step_ms, _ = cuda_time(step, reps)
+        activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    kernels = sorted(
+        ({"name": e.key, "ms": e.device_time_total / steps / 1e3, "per_step": e.count / steps}
+         for e in prof.key_averages() if e.device_time_total > 0),
+        key=lambda k: -k["ms"],
+    )  # fmt: skip
+    row = {"spatial": list(spatial), "step_ms": step_ms, "kernels_ms": sum(k["ms"] for k in kernels),
+           "official_fwd_bwd_ms": 90.0, "kernels": kernels}  # fmt: skip
+    print(f"mixer pair {spatial}: {step_ms:.2f} ms per training step, kernels {row['kernels_ms']:.2f} ms", flush=True)
+    return row
+
+
 def kernel_profile(rows, calls: int = 5) -> list[dict]:
     """GPU time per kernel of each row's forward and forward+backward, per call (torch.profiler, CUDA activity),
     beside the call's CUDA-event median (:func:`cuda_time`): their difference is the host's share of a call."""
@@ -817,6 +855,14 @@ def markdown(
             if "backend" in r:
                 lines.append(f"| ssm_fp32={r['ssm_fp32']} | {r['backend']} | {r['fwd_ms']:.2f} | "
                              f"{r['fwd_bwd_ms']:.2f} | {r['peak_MiB']:.0f} |")  # fmt: skip
+        for r in layer_rows:
+            if "step_ms" in r:
+                head = (f"Mixer pair {tuple(r['spatial'])}, triton, per training step: **{r['step_ms']:.2f} ms** "
+                        f"({r['official_fwd_bwd_ms'] / r['step_ms']:.2f}× the official "
+                        f"{r['official_fwd_bwd_ms']:.0f}), {r['kernels_ms']:.2f} ms of kernels:")  # fmt: skip
+                lines += ["", head, "", "| kernel | ms per step | launches per step |", "|---|---|---|"]
+                for k in r["kernels"][:30]:
+                    lines.append(f"| {k['name'][:90]} | {k['ms']:.3f} | {k['per_step']:.0f} |")
     if sweep_rows:
         lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch | gradients' err vs torch |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -898,7 +944,8 @@ def dry_run(args) -> int:
     with configs.override(tiny, tiny):
         launch_rows = launch_ab([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], rounds=1, reps=(1, 1))
         profile_rows = kernel_profile([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], calls=1)
-    print(markdown(info, rows, [], sweep_rows, [], launch_rows, profile_rows))
+    layer_rows = [layer_profile(spatial=(2, 2, 4), steps=1, reps=1, d_model=4)]
+    print(markdown(info, rows, [], sweep_rows, layer_rows, launch_rows, profile_rows))
     return 0
 
 
@@ -910,7 +957,12 @@ def main() -> int:
     ap.add_argument(
         "--variants", help="--sweep: only the variants whose label contains one of these comma-separated parts"
     )
-    ap.add_argument("--layer", action="store_true")
+    ap.add_argument("--layer", action="store_true", help="the mixer pair on both backends (slow: the torch one)")
+    ap.add_argument(
+        "--layer-profile",
+        action="store_true",
+        help="the mixer pair's training step on the triton backend, with each kernel's GPU time (torch.profiler)",
+    )
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
     ap.add_argument(
@@ -975,6 +1027,9 @@ def main() -> int:
             save()
     if args.layer:
         layer_rows.extend(bench_layer(card))
+        save()
+    if args.layer_profile:
+        layer_rows.append(layer_profile())
         save()
     if args.launch:
         picked = [r for r in shapes(False) if r[0] in LAUNCH_ROWS and (r[0] != "S1" or not r[6])]
