@@ -68,7 +68,7 @@ def causal_conv(
         order.resolve(nd)
     name, _ = resolve_backend(backend, x.device)
     if name == "triton" and x.dtype != torch.float64:
-        return _load("triton").causal_conv(x4, weight, bias, orders=orders, silu=activation == "silu")
+        return _load("triton").causal_conv(x, weight, bias, orders=orders, silu=activation == "silu")
     return _conv_torch(x4, weight, bias, orders, activation)
 
 

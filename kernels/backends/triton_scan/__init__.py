@@ -173,10 +173,10 @@ def grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_softplu
     return run
 
 
-def causal_conv(x4, weight, bias, *, orders, silu):  # noqa: D103 (documented in conv.py)
+def causal_conv(x, weight, bias, *, orders, silu):  # noqa: D103 (documented in conv.py)
     from .conv import causal_conv as run
 
-    return run(x4, weight, bias, orders=orders, silu=silu)
+    return run(x, weight, bias, orders=orders, silu=silu)
 
 
 def channel_layer_norm(x, weight, bias, eps):  # noqa: D103 (documented in norm.py)

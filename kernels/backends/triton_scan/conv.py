@@ -74,20 +74,19 @@ def _neighbour(p, t, f, m, d, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE:
 
 @triton.jit
 def _conv_program(
-    x_ptr, w_ptr, bias_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c,
+    x_ptr, w_ptr, bias_ptr, order_ptr, b, k, L, CH, K, sx_b, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    # What a program of either pass works on: its rows' start in the (B, K, C, *S) outputs, the channel mask, its
-    # raster offsets and their mask, the rows of x, the weights, the bias and the order's table row
-    bk = tl.program_id(2)
-    k = bk % K
+    # What a program of either pass works on for batch b and order k: its rows' start in the (B, K, C, *S) outputs,
+    # the channel mask, its raster offsets and their mask, the rows of x (B, C, *S), the weights, the bias and the
+    # order's table row
     ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
     c_ok = ch < CH
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    x_rows = x_ptr + (bk // K).to(tl.int64) * sx_b + k * sx_k + ch.to(tl.int64) * sx_c
+    x_rows = x_ptr + b.to(tl.int64) * sx_b + ch.to(tl.int64) * sx_c
     bias = tl.load(bias_ptr + k * CH + ch, mask=c_ok, other=0.0) if HAS_BIAS else tl.zeros([SUB], dtype=tl.float32)
     fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-    row = (bk * CH + ch.to(tl.int64)) * L
+    row = ((b * K + k).to(tl.int64) * CH + ch.to(tl.int64)) * L
     return row, c_ok, p, p < L, x_rows, w_ptr + (k * CH + ch) * W, bias, fast, mid, st_fast, st_mid, st_slow, rev
 
 
@@ -112,11 +111,12 @@ def _conv_fwd_tile(
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c,
+    x_ptr, w_ptr, bias_ptr, y_ptr, order_ptr, L, CH, K, sx_b, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
+    bk = tl.program_id(2)
     row, c_ok, p, valid, x_rows, w_row, bias, fast, mid, st_fast, st_mid, st_slow, rev = _conv_program(
-        x_ptr, w_ptr, bias_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c, W, HAS_BIAS, SUB, BLOCK_P
+        x_ptr, w_ptr, bias_ptr, order_ptr, bk // K, bk % K, L, CH, K, sx_b, sx_c, W, HAS_BIAS, SUB, BLOCK_P
     )
     args = (x_rows, w_row, bias, y_ptr + row, p, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev)
     mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
@@ -150,7 +150,7 @@ def _conv_g(dy_rows, pre, p, t, f, m, i, valid, c_ok, L, fast, mid, st_fast, st_
 
 @triton.jit
 def _conv_bwd_tile4(
-    x_rows, w_row, bias, dy_rows, dx_rows, dw_part, db_part, p, t, f, m, valid, c_ok, L, fast, mid, st_fast, st_mid,
+    x_rows, w_row, bias, dy_rows, dw_part, db_part, p, t, f, m, valid, c_ok, L, fast, mid, st_fast, st_mid,
     st_slow, rev, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
     MODE: tl.constexpr,
 ):  # fmt: skip
@@ -182,21 +182,21 @@ def _conv_bwd_tile4(
     dx += w1 * _conv_g(dy_rows, b + w0 * x2 + w1 * x3 + w2 * x4 + w3 * x5, p, t, f, m, 2, *o[:-1], SILU, MODE)
     x6 = _conv_x(*a, 3, *o)
     dx += w0 * _conv_g(dy_rows, b + w0 * x3 + w1 * x4 + w2 * x5 + w3 * x6, p, t, f, m, 3, *o[:-1], SILU, MODE)
-    tl.store(dx_rows[:, None] + p[None, :], dx, mask=c_ok[:, None] & valid[None, :])
+    return dx
 
 
 @triton.jit
 def _conv_bwd_tile(
-    x_rows, w_row, bias, dy_rows, dx_rows, dw_part, db_part, p, valid, c_ok, L, fast, mid, st_fast, st_mid,
+    x_rows, w_row, bias, dy_rows, dw_part, db_part, p, valid, c_ok, L, fast, mid, st_fast, st_mid,
     st_slow, rev, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr,
     BLOCK_P: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
-    # dx[t] = Σ_i w[W−1−i]·g[t+i] with g = dy·act'(pre) recomputed at t..t+W−1; dw and dbias of this tile
+    # This order's share of dx at the tile's offsets, dx[t] = Σ_i w[W−1−i]·g[t+i] with g = dy·act'(pre) recomputed
+    # at t..t+W−1 (fp32, returned); stores the tile's dw and dbias partials
     t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
     if W == 4:  # every Mamba: each of the 2W − 1 neighbours loaded once (the loop below loads W² + 2W)
-        _conv_bwd_tile4(x_rows, w_row, bias, dy_rows, dx_rows, dw_part, db_part, p, t, f, m, valid, c_ok, L, fast, mid,
-                        st_fast, st_mid, st_slow, rev, HAS_BIAS, SILU, SUB, BLOCK_P, MODE)  # fmt: skip
-        return
+        return _conv_bwd_tile4(x_rows, w_row, bias, dy_rows, dw_part, db_part, p, t, f, m, valid, c_ok, L, fast, mid,
+                               st_fast, st_mid, st_slow, rev, HAS_BIAS, SILU, SUB, BLOCK_P, MODE)  # fmt: skip
     dx = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
     for i in tl.static_range(W):
         off_i, ok_i = _neighbour(p, t, f, m, i, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
@@ -222,81 +222,95 @@ def _conv_bwd_tile(
                 tl.store(dw_part + j, tl.sum(g * xv.to(tl.float32), axis=1), mask=c_ok)
             if HAS_BIAS:
                 tl.store(db_part, tl.sum(g, axis=1), mask=c_ok)
-    tl.store(dx_rows[:, None] + p[None, :], dx, mask=c_ok[:, None] & valid[None, :])
+    return dx
 
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, order_ptr, L, CH, K, ntiles, sx_b, sx_k, sx_c,
+    x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, order_ptr, L, CH, K, ntiles, sx_b, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    row, c_ok, p, valid, x_rows, w_row, bias, fast, mid, st_fast, st_mid, st_slow, rev = _conv_program(
-        x_ptr, w_ptr, bias_ptr, order_ptr, L, CH, K, sx_b, sx_k, sx_c, W, HAS_BIAS, SUB, BLOCK_P
-    )
-    part = (row // L) * ntiles + tl.program_id(1)  # (B, K, C, ntiles) partial sums
-    args = (x_rows, w_row, bias, dy_ptr + row, dx_ptr + row, dw_ptr + part * W, db_ptr + part, p, valid, c_ok, L,
-            fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
-    mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
-    if mode == 0:
-        _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0)
-    elif mode == 1:
-        _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1)
-    else:
-        _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2)
+    # One program: SUB channels × BLOCK_P offsets of batch b, every order in turn. x is shared by the orders, so
+    # its gradient is their sum: kept in fp32 here and stored once (B, C, *S), where a (B, K, C, *S) gradient
+    # per order would be summed by autograd's expand backward in another pass over K times the bytes.
+    b = tl.program_id(2)
+    dx = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
+    for k in range(K):
+        row, c_ok, p, valid, x_rows, w_row, bias, fast, mid, st_fast, st_mid, st_slow, rev = _conv_program(
+            x_ptr, w_ptr, bias_ptr, order_ptr, b, k, L, CH, K, sx_b, sx_c, W, HAS_BIAS, SUB, BLOCK_P
+        )
+        part = (row // L) * ntiles + tl.program_id(1)  # (B, K, C, ntiles) partial sums
+        args = (x_rows, w_row, bias, dy_ptr + row, dw_ptr + part * W, db_ptr + part, p, valid, c_ok, L,
+                fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
+        mode = _mode(L, fast, mid, st_fast, st_mid, st_slow, W)
+        if mode == 0:
+            dx_k = _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0)
+        elif mode == 1:
+            dx_k = _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1)
+        else:
+            dx_k = _conv_bwd_tile(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2)
+        dx += dx_k
+    ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows = (b.to(tl.int64) * CH + ch.to(tl.int64)) * L
+    tl.store(dx_ptr + rows[:, None] + p[None, :], dx, mask=(ch < CH)[:, None] & (p < L)[None, :])
 
 
 _conv_fwd_launch = Launcher(_conv_fwd_kernel)
 _conv_bwd_launch = Launcher(_conv_bwd_kernel)
 
 
-def _launch_shape(x4: torch.Tensor) -> tuple[int, int, int, int, int]:
-    batch, K, channels = x4.shape[:3]
-    L = x4[0, 0, 0].numel()
+def _launch_shape(x: torch.Tensor, K: int) -> tuple[int, int, int, int, int]:
+    batch, channels = x.shape[:2]
+    L = x[0, 0].numel()
     sub = min(_SUB, layout.next_power_of_2(channels))
     return batch, K, channels, L, sub
 
 
 class _CausalConv(torch.autograd.Function):
-    """``y = causal_conv(x4, weight, bias)``; x4 ``(B, K, C, *S)`` (a stride-0 expand over K when shared).
+    """``y = causal_conv(x, weight, bias)``: x ``(B, C, *S)`` shared by the K orders, y ``(B, K, C, *S)``.
 
-    Saved for backward: x4, weight, bias (the pre-activation is recomputed).
+    Saved for backward: x, weight, bias (the pre-activation is recomputed).
     """
 
     @staticmethod
-    def forward(ctx, x4, weight, bias, orders, silu):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, orders, silu):  # type: ignore[override]
         """Launch the forward kernel."""
-        batch, K, channels, L, sub = _launch_shape(x4)
-        spatial = tuple(x4.shape[3:])
-        table = layout.order_table(orders, spatial, x4.device)
+        batch, K, channels, L, sub = _launch_shape(x, len(orders))
+        spatial = tuple(x.shape[2:])
+        table = layout.order_table(orders, spatial, x.device)
         w = weight.float().contiguous()
         b = bias.float().contiguous() if bias is not None else w
-        y = torch.empty(batch, K, channels, *spatial, device=x4.device, dtype=x4.dtype)
+        y = torch.empty(batch, K, channels, *spatial, device=x.device, dtype=x.dtype)
         grid = (layout.cdiv(channels, sub), layout.cdiv(L, _BLOCK_P), batch * K)
         _conv_fwd_launch[grid](
-            x4, w, b, y, table, L, channels, K, x4.stride(0), x4.stride(1), x4.stride(2),
+            x, w, b, y, table, L, channels, K, x.stride(0), x.stride(1),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=silu, SUB=sub, BLOCK_P=_BLOCK_P, num_warps=4,
         )  # fmt: skip
-        ctx.save_for_backward(x4, weight, bias)
+        ctx.save_for_backward(x, weight, bias)
         ctx.orders, ctx.silu = orders, silu
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        """Launch the backward kernel; weight/bias gradients are summed on the host (deterministic)."""
-        x4, weight, bias = ctx.saved_tensors
-        batch, K, channels, L, sub = _launch_shape(x4)
-        spatial = tuple(x4.shape[3:])
-        table = layout.order_table(ctx.orders, spatial, x4.device)
+        """Launch the backward kernel, which sums x's gradient over the orders.
+
+        The weight and bias gradients are summed over the kernel's partials on the host (deterministic).
+        """
+        x, weight, bias = ctx.saved_tensors
+        batch, K, channels, L, sub = _launch_shape(x, len(ctx.orders))
+        spatial = tuple(x.shape[2:])
+        table = layout.order_table(ctx.orders, spatial, x.device)
         w = weight.float().contiguous()
         b = bias.float().contiguous() if bias is not None else w
         dy = dy.contiguous()
         ntiles = layout.cdiv(L, _BLOCK_P)
-        dx = torch.empty(batch, K, channels, *spatial, device=x4.device, dtype=x4.dtype)
-        dw = torch.empty(batch, K, channels, ntiles, weight.shape[-1], device=x4.device, dtype=torch.float32)
-        db = torch.empty(batch, K, channels, ntiles, device=x4.device, dtype=torch.float32)
-        grid = (layout.cdiv(channels, sub), ntiles, batch * K)
+        dx = torch.empty(batch, channels, *spatial, device=x.device, dtype=x.dtype)
+        dw = torch.empty(batch, K, channels, ntiles, weight.shape[-1], device=x.device, dtype=torch.float32)
+        db = torch.empty(batch, K, channels, ntiles, device=x.device, dtype=torch.float32)
+        grid = (layout.cdiv(channels, sub), ntiles, batch)
         _conv_bwd_launch[grid](
-            x4, w, b, dy, dx, dw, db, table, L, channels, K, ntiles, x4.stride(0), x4.stride(1), x4.stride(2),
+            x, w, b, dy, dx, dw, db, table, L, channels, K, ntiles, x.stride(0), x.stride(1),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=ctx.silu, SUB=sub, BLOCK_P=_BLOCK_P, num_warps=4,
         )  # fmt: skip
         d_bias = db.sum(dim=(0, 3)).to(bias.dtype) if bias is not None else None
@@ -304,7 +318,7 @@ class _CausalConv(torch.autograd.Function):
 
 
 def causal_conv(
-    x4: torch.Tensor,
+    x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     *,
@@ -313,9 +327,10 @@ def causal_conv(
 ) -> torch.Tensor:
     """Order-aware causal depthwise convolution over canonical shapes (see medmamba.kernels.causal_conv).
 
-    ``x4`` ``(B, K, C, *S)`` (possibly a stride-0 expand over K), ``weight`` ``(K, C, W)``, ``bias`` ``(K, C)``;
-    returns ``(B, K, C, *S)`` in the dtype of ``x4`` (sums in fp32).
+    ``x`` ``(B, C, *S)``, read by every order; ``weight`` ``(K, C, W)``, ``bias`` ``(K, C)``; returns
+    ``(B, K, C, *S)`` in the dtype of ``x`` (sums in fp32). The gradient of x comes out summed over the orders
+    from the backward kernel itself.
     """
-    x4 = layout.natural_spatial(x4, x4.ndim - 3)
-    layout.spatial3(x4.shape[3:])
-    return _CausalConv.apply(x4, weight, bias, tuple(orders), silu)
+    x = layout.natural_spatial(x, x.ndim - 2)
+    layout.spatial3(x.shape[2:])
+    return _CausalConv.apply(x, weight, bias, tuple(orders), silu)
