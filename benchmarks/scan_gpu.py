@@ -758,8 +758,6 @@ def layer_profile(spatial=(64, 64, 64), steps: int = 3, reps: int = 5, d_model: 
     """SegMamba's stage-0 mixer pair (two ``MambaLayer``s, d_model 48, batch 2, bf16 autocast, the scan in bf16) on
     the triton backend: ms per training step (forward+backward, CUDA events, :func:`cuda_time`) and each kernel's GPU
     time per step (torch.profiler), against the official pair's 90 ms (networks.md §10)."""
-    from torch.profiler import ProfilerActivity, profile
-
     from medmamba.kernels import use_backend
     from medmamba.layers import MambaLayer
 
@@ -775,42 +773,39 @@ def layer_profile(spatial=(64, 64, 64), steps: int = 3, reps: int = 5, d_model: 
 
     with use_backend("triton"):
         step_ms, _ = cuda_time(step, reps)
-        activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
-        with profile(activities=[activity]) as prof:
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-    kernels = sorted(
-        ({"name": e.key, "ms": e.device_time_total / steps / 1e3, "per_step": e.count / steps}
-         for e in prof.key_averages() if e.device_time_total > 0),
-        key=lambda k: -k["ms"],
-    )  # fmt: skip
+        kernels = kernel_times(step, steps)
     row = {"spatial": list(spatial), "step_ms": step_ms, "kernels_ms": sum(k["ms"] for k in kernels),
            "official_fwd_bwd_ms": 90.0, "kernels": kernels}  # fmt: skip
     print(f"mixer pair {spatial}: {step_ms:.2f} ms per training step, kernels {row['kernels_ms']:.2f} ms", flush=True)
     return row
 
 
+def kernel_times(fn, calls: int) -> list[dict]:
+    """Each kernel of ``calls`` runs of ``fn`` (torch.profiler, CUDA activity): ``{"name", "ms", "per_call"}`` per
+    call, the longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sorted(
+        ({"name": e.key, "ms": e.device_time_total / calls / 1e3, "per_call": e.count / calls}
+         for e in prof.key_averages() if e.device_time_total > 0),
+        key=lambda k: -k["ms"],
+    )  # fmt: skip
+
+
 def kernel_profile(rows, calls: int = 5) -> list[dict]:
     """GPU time per kernel of each row's forward and forward+backward, per call (torch.profiler, CUDA activity),
     beside the call's CUDA-event median (:func:`cuda_time`): their difference is the host's share of a call."""
-    from torch.profiler import ProfilerActivity, profile
-
     out = []
     for row in rows:
         name, *_, dtname, z = row
         for tag, fn in zip(("fwd", "fwd+bwd"), row_calls(row), strict=True):
             per_call, _ = cuda_time(fn, 10)
-            activity = ProfilerActivity.CUDA if DEVICE == "cuda" else ProfilerActivity.CPU
-            with profile(activities=[activity]) as prof:
-                for _ in range(calls):
-                    fn()
-                torch.cuda.synchronize()
-            kernels = sorted(
-                ({"name": e.key, "ms": e.device_time_total / calls / 1e3, "per_call": e.count / calls}
-                 for e in prof.key_averages() if e.device_time_total > 0),
-                key=lambda k: -k["ms"],
-            )  # fmt: skip
+            kernels = kernel_times(fn, calls)
             out.append({"shape": name, "dtype": dtname, "z": z, "pass": tag, "per_call_ms": per_call,
                         "kernels_ms": sum(k["ms"] for k in kernels), "kernels": kernels})  # fmt: skip
             print(f"profile {name} {dtname} z={z} {tag}: per call {per_call:.3f} ms, kernels "
@@ -862,7 +857,7 @@ def markdown(
                         f"{r['official_fwd_bwd_ms']:.0f}), {r['kernels_ms']:.2f} ms of kernels:")  # fmt: skip
                 lines += ["", head, "", "| kernel | ms per step | launches per step |", "|---|---|---|"]
                 for k in r["kernels"][:30]:
-                    lines.append(f"| {k['name'][:90]} | {k['ms']:.3f} | {k['per_step']:.0f} |")
+                    lines.append(f"| {k['name'][:90]} | {k['ms']:.3f} | {k['per_call']:.0f} |")
     if sweep_rows:
         lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch | gradients' err vs torch |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip

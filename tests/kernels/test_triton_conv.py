@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medmamba.kernels import RASTER, REVERSED, SLICE, ScanInputError, ScanOrder, causal_conv, cross_scan
-from tests.helpers import generator
+from tests.helpers import OpOutputs, generator
 
 
 @pytest.mark.parametrize(
@@ -77,27 +77,13 @@ def test_triton_conv_sums_the_gradient_of_x_over_the_orders_in_its_backward_kern
     # x is read by every order; its gradient comes out of the backward kernel summed over them (in fp32), not as a
     # (B, K, C, *S) tensor that autograd's expand backward then sums in another pass: the only sums left are the
     # weight's and the bias's over the kernel's partials
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Sums(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.overloadpacket in (torch.ops.aten.sum, torch.ops.aten.add):
-                self.shapes.append(tuple(out.shape))
-            return out
-
     g = generator(23)
     orders = (RASTER, REVERSED, SLICE)
     x = torch.randn(2, 3, 3, 4, 5, generator=g).requires_grad_()
     w = torch.randn(3, 3, 4, generator=g).requires_grad_()
     b = torch.randn(3, 3, generator=g).requires_grad_()
     y = causal_conv(x, w, b, orders=orders, backend="triton")
-    sums = Sums()
-    with sums:
+    with OpOutputs((torch.ops.aten.sum, torch.ops.aten.add)) as sums:
         dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn(y.shape, generator=g))
     assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
     assert sums.shapes and set(sums.shapes) <= {tuple(w.shape), tuple(b.shape)}, sums.shapes

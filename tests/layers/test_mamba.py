@@ -198,30 +198,18 @@ def test_bf16_autocast_feeds_the_scan_output_to_out_proj_without_an_fp32_round_t
 def test_channel_linears_copy_no_feature_map_forward_or_backward():
     # in_proj and out_proj on channels-first maps are batched GEMMs against the broadcast weight: torch.matmul
     # folded the batch into one GEMM through transposed copies of the input and the output, each way
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from medmamba.layers.mamba import _channel_linear
-
-    class Copies(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.sizes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default):
-                self.sizes.append(out.numel())
-            return out
+    from tests.helpers import OpOutputs
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 48, bias=False).double()
     x = torch.randn(2, 16, 300, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 48, 300, dtype=torch.float64)
-    copies = Copies()
-    with copies:
+    with OpOutputs((torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy)) as copies:
         out = _channel_linear(linear, x)
         out.backward(gy)
-    assert max(copies.sizes, default=0) < x.numel()  # the weight's own copies (48 × 16 per batch) at most
+    # the weight's own copies (48 × 16 per batch) at most
+    assert max((math.prod(shape) for shape in copies.shapes), default=0) < x.numel()
     torch.testing.assert_close(out, torch.einsum("oc,bcl->bol", linear.weight, x))
     torch.testing.assert_close(linear.weight.grad, torch.einsum("bol,bcl->oc", gy, x))
     torch.testing.assert_close(x.grad, torch.einsum("oc,bol->bcl", linear.weight, gy))

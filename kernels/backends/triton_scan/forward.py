@@ -684,34 +684,37 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     pre = torch.empty_like(y) if launch.pre_per_order else None
     pre_arg = pre if pre is not None else y
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
+    gate = (z is not None) and not launch.fused_merge  # else the merge gates
+    fused = None
     if launch.fused and "apart" not in launch.sites:
-        fused = _fused_passes(launch, u, delta, A, B, C, Dv, bias, z, z_arg, y, pre, pre_arg, last, save)
-        if fused is not None:
-            return fused
-    if nsplit > 1:
-        seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
-        seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-        _fwd_launch.at(launch.sites, "segments", launch.grid)(
-            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, last, *common,
-            nsplit, nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
+        fused = _fused_passes(launch, u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, last, save, gate, pre is not None)
+    if fused is not None:
+        states, mids = fused
+    else:
+        if nsplit > 1:
+            seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
+            seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
+            _fwd_launch.at(launch.sites, "segments", launch.grid)(
+                u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, last, *common,
+                nsplit, nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
+                **launch.flags,
+            )  # fmt: skip
+        states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
+        if nsplit > 1:
+            block_s, block_n = launch.carry_blocks
+            _fwd_carry_launch.at(launch.sites, "carry", launch.carry_grid)(
+                A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
+                SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
+            )  # fmt: skip
+
+        # the chunks' middle states too, for the backward's per-token main pass (PassConfig.mid_states)
+        mids = torch.empty_like(states) if save and launch.save_mids else None
+        _fwd_launch.at(launch.sites, "main", launch.grid)(
+            u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table,
+            mids if mids is not None else last, *common, launch.n_state, nsplit, *launch.strides,
+            GATE=gate, STORE_PRE=pre is not None, SAVE_STATES=save, END_ONLY=False, SAVE_MID=mids is not None,
             **launch.flags,
         )  # fmt: skip
-    states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
-    if nsplit > 1:
-        block_s, block_n = launch.carry_blocks
-        _fwd_carry_launch.at(launch.sites, "carry", launch.carry_grid)(
-            A, seg_state, seg_dt, states, p.channels, p.N, p.K, nsplit, launch.cps, launch.n_state,
-            SAVE_STATES=save, BLOCK_N=block_n, BLOCK_C=CARRY_CHANNELS, BLOCK_S=block_s, num_warps=CARRY_WARPS,
-        )  # fmt: skip
-
-    # the chunks' middle states too, for the backward's per-token main pass (PassConfig.mid_states)
-    mids = torch.empty_like(states) if save and launch.save_mids else None
-    _fwd_launch.at(launch.sites, "main", launch.grid)(
-        u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, states, last, last, launch.table,
-        mids if mids is not None else last, *common, launch.n_state, nsplit, *launch.strides,
-        GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save, END_ONLY=False,
-        SAVE_MID=mids is not None, **launch.flags,
-    )  # fmt: skip
 
     if launch.fused_merge:
         out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block, launch.sites)
@@ -740,9 +743,10 @@ def _sync_words(dev: torch.device, n: int) -> torch.Tensor | None:
     return words
 
 
-def _fused_passes(launch, u, delta, A, B, C, Dv, bias, z, z_arg, y, pre, pre_arg, last, save) -> ForwardResult | None:
-    # _fwd_fused_kernel: one cooperative launch on the GPU, its two phases apart under the interpreter. None: launch
-    # the passes apart (no counters while a graph is captured, or the driver refused the grid).
+def _fused_passes(launch, u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, last, save, gate, store_pre):
+    # _fwd_fused_kernel: one cooperative launch on the GPU, its two phases apart under the interpreter; returns the
+    # saved (states, mids) as run() does. None: launch the passes apart (no counters while a graph is captured, or
+    # the driver refused the grid).
     p, nsplit, dev, grid = launch.plan, launch.nsplit, u.device, launch.grid
     sync = _sync_words(dev, SYNC_STRIDE * grid[0] * grid[2])
     if sync is None:
@@ -757,7 +761,7 @@ def _fused_passes(launch, u, delta, A, B, C, Dv, bias, z, z_arg, y, pre, pre_arg
         launch.n_state, nsplit, *launch.strides,
     )  # fmt: skip
     meta = dict(
-        GATE=(z is not None) and not launch.fused_merge, STORE_PRE=pre is not None, SAVE_STATES=save,
+        GATE=gate, STORE_PRE=store_pre, SAVE_STATES=save,
         SAVE_MID=mids is not None, HELPERS=launch.helpers, CARRY_STEP=CARRY_STEP, SYNC_STRIDE=SYNC_STRIDE,
         **launch.flags,
     )  # fmt: skip
@@ -772,11 +776,7 @@ def _fused_passes(launch, u, delta, A, B, C, Dv, bias, z, z_arg, y, pre, pre_arg
                 raise
             launch.sites["apart"] = True
             return None
-    if launch.fused_merge:
-        out, pre = _merge(y, z, u, p, save, launch.merge_grid, launch.merge_block, launch.sites)
-    else:
-        out = y
-    return ForwardResult(out, last, states if save else None, pre, p, mids=mids)
+    return states, mids
 
 
 @dataclass(frozen=True)
