@@ -1,8 +1,9 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
-    python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment]
-        [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch] [--[no-]load-ahead]
-        [--[no-]mid-states] [--both-ways] [--json]
+    python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment|
+        conv-forward|conv-backward] [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch]
+        [--[no-]load-ahead] [--[no-]mid-states] [--both-ways] [--conv-tile SUB,BLOCK_P,WARPS] [--conv-modes M]
+        [--json]
 
 Compiles a kernel for sm_90a with Triton's own compiler and its bundled ``ptxas`` and ``cuobjdump`` and reports
 registers per thread, spill bytes and, for every loop of the machine code (a backward branch), its length and
@@ -26,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from medmamba.kernels.backends.triton_scan import backward, configs, forward, lines_backward
+from medmamba.kernels.backends.triton_scan import backward, configs, conv, forward, lines_backward
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INPUTS = ("u_ptr", "dl_ptr", "B_ptr", "C_ptr", "z_ptr", "gy_ptr", "out_ptr", "pre_ptr", "du_ptr", "ddl_ptr")
@@ -43,6 +44,8 @@ def compile_sm90(
     load_ahead: bool | None = None,
     mid_states: bool | None = None,
     both_ways: bool = False,
+    conv_tile: configs.ConvTile | None = None,
+    conv_modes: int = 11,
 ) -> str:
     """PTX of one scan kernel at the default launch shape (32 channels, one warp, 16 states, every extra on).
 
@@ -57,7 +60,11 @@ def compile_sm90(
     default forward settings (the backward reads what the forward saved).
     ``both_ways``: the per-token path of calls whose orders are raster or reversed, decided per program (``VEC_MODE``
     3, SegMamba's raster and reversed group) instead of the raster order alone (1).
+    ``conv_tile``: the causal conv's tile (conv-forward, conv-backward; ``None``: the pass's default, width 4, bias,
+    SiLU); ``conv_modes``: the neighbour modes compiled in (conv.py's PRESENT; 11, SegMamba's orders).
     """
+    if kernel.startswith("conv-"):
+        return _compile_conv(kernel, dtype, conv_tile, conv_modes)
     cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
         prefetch = cfg.prefetch
@@ -109,6 +116,29 @@ def compile_sm90(
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
+def _compile_conv(kernel: str, dtype: str, tile: configs.ConvTile | None, present: int) -> str:
+    backward_pass = kernel == "conv-backward"
+    if tile is None:
+        tile = configs.conv_backward_tile() if backward_pass else configs.conv_forward_tile()
+    fn = conv._conv_bwd_kernel if backward_pass else conv._conv_fwd_kernel
+    const = {
+        "W": 4,
+        "HAS_BIAS": True,
+        "SILU": True,
+        "SUB": tile.sub,
+        "BLOCK_P": tile.block_p,
+        "MODES": sum(m << (2 * k) for k, m in enumerate(m for m in range(4) if present >> m & 1)),
+        "PRESENT": present,
+    }
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in const else (f"*{dtype}" if n in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr") else
+           "*i32" if n == "order_ptr" else "*fp32" if n.endswith("_ptr") else "i32") for n in names}  # fmt: skip
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    options = {"num_warps": tile.num_warps}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
 def sass_report(ptx: str) -> dict:
     """Registers, spills and per-loop instruction mix of a PTX module assembled for sm_90a."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,10 +168,12 @@ def sass_report(ptx: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    kernels = ("forward", "segment", "backward", "backward-segment", "lines-backward", "lines-segment")
+    kernels = ("forward", "segment", "backward", "backward-segment", "lines-backward", "lines-segment", "conv-forward",
+               "conv-backward")  # fmt: skip
     ap.add_argument("--kernel", choices=kernels, default="backward",
                     help="forward main pass, forward segment pass (end states only), backward, backward segment "
-                         "pass, or the line-vector backward's main or segment pass")  # fmt: skip
+                         "pass, the line-vector backward's main or segment pass, or the causal conv's forward or "
+                         "backward")  # fmt: skip
     ap.add_argument("--lv", type=int, default=2, help="lines-backward, lines-segment: lines per thread")
     ap.add_argument("--maxnreg", type=int, help="a register cap (PassConfig.maxnreg and its kin)")
     ap.add_argument(
@@ -173,6 +205,12 @@ def main() -> None:
         help="forward, segment, backward(-segment): the per-token path of a group of raster and reversed orders "
         "(VEC_MODE 3) instead of the raster order alone",
     )
+    ap.add_argument(
+        "--conv-tile", help="conv-forward, conv-backward: the tile as SUB,BLOCK_P,WARPS[,STEPS] (default: the pass's)"
+    )
+    ap.add_argument("--conv-modes", type=int, default=11,
+                    help="conv-forward, conv-backward: the neighbour modes compiled in, a bit each (conv.py's PRESENT; "
+                         "default 11: raster, lines and reversed, as SegMamba's orders)")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     ptx = compile_sm90(
@@ -186,6 +224,8 @@ def main() -> None:
         args.load_ahead,
         args.mid_states,
         args.both_ways,
+        configs.ConvTile(*(int(v) for v in args.conv_tile.split(","))) if args.conv_tile else None,
+        args.conv_modes,
     )
     report = sass_report(ptx)
     if args.json:

@@ -30,10 +30,13 @@ def build(fn, const, types, warps=4):
     compile_kernel(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 half = {"x_ptr": "*bf16", "y_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16", "order_ptr": "*i32", "eps": "fp32"}
-for width, has_bias, silu in [(4, True, True), (4, False, False), (3, False, True)]:
-    const = {"W": width, "HAS_BIAS": has_bias, "SILU": silu, "SUB": 16, "BLOCK_P": 128}
+# (orders' modes, modes present): SegMamba's raster, reversed and slice orders; any order (the general mode)
+for width, has_bias, silu, (modes, present) in [(4, True, True, (28, 11)), (4, False, False, (2, 4)),
+                                               (3, False, True, (28, 11))]:
+    const = {"W": width, "HAS_BIAS": has_bias, "SILU": silu, "SUB": 4, "BLOCK_P": 128, "MODES": modes,
+             "PRESENT": present}
     build(conv._conv_fwd_kernel, const, half)
-    build(conv._conv_bwd_kernel, const, half)
+    build(conv._conv_bwd_kernel, const, half | {"acc_ptr": "*fp32"})
 for affine in (True, False):
     build(norm._norm_fwd_kernel, {"HAS_W": affine, "HAS_B": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
     build(norm._norm_bwd_kernel, {"HAS_W": affine, "BLOCK_C": 64, "BLOCK": 64}, half)

@@ -87,3 +87,28 @@ def test_triton_conv_sums_the_gradient_of_x_over_the_orders_in_its_backward_kern
         dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn(y.shape, generator=g))
     assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
     assert sums.shapes and set(sums.shapes) <= {tuple(w.shape), tuple(b.shape)}, sums.shapes
+
+
+@pytest.mark.parametrize("orders", [(RASTER, REVERSED, SLICE, ScanOrder((2, 0, 1))), (SLICE,)], ids=["K4", "K1"])
+def test_causal_conv_programs_of_several_tiles_match_conv1d(orders):
+    # tiles of 16 offsets, 3 per program: 210 offsets make 5 programs along each row, the last with one tile and a
+    # partial one; 5 channels in blocks of 2. With K = 4 the gradient of x is summed over a first, two middle and a
+    # last order; with K = 1 the only order stores it directly.
+    from medmamba.kernels.backends.triton_scan import configs
+
+    g = generator(24)
+    K = len(orders)
+    x = torch.randn(2, 5, 5, 6, 7, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(K, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(K, 5, generator=g, dtype=torch.float64).requires_grad_()
+    want = causal_conv(x, w, b, orders=orders, backend="torch")
+    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * weight).sum(), (x, w, b))
+    low = [t.detach().float().requires_grad_() for t in (x, w, b)]
+    tile = configs.ConvTile(sub=2, block_p=16, num_warps=1, steps=3)
+    with configs.override(conv_forward=tile, conv_backward=tile):
+        got = causal_conv(*low, orders=orders, backend="triton")
+        g_got = torch.autograd.grad((got * weight.float()).sum(), low)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))

@@ -20,7 +20,8 @@ from medmamba.kernels.orders import ScanOrder
 from . import layout
 
 __all__ = [
-    "CHUNK", "PassConfig", "backward_config", "forward_config", "override", "resident_programs", "target_programs"
+    "CHUNK", "ConvTile", "PassConfig", "backward_config", "conv_backward_tile", "conv_forward_tile", "forward_config",
+    "override", "resident_programs", "target_programs",
 ]  # fmt: skip
 
 CHUNK = 16  # tokens per chunk: the forward's state-saving step and the unit both kernels unroll
@@ -247,10 +248,32 @@ _BACKWARD = PassConfig(
     prefetch=True,
     load_ahead=True,
 )
-_overrides: list[dict[str, PassConfig]] = []
 
 
-def _pick(kind: str, default: PassConfig) -> PassConfig:
+@dataclass(frozen=True)
+class ConvTile:
+    """The tile of one pass of the causal conv (conv.py).
+
+    A program of ``num_warps`` warps covers ``sub`` channels × ``block_p`` neighbouring raster offsets, ``steps`` such
+    tiles one after another; ``sub`` is capped at the channels' next power of two, ``steps`` at the tiles of a row.
+
+    H200, 2026-11-29 (``benchmarks/conv_gpu.py``, SegMamba's three orders at 64³, bf16, 96 channels, batch 2):
+    forward / backward 0.68 / 1.99 ms at 4 × 128, 4 warps, 8 steps; 0.70-0.82 / 2.04-2.69 ms at 2-8 channels,
+    128-256 offsets, 4-8 warps; 0.96 / 4.13 ms with the earlier 16 × 128 tile, one per program.
+    """
+
+    sub: int = 4
+    block_p: int = 128
+    num_warps: int = 4
+    steps: int = 8
+
+
+_CONV_FORWARD = ConvTile()
+_CONV_BACKWARD = ConvTile()
+_overrides: list[dict[str, PassConfig | ConvTile]] = []
+
+
+def _pick(kind: str, default):
     for o in reversed(_overrides):
         if kind in o:
             return o[kind]
@@ -267,10 +290,31 @@ def backward_config() -> PassConfig:
     return _pick("backward", _BACKWARD)
 
 
+def conv_forward_tile() -> ConvTile:
+    """The causal conv's forward tile (the innermost :func:`override`, else the default)."""
+    return _pick("conv_forward", _CONV_FORWARD)
+
+
+def conv_backward_tile() -> ConvTile:
+    """The causal conv's backward tile (the innermost :func:`override`, else the default)."""
+    return _pick("conv_backward", _CONV_BACKWARD)
+
+
 @contextlib.contextmanager
-def override(forward: PassConfig | None = None, backward: PassConfig | None = None) -> Iterator[None]:
+def override(
+    forward: PassConfig | None = None,
+    backward: PassConfig | None = None,
+    conv_forward: ConvTile | None = None,
+    conv_backward: ConvTile | None = None,
+) -> Iterator[None]:
     """Use other settings inside the block (tests, benchmark sweeps)."""
-    entry = {k: v for k, v in (("forward", forward), ("backward", backward)) if v is not None}
+    given = (
+        ("forward", forward),
+        ("backward", backward),
+        ("conv_forward", conv_forward),
+        ("conv_backward", conv_backward),
+    )
+    entry = {k: v for k, v in given if v is not None}
     _overrides.append(entry)
     try:
         yield
