@@ -30,7 +30,7 @@ from medmamba.kernels import RASTER, REVERSED, SLICE, causal_conv
 from medmamba.kernels.backends.triton_scan import configs
 
 ORDERS = {"raster": RASTER, "reversed": REVERSED, "slice": SLICE}
-DEFAULT_TILES = "4,128,4,8;2,128,4,8;8,128,4,8;1,256,4,8;2,256,4,8;8,128,8,8;4,128,4,16;16,128,4,1"
+DEFAULT_TILES = "4,128,4,8;2,128,4,8;8,128,4,8;2,256,4,8;4,128,8,8;4,128,4,16;4,128,4,4"
 
 
 def median_ms(fn, reps: int, device: str) -> float:
@@ -109,6 +109,7 @@ def markdown(info: dict, rows: list[dict]) -> str:
 
 
 def parse_tiles(text: str) -> list[configs.ConvTile]:
+    """``SUB,BLOCK_P,WARPS[,STEPS]`` tiles separated by ``;``."""
     return [configs.ConvTile(*(int(v) for v in part.split(","))) for part in text.split(";") if part]
 
 

@@ -1,7 +1,7 @@
 """What the Triton scan kernels compile to on a Hopper GPU, measured on any machine (no GPU needed).
 
     python benchmarks/scan_sass.py [--kernel forward|segment|backward|backward-segment|lines-backward|lines-segment|
-        conv-forward|conv-backward] [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch]
+        conv-forward|conv-grad|conv-dx] [--dtype fp32|bf16|fp16] [--lv 2] [--maxnreg N] [--divisible] [--[no-]prefetch]
         [--[no-]load-ahead] [--[no-]mid-states] [--both-ways] [--conv-tile SUB,BLOCK_P,WARPS] [--conv-modes M]
         [--json]
 
@@ -60,8 +60,8 @@ def compile_sm90(
     default forward settings (the backward reads what the forward saved).
     ``both_ways``: the per-token path of calls whose orders are raster or reversed, decided per program (``VEC_MODE``
     3, SegMamba's raster and reversed group) instead of the raster order alone (1).
-    ``conv_tile``: the causal conv's tile (conv-forward, conv-backward; ``None``: the pass's default, width 4, bias,
-    SiLU); ``conv_modes``: the neighbour modes compiled in (conv.py's PRESENT; 11, SegMamba's orders).
+    ``conv_tile``: the causal conv's tile (conv-*; ``None``: the pass's default, width 4, bias, SiLU);
+    ``conv_modes``: the neighbour modes compiled in (conv.py's PRESENT; 11, SegMamba's orders).
     """
     if kernel.startswith("conv-"):
         return _compile_conv(kernel, dtype, conv_tile, conv_modes)
@@ -117,21 +117,19 @@ def compile_sm90(
 
 
 def _compile_conv(kernel: str, dtype: str, tile: configs.ConvTile | None, present: int) -> str:
-    backward_pass = kernel == "conv-backward"
+    # SegMamba's orders when present is 11: one of each mode present, order k taking the k-th of them
     if tile is None:
-        tile = configs.conv_backward_tile() if backward_pass else configs.conv_forward_tile()
-    fn = conv._conv_bwd_kernel if backward_pass else conv._conv_fwd_kernel
-    const = {
-        "W": 4,
-        "HAS_BIAS": True,
-        "SILU": True,
-        "SUB": tile.sub,
-        "BLOCK_P": tile.block_p,
-        "MODES": sum(m << (2 * k) for k, m in enumerate(m for m in range(4) if present >> m & 1)),
-        "PRESENT": present,
-    }
+        tile = configs.conv_forward_tile() if kernel == "conv-forward" else configs.conv_backward_tile()
+    modes = [m for m in range(4) if present >> m & 1]
+    const = {"W": 4, "SUB": tile.sub, "BLOCK_P": tile.block_p, "MODES": sum(m << (2 * k) for k, m in enumerate(modes))}
+    if kernel == "conv-dx":
+        fn, const = conv._conv_dx_kernel, const | {"K": len(modes)}
+    else:
+        fn = conv._conv_fwd_kernel
+        const |= {"HAS_BIAS": True, "SILU": True, "PRESENT": present, "GRAD": kernel == "conv-grad"}
     names = fn.arg_names
-    sig = {n: "constexpr" if n in const else (f"*{dtype}" if n in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr") else
+    tensors = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "g_ptr")
+    sig = {n: "constexpr" if n in const else (f"*{dtype}" if n in tensors else
            "*i32" if n == "order_ptr" else "*fp32" if n.endswith("_ptr") else "i32") for n in names}  # fmt: skip
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if sig[n].startswith("*")}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
@@ -169,11 +167,11 @@ def sass_report(ptx: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels = ("forward", "segment", "backward", "backward-segment", "lines-backward", "lines-segment", "conv-forward",
-               "conv-backward")  # fmt: skip
+               "conv-grad", "conv-dx")  # fmt: skip
     ap.add_argument("--kernel", choices=kernels, default="backward",
                     help="forward main pass, forward segment pass (end states only), backward, backward segment "
-                         "pass, the line-vector backward's main or segment pass, or the causal conv's forward or "
-                         "backward")  # fmt: skip
+                         "pass, the line-vector backward's main or segment pass, or the causal conv's forward "
+                         "or its backward's two passes (conv-grad, conv-dx)")  # fmt: skip
     ap.add_argument("--lv", type=int, default=2, help="lines-backward, lines-segment: lines per thread")
     ap.add_argument("--maxnreg", type=int, help="a register cap (PassConfig.maxnreg and its kin)")
     ap.add_argument(
@@ -206,11 +204,12 @@ def main() -> None:
         "(VEC_MODE 3) instead of the raster order alone",
     )
     ap.add_argument(
-        "--conv-tile", help="conv-forward, conv-backward: the tile as SUB,BLOCK_P,WARPS[,STEPS] (default: the pass's)"
+        "--conv-tile",
+        help="conv-forward, conv-grad, conv-dx: the tile as SUB,BLOCK_P,WARPS[,STEPS] (default: the pass's)",
     )
     ap.add_argument("--conv-modes", type=int, default=11,
-                    help="conv-forward, conv-backward: the neighbour modes compiled in, a bit each (conv.py's PRESENT; "
-                         "default 11: raster, lines and reversed, as SegMamba's orders)")  # fmt: skip
+                    help="conv-forward, conv-grad, conv-dx: the neighbour modes compiled in, a bit each (conv.py's "
+                         "PRESENT; default 11: raster, lines and reversed, as SegMamba's orders)")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args()
     ptx = compile_sm90(

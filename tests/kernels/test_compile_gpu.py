@@ -35,8 +35,10 @@ for width, has_bias, silu, (modes, present) in [(4, True, True, (28, 11)), (4, F
                                                (3, False, True, (28, 11))]:
     const = {"W": width, "HAS_BIAS": has_bias, "SILU": silu, "SUB": 4, "BLOCK_P": 128, "MODES": modes,
              "PRESENT": present}
-    build(conv._conv_fwd_kernel, const, half)
-    build(conv._conv_bwd_kernel, const, half | {"acc_ptr": "*fp32"})
+    for grad in (False, True):
+        build(conv._conv_fwd_kernel, const | {"GRAD": grad}, half)
+    dx_const = {"K": 3 if present == 11 else 1, "W": width, "SUB": 4, "BLOCK_P": 128, "MODES": modes}
+    build(conv._conv_dx_kernel, dx_const, half | {"g_ptr": "*bf16"})
 for affine in (True, False):
     build(norm._norm_fwd_kernel, {"HAS_W": affine, "HAS_B": affine, "BLOCK_C": 64, "BLOCK": 64}, half)
     build(norm._norm_bwd_kernel, {"HAS_W": affine, "BLOCK_C": 64, "BLOCK": 64}, half)

@@ -32,11 +32,16 @@ __all__ = ["causal_conv"]
 # order (_modes) and the kernels compile only for the call's orders:
 # 0, the raster order: at p + d; 3, the reversed raster order: at p − d; 1, lines at least W − 1 long: p's
 # coordinates along the order's three axes once, then each neighbour by at most one carry into the next axis;
-# 2, any order: the order arithmetic per neighbour (common._token_offsets). On an H200, SegMamba's three orders at
-# 64³ (bf16, 96 channels, batch 2; benchmarks/conv_gpu.py): forward / backward 0.96 / 4.13 ms with one 16 × 128
-# tile per program and every mode compiled in (the backward at 255 registers); 0.68 / 1.99 ms as now (configs.py).
-# Both passes are bound by instructions, not bytes (Nsight Compute: 84 % / 70 % of the SM's issue slots, 15 % / 5 % of
-# DRAM's bandwidth): the backward recomputes each pre-activation at the W tokens whose gradient it feeds.
+# 2, any order: the order arithmetic per neighbour (common._token_offsets).
+#
+# The backward runs in two passes: the forward's kernel with GRAD stores g = dy·act'(pre) per order and token and
+# sums the weight and bias terms; _conv_dx_kernel then sums x's gradient, Σ_k Σ_i w_k[W−1−i]·g_k[t + i], over the
+# orders in registers. One pass that recomputed each pre-activation at the W tokens whose gradient it feeds ran
+# slower although it moved fewer bytes: these kernels are bound by instructions, not bytes (Nsight Compute on the
+# H200: 84 % / 70 % of the SMs' issue slots, 15 % / 5 % of DRAM's bandwidth in the forward / one-pass backward).
+# On an H200, SegMamba's three orders at 64³ (bf16, 96 channels, batch 2; benchmarks/conv_gpu.py), forward /
+# backward: 0.96 / 4.13 ms with one 16 × 128 tile per program, every mode compiled in and one backward pass at 255
+# registers; 0.67 / 2.13 ms at 4 × 128 × 8 steps, still one pass; 0.67-0.77 / 1.65 ms as now (configs.py).
 MODE_RASTER, MODE_LINES, MODE_GENERAL, MODE_REVERSED = 0, 1, 2, 3
 
 
@@ -108,160 +113,13 @@ def _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W: tl.constexpr, HAS_BIAS: t
 
 @triton.jit
 def _conv_fwd_tiles(
-    x_rows, ws, bias, y_rows, p0, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev,
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    MODE: tl.constexpr,
+    x_rows, ws, bias, y_rows, dy_rows, dw_part, db_part, p0, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow,
+    rev, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr, GRAD: tl.constexpr,
 ):  # fmt: skip
-    for i in range(steps):
-        p = p0 + i * BLOCK_P + tl.arange(0, BLOCK_P)
-        valid = p < L
-        t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-        acc = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
-        if HAS_BIAS:
-            acc += bias[:, None]
-        for j in tl.static_range(W):
-            off, ok = _neighbour(p, t, f, m, j - (W - 1), L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-            xv = tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
-            acc += ws[j][:, None] * xv.to(tl.float32)
-        if SILU:
-            acc = acc * tl.sigmoid(acc)
-        tl.store(y_rows[:, None] + p[None, :], acc, mask=c_ok[:, None] & valid[None, :])
-
-
-@triton.jit
-def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr, order_ptr, L, CH, K, steps, sx_b, sx_c,
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    MODES: tl.constexpr, PRESENT: tl.constexpr,
-):  # fmt: skip
-    # One program: SUB channels of batch b, order k, steps × BLOCK_P raster offsets
-    bk = tl.program_id(2)
-    b = bk // K
-    k = bk % K
-    ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
-    c_ok = ch < CH
-    x_rows = x_ptr + b.to(tl.int64) * sx_b + ch.to(tl.int64) * sx_c
-    y_rows = y_ptr + (bk.to(tl.int64) * CH + ch.to(tl.int64)) * L
-    ws, bias = _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W, HAS_BIAS, SUB)
-    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-    args = (x_rows, ws, bias, y_rows, tl.program_id(1) * steps * BLOCK_P, steps, c_ok, L,
-            fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
-    mode = (MODES >> (2 * k)) & 3
-    if PRESENT & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 0:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0)
-    if PRESENT & 2:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 1:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1)
-    if PRESENT & 4:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 2:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2)
-    if PRESENT & 8:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 3:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 3)
-
-
-@triton.jit
-def _conv_x(x_rows, p, t, f, m, d, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE: tl.constexpr):
-    # x at token t + d of the order (zero outside the sequence), fp32
-    off, ok = _neighbour(p, t, f, m, d, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-    return tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _conv_g(dy_rows, pre, p, t, f, m, i, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev,
-            SILU: tl.constexpr, MODE: tl.constexpr):  # fmt: skip
-    # g = dy·act'(pre) at token t + i, zero past the end
-    off, ok = _neighbour(p, t, f, m, i, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-    ok = ok & valid
-    g = tl.load(dy_rows[:, None] + off[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0).to(tl.float32)
-    if SILU:
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return tl.where(ok[None, :], g, 0.0)
-
-
-@triton.jit
-def _conv_bwd_tile4(
-    x_rows, ws, bias, dy_rows, p, t, f, m, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, MODE: tl.constexpr,
-):  # fmt: skip
-    # _conv_bwd_tile for W = 4, written out: the pre-activations at t..t+3 from a sliding window of x
-    w0 = ws[0][:, None]
-    w1 = ws[1][:, None]
-    w2 = ws[2][:, None]
-    w3 = ws[3][:, None]
-    b = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
-    if HAS_BIAS:
-        b += bias[:, None]
-    a = (x_rows, p, t, f, m)
-    o = (valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-    x0 = _conv_x(*a, -3, *o)
-    x1 = _conv_x(*a, -2, *o)
-    x2 = _conv_x(*a, -1, *o)
-    x3 = _conv_x(*a, 0, *o)
-    g = _conv_g(dy_rows, b + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3, p, t, f, m, 0, *o[:-1], SILU, MODE)
-    dws = (g * x0, g * x1, g * x2, g * x3)
-    dx = w3 * g
-    x4 = _conv_x(*a, 1, *o)
-    dx += w2 * _conv_g(dy_rows, b + w0 * x1 + w1 * x2 + w2 * x3 + w3 * x4, p, t, f, m, 1, *o[:-1], SILU, MODE)
-    x5 = _conv_x(*a, 2, *o)
-    dx += w1 * _conv_g(dy_rows, b + w0 * x2 + w1 * x3 + w2 * x4 + w3 * x5, p, t, f, m, 2, *o[:-1], SILU, MODE)
-    x6 = _conv_x(*a, 3, *o)
-    dx += w0 * _conv_g(dy_rows, b + w0 * x3 + w1 * x4 + w2 * x5 + w3 * x6, p, t, f, m, 3, *o[:-1], SILU, MODE)
-    return dx, dws, g
-
-
-@triton.jit
-def _conv_bwd_tile(
-    x_rows, ws, bias, dy_rows, p, valid, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev,
-    W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    MODE: tl.constexpr,
-):  # fmt: skip
-    # This order's share of dx at the tile's offsets, dx[t] = Σ_i w[W−1−i]·g[t+i] with g = dy·act'(pre) recomputed
-    # at t..t+W−1 (fp32), with the tile's terms of the weight gradients (g·x at each tap) and of the bias's (g)
-    t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-    if W == 4:  # every Mamba: each of the 2W − 1 neighbours loaded once (the loop below loads W² + 2W)
-        return _conv_bwd_tile4(x_rows, ws, bias, dy_rows, p, t, f, m, valid, c_ok, L, fast, mid, st_fast, st_mid,
-                               st_slow, rev, HAS_BIAS, SILU, SUB, BLOCK_P, MODE)  # fmt: skip
-    dx = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
-    g0 = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
-    for i in tl.static_range(W):
-        off_i, ok_i = _neighbour(p, t, f, m, i, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-        ok_i = ok_i & valid
-        pre = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
-        if HAS_BIAS:
-            pre += bias[:, None]
-        for j in tl.static_range(W):
-            off, ok = _neighbour(p, t, f, m, i + j - (W - 1), L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-            xv = tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (ok_i & ok)[None, :], other=0.0)
-            pre += ws[j][:, None] * xv.to(tl.float32)
-        g = tl.load(dy_rows[:, None] + off_i[None, :], mask=c_ok[:, None] & ok_i[None, :], other=0.0)
-        g = g.to(tl.float32)
-        if SILU:
-            sig = tl.sigmoid(pre)
-            g = g * sig * (1.0 + pre * (1.0 - sig))
-        g = tl.where(ok_i[None, :], g, 0.0)
-        dx += ws[W - 1 - i][:, None] * g
-        if i == 0:  # this tile's own tokens: the weight and bias terms
-            g0 = g
-    dws = ()
-    for j in tl.static_range(W):
-        off, ok = _neighbour(p, t, f, m, j - (W - 1), L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-        xv = tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
-        dws = dws + (g0 * xv.to(tl.float32),)  # noqa: RUF005 (Triton builds tuples so)
-    return dx, dws, g0
-
-
-@triton.jit
-def _conv_bwd_tiles(
-    x_rows, ws, bias, dy_rows, dx_rows, acc_rows, dw_part, db_part, p0, steps, c_ok, L, fast, mid, st_fast,
-    st_mid, st_slow, rev, FIRST: tl.constexpr, LAST: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, MODE: tl.constexpr,
-):  # fmt: skip
-    # One order's pass over the program's tiles. x's gradient is summed over the orders in the fp32 rows of acc_rows
-    # (orders in turn: deterministic), the last order storing the sum into dx_rows; the weight and bias terms are
-    # summed in registers over the tiles and stored once, as the program's partial sums
+    # The forward over the program's tiles; with GRAD, the backward's first pass instead: the pre-activation's
+    # gradient g = dy·act'(pre) into y_rows, and the program's partial sums of the weight (g·x at each tap) and bias
+    # (g) gradients
     dw_acc = ()
     for _ in tl.static_range(W):
         dw_acc = dw_acc + (tl.zeros([SUB, BLOCK_P], dtype=tl.float32),)  # noqa: RUF005 (Triton builds tuples so)
@@ -269,84 +127,111 @@ def _conv_bwd_tiles(
     for i in range(steps):
         p = p0 + i * BLOCK_P + tl.arange(0, BLOCK_P)
         valid = p < L
-        dx, dws, g = _conv_bwd_tile(x_rows, ws, bias, dy_rows, p, valid, c_ok, L, fast, mid, st_fast, st_mid,
-                                    st_slow, rev, W, HAS_BIAS, SILU, SUB, BLOCK_P, MODE)  # fmt: skip
-        summed = dw_acc
-        dw_acc = ()
-        for j in tl.static_range(W):
-            dw_acc = dw_acc + (summed[j] + dws[j],)  # noqa: RUF005 (Triton builds tuples so)
-        db_acc += g
-        at = p[None, :]
         mask = c_ok[:, None] & valid[None, :]
-        if not FIRST:
-            dx += tl.load(acc_rows[:, None] + at, mask=mask, other=0.0)
-        if LAST:
-            tl.store(dx_rows[:, None] + at, dx, mask=mask)
+        t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+        acc = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
+        if HAS_BIAS:
+            acc += bias[:, None]
+        xs = ()
+        for j in tl.static_range(W):
+            off, ok = _neighbour(p, t, f, m, j - (W - 1), L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+            xv = tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
+            xs = xs + (xv.to(tl.float32),)  # noqa: RUF005 (Triton builds tuples so)
+            acc += ws[j][:, None] * xs[j]
+        if GRAD:
+            g = tl.load(dy_rows[:, None] + p[None, :], mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                sig = tl.sigmoid(acc)
+                g = g * sig * (1.0 + acc * (1.0 - sig))
+            tl.store(y_rows[:, None] + p[None, :], g, mask=mask)
+            summed = dw_acc
+            dw_acc = ()
+            for j in tl.static_range(W):
+                dw_acc = dw_acc + (summed[j] + g * xs[j],)  # noqa: RUF005 (Triton builds tuples so)
+            db_acc += g
         else:
-            tl.store(acc_rows[:, None] + at, dx, mask=mask)
-    for j in tl.static_range(W):
-        tl.store(dw_part + j, tl.sum(dw_acc[j], axis=1), mask=c_ok)
-    if HAS_BIAS:
-        tl.store(db_part, tl.sum(db_acc, axis=1), mask=c_ok)
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            tl.store(y_rows[:, None] + p[None, :], acc, mask=mask)
+    if GRAD:
+        for j in tl.static_range(W):
+            tl.store(dw_part + j, tl.sum(dw_acc[j], axis=1), mask=c_ok)
+        if HAS_BIAS:
+            tl.store(db_part, tl.sum(db_acc, axis=1), mask=c_ok)
 
 
 @triton.jit
-def _conv_bwd_order(
-    x_rows, ws, bias, dy_rows, dx_rows, acc_rows, dw_part, db_part, p0, steps, c_ok, L, fast, mid, st_fast,
-    st_mid, st_slow, rev, mode, FIRST: tl.constexpr, LAST: tl.constexpr, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, PRESENT: tl.constexpr,
-):  # fmt: skip
-    args = (x_rows, ws, bias, dy_rows, dx_rows, acc_rows, dw_part, db_part, p0, steps, c_ok, L,
-            fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
-    if PRESENT & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 0:
-            _conv_bwd_tiles(*args, FIRST, LAST, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0)
-    if PRESENT & 2:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 1:
-            _conv_bwd_tiles(*args, FIRST, LAST, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1)
-    if PRESENT & 4:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 2:
-            _conv_bwd_tiles(*args, FIRST, LAST, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2)
-    if PRESENT & 8:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 3:
-            _conv_bwd_tiles(*args, FIRST, LAST, W, HAS_BIAS, SILU, SUB, BLOCK_P, 3)
-
-
-@triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, bias_ptr, dy_ptr, dx_ptr, acc_ptr, dw_ptr, db_ptr, order_ptr, L, CH, K, steps, sx_b, sx_c,
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, dy_ptr, dw_ptr, db_ptr, order_ptr, L, CH, K, steps, sx_b, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    MODES: tl.constexpr, PRESENT: tl.constexpr,
+    MODES: tl.constexpr, PRESENT: tl.constexpr, GRAD: tl.constexpr,
 ):  # fmt: skip
-    # One program: SUB channels × steps × BLOCK_P offsets of batch b, every order in turn. x is shared by the
-    # orders, so its gradient is their sum, kept in fp32 (acc_ptr, (B, C, *S), L2-resident between the orders of a
-    # program) and stored once into dx (B, C, *S), where a (B, K, C, *S) gradient per order would be summed by
-    # autograd's expand backward in another pass over K times the bytes
-    b = tl.program_id(2)
+    # One program: SUB channels of batch b, order k, steps × BLOCK_P raster offsets. y, dy: (B, K, C, *S); with
+    # GRAD, y receives g and dw, db the (B, K, C, programs along L) partial sums
+    bk = tl.program_id(2)
+    b = bk // K
+    k = bk % K
     ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
     c_ok = ch < CH
     x_rows = x_ptr + b.to(tl.int64) * sx_b + ch.to(tl.int64) * sx_c
-    rows = (b.to(tl.int64) * CH + ch.to(tl.int64)) * L
+    row = bk.to(tl.int64) * CH + ch.to(tl.int64)
+    part = row * tl.num_programs(1) + tl.program_id(1)
+    ws, bias = _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W, HAS_BIAS, SUB)
+    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
+    args = (x_rows, ws, bias, y_ptr + row * L, dy_ptr + row * L, dw_ptr + part * W, db_ptr + part,
+            tl.program_id(1) * steps * BLOCK_P, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
+    mode = (MODES >> (2 * k)) & 3
+    if PRESENT & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
+        if mode == 0:
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0, GRAD)
+    if PRESENT & 2:  # noqa: SIM102 (a compile-time switch around a run-time test)
+        if mode == 1:
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1, GRAD)
+    if PRESENT & 4:  # noqa: SIM102 (a compile-time switch around a run-time test)
+        if mode == 2:
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2, GRAD)
+    if PRESENT & 8:  # noqa: SIM102 (a compile-time switch around a run-time test)
+        if mode == 3:
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 3, GRAD)
+
+
+@triton.jit
+def _conv_dx_kernel(
+    g_ptr, w_ptr, dx_ptr, order_ptr, L, CH, steps,
+    K: tl.constexpr, W: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, MODES: tl.constexpr,
+):  # fmt: skip
+    # The backward's second pass, one program per SUB channels × steps × BLOCK_P offsets of batch b:
+    # dx[p] = Σ_k Σ_i w_k[W−1−i]·g_k[t_k(p) + i], the orders summed in registers in turn (deterministic). g (B, K, C,
+    # *S) from the first pass; each order's weights, table row and mode are the program's from the start.
+    b = tl.program_id(2)
+    ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
+    c_ok = ch < CH
+    order_rows = ()
+    weights = ()
+    for k in tl.static_range(K):
+        order_rows = order_rows + (_order_row(order_ptr, k),)  # noqa: RUF005 (Triton builds tuples so)
+        ws, _ = _conv_weights(w_ptr, w_ptr, k, ch, c_ok, CH, W, False, SUB)
+        weights = weights + (ws,)  # noqa: RUF005 (Triton builds tuples so)
+    g_rows = g_ptr + (b.to(tl.int64) * K * CH + ch.to(tl.int64)) * L
+    dx_rows = dx_ptr + (b.to(tl.int64) * CH + ch.to(tl.int64)) * L
     p0 = tl.program_id(1) * steps * BLOCK_P
-    for k in range(K):
-        ws, bias = _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W, HAS_BIAS, SUB)
-        fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-        row = (b * K + k).to(tl.int64) * CH + ch.to(tl.int64)  # (B, K, C) rows of dy and of the partials
-        part = row * tl.num_programs(1) + tl.program_id(1)  # (B, K, C, programs along L) partial sums
-        args = (x_rows, ws, bias, dy_ptr + row * L, dx_ptr + rows, acc_ptr + rows, dw_ptr + part * W, db_ptr + part,
-                p0, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, (MODES >> (2 * k)) & 3)  # fmt: skip
-        if K == 1:
-            _conv_bwd_order(*args, True, True, W, HAS_BIAS, SILU, SUB, BLOCK_P, PRESENT)
-        elif k == 0:
-            _conv_bwd_order(*args, True, False, W, HAS_BIAS, SILU, SUB, BLOCK_P, PRESENT)
-        elif k == K - 1:
-            _conv_bwd_order(*args, False, True, W, HAS_BIAS, SILU, SUB, BLOCK_P, PRESENT)
-        else:
-            _conv_bwd_order(*args, False, False, W, HAS_BIAS, SILU, SUB, BLOCK_P, PRESENT)
+    for i in range(steps):
+        p = p0 + i * BLOCK_P + tl.arange(0, BLOCK_P)
+        valid = p < L
+        dx = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
+        for k in tl.static_range(K):
+            fast, mid, st_fast, st_mid, st_slow, rev = order_rows[k]
+            t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, (MODES >> (2 * k)) & 3)
+            rows = g_rows + k * CH * L
+            for j in tl.static_range(W):
+                off, ok = _neighbour(p, t, f, m, j, L, fast, mid, st_fast, st_mid, st_slow, rev, (MODES >> (2 * k)) & 3)
+                gv = tl.load(rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
+                dx += weights[k][W - 1 - j][:, None] * gv.to(tl.float32)
+        tl.store(dx_rows[:, None] + p[None, :], dx, mask=c_ok[:, None] & valid[None, :])
 
 
 _conv_fwd_launch = Launcher(_conv_fwd_kernel)
-_conv_bwd_launch = Launcher(_conv_bwd_kernel)
+_conv_dx_launch = Launcher(_conv_dx_kernel)
 
 
 def _launch_shape(x: torch.Tensor, K: int, tile) -> tuple[int, int, int, int, int, int, int]:
@@ -377,9 +262,9 @@ class _CausalConv(torch.autograd.Function):
         y = torch.empty(batch, K, channels, *spatial, device=x.device, dtype=x.dtype)
         grid = (layout.cdiv(channels, sub), programs, batch * K)
         _conv_fwd_launch[grid](
-            x, w, b, y, table, L, channels, K, steps, x.stride(0), x.stride(1),
+            x, w, b, y, y, w, w, table, L, channels, K, steps, x.stride(0), x.stride(1),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=silu, SUB=sub, BLOCK_P=tile.block_p, MODES=modes,
-            PRESENT=present, num_warps=tile.num_warps,
+            PRESENT=present, GRAD=False, num_warps=tile.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias)
         ctx.orders, ctx.silu = orders, silu
@@ -387,9 +272,10 @@ class _CausalConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        """Launch the backward kernel, which sums x's gradient over the orders.
+        """Launch the backward's two passes (g = dy·act'(pre), then x's gradient from g).
 
-        The weight and bias gradients are summed over the kernel's partials on the host (deterministic).
+        The first pass also sums the weight and bias terms per program; the host sums those partials
+        (deterministic).
         """
         x, weight, bias = ctx.saved_tensors
         tile = conv_backward_tile()
@@ -401,14 +287,18 @@ class _CausalConv(torch.autograd.Function):
         b = bias.float().contiguous() if bias is not None else w
         dy = dy.contiguous()
         dx = torch.empty(batch, channels, *spatial, device=x.device, dtype=x.dtype)
-        acc = dx if K == 1 else torch.empty(batch, channels, *spatial, device=x.device, dtype=torch.float32)
         dw = torch.empty(batch, K, channels, programs, weight.shape[-1], device=x.device, dtype=torch.float32)
         db = torch.empty(batch, K, channels, programs, device=x.device, dtype=torch.float32)
-        grid = (layout.cdiv(channels, sub), programs, batch)
-        _conv_bwd_launch[grid](
-            x, w, b, dy, dx, acc, dw, db, table, L, channels, K, steps, x.stride(0), x.stride(1),
+        blocks = layout.cdiv(channels, sub)
+        g = torch.empty_like(dy)
+        _conv_fwd_launch[(blocks, programs, batch * K)](
+            x, w, b, g, dy, dw, db, table, L, channels, K, steps, x.stride(0), x.stride(1),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=ctx.silu, SUB=sub, BLOCK_P=tile.block_p,
-            MODES=modes, PRESENT=present, num_warps=tile.num_warps,
+            MODES=modes, PRESENT=present, GRAD=True, num_warps=tile.num_warps,
+        )  # fmt: skip
+        _conv_dx_launch[(blocks, programs, batch)](
+            g, w, dx, table, L, channels, steps,
+            K=K, W=weight.shape[-1], SUB=sub, BLOCK_P=tile.block_p, MODES=modes, num_warps=tile.num_warps,
         )  # fmt: skip
         d_bias = db.sum(dim=(0, 3)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum(dim=(0, 3)).to(weight.dtype), d_bias, None, None
