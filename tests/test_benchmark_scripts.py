@@ -205,6 +205,6 @@ def test_conv_gpu_dry_run_checks_each_tile_against_the_torch_backend(tmp_path):
 def test_conv_kernels_fit_their_default_tiles_without_spills():
     # the default tiles (configs.ConvTile) as compiled for SegMamba's three orders: at 16 channels x 128 offsets a
     # one-pass backward took 255 registers and spilled, with 2 programs of 4 warps per SM
-    for kernel, cap in (("conv-forward", 96), ("conv-grad", 128), ("conv-dx", 168)):
+    for kernel, cap in (("conv-forward", 96), ("conv-grad", 144), ("conv-dx", 168)):
         report = _sass(kernel, "bf16")
         assert report["spill_bytes"] == 0 and report["registers"] <= cap, (kernel, report["registers"])

@@ -112,3 +112,25 @@ def test_causal_conv_programs_of_several_tiles_match_conv1d(orders):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     for a, c in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+
+
+def test_divisions_by_multiplication_are_exact_for_every_31_bit_numerator():
+    # layout.divisor: the conv's divisions by an order's runtime strides and sizes as a multiply-high and a shift.
+    # Checked in 64-bit integers against // at both ends of the range, around every multiple of d near 2³¹, and at
+    # random numerators, for the sizes and strides of real volumes and for awkward divisors
+    from medmamba.kernels.backends.triton_scan.layout import divisor
+
+    g = generator(25)
+    top = 2**31
+    for d in (1, 2, 3, 7, 64, 96, 210, 4096, 4097, 262144, 2**20 + 1, 3 * 5 * 7 * 11 * 13, top - 1):
+        magic, shift = divisor(d)
+        unsigned = magic % 2**32
+        multiples = torch.linspace(0, (top - 1) // d, 1000, dtype=torch.float64).long() * d
+        near = torch.cat([multiples - 1, multiples, multiples + 1])
+        randoms = torch.randint(0, top, (100000,), generator=g)
+        n = torch.cat([torch.arange(0, 4096), torch.arange(top - 4096, top), near, randoms])
+        n = n[(n >= 0) & (n < top)]
+        got = n if d == 1 else ((n * unsigned) >> 32) >> shift
+        assert torch.equal(got, n // d), d
+    with pytest.raises(ValueError, match="positive"):
+        divisor(0)

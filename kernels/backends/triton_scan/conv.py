@@ -17,7 +17,7 @@ import triton.language as tl
 from medmamba.kernels.orders import ScanOrder
 
 from . import layout
-from .common import _order_row, _token_of_offset, _token_offsets
+from .common import _token_of_offset, _token_offsets
 from .configs import conv_backward_tile, conv_forward_tile
 from .launch import Launcher
 
@@ -31,7 +31,8 @@ __all__ = ["causal_conv"]
 # are the costly part, so a token's neighbours are found by the cheapest of four modes, which the host picks per
 # order (_modes) and the kernels compile only for the call's orders:
 # 0, the raster order: at p + d; 3, the reversed raster order: at p − d; 1, lines at least W − 1 long: p's
-# coordinates along the order's three axes once, then each neighbour by at most one carry into the next axis;
+# coordinates along the order's three axes once (divisions by multiplication, layout.divisor), then each neighbour
+# by at most one carry into the next axis;
 # 2, any order: the order arithmetic per neighbour (common._token_offsets).
 #
 # The backward runs in two passes: the forward's kernel with GRAD stores g = dy·act'(pre) per order and token and
@@ -65,16 +66,39 @@ def _modes(orders: tuple[ScanOrder, ...], spatial: tuple[int, ...], width: int) 
 
 
 @triton.jit
-def _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE: tl.constexpr):
-    # (token index of offset p, its index along the fast axis, along the mid axis); the last two for MODE 1 only
+def _conv_row(table_ptr, k):
+    # order k's row of layout.division_table: (fast, mid, st_fast, st_mid, st_slow, rev) and the (magic, shift) of
+    # its strides' and sizes' divisions, 12 values
+    row = table_ptr + k * 18
+    divisions = ()
+    for i in tl.static_range(12):
+        divisions = divisions + (tl.load(row + 6 + i),)  # noqa: RUF005 (Triton builds tuples so)
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
+            divisions)  # fmt: skip
+
+
+@triton.jit
+def _div(n, magic, shift):
+    # n // d for 0 ≤ n < 2³¹, from d's (magic, shift) (layout.divisor; d = 1 has magic 0)
+    q = (tl.umulhi(n.to(tl.uint32), magic.to(tl.uint32)) >> shift.to(tl.uint32)).to(tl.int32)
+    return tl.where(magic == 0, n, q)
+
+
+@triton.jit
+def _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, dv, MODE: tl.constexpr):
+    # (token index of offset p, its index along the fast axis, along the mid axis); the last two for MODE 1 only.
+    # dv: the order's divisions (_conv_row)
     if MODE == 0:
         return p, p, p
     elif MODE == 3:
         return L - 1 - p, p, p
     elif MODE == 1:
-        f = (p // st_fast) % fast
-        m = (p // st_mid) % mid
-        t = (((p // st_slow) % (L // (fast * mid))) * mid + m) * fast + f
+        a = _div(p, dv[0], dv[1])
+        f = a - _div(a, dv[6], dv[7]) * fast
+        c = _div(p, dv[2], dv[3])
+        m = c - _div(c, dv[8], dv[9]) * mid
+        e = _div(p, dv[4], dv[5])
+        t = ((e - _div(e, dv[10], dv[11]) * (L // (fast * mid))) * mid + m) * fast + f
         return tl.where(rev != 0, L - 1 - t, t), f, m
     else:
         return _token_of_offset(tl.minimum(p, L - 1), L, fast, mid, st_fast, st_mid, st_slow, rev), p, p
@@ -114,7 +138,7 @@ def _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W: tl.constexpr, HAS_BIAS: t
 @triton.jit
 def _conv_fwd_tiles(
     x_rows, ws, bias, y_rows, dy_rows, dw_part, db_part, p0, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow,
-    rev, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
+    rev, dv, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
     MODE: tl.constexpr, GRAD: tl.constexpr,
 ):  # fmt: skip
     # The forward over the program's tiles; with GRAD, the backward's first pass instead: the pre-activation's
@@ -128,7 +152,7 @@ def _conv_fwd_tiles(
         p = p0 + i * BLOCK_P + tl.arange(0, BLOCK_P)
         valid = p < L
         mask = c_ok[:, None] & valid[None, :]
-        t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
+        t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, dv, MODE)
         acc = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
         if HAS_BIAS:
             acc += bias[:, None]
@@ -177,9 +201,10 @@ def _conv_fwd_kernel(
     row = bk.to(tl.int64) * CH + ch.to(tl.int64)
     part = row * tl.num_programs(1) + tl.program_id(1)
     ws, bias = _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W, HAS_BIAS, SUB)
-    fast, mid, st_fast, st_mid, st_slow, rev = _order_row(order_ptr, k)
-    args = (x_rows, ws, bias, y_ptr + row * L, dy_ptr + row * L, dw_ptr + part * W, db_ptr + part,
-            tl.program_id(1) * steps * BLOCK_P, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev)  # fmt: skip
+    fast, mid, st_fast, st_mid, st_slow, rev, dv = _conv_row(order_ptr, k)
+    p0 = tl.program_id(1) * steps * BLOCK_P
+    args = (x_rows, ws, bias, y_ptr + row * L, dy_ptr + row * L, dw_ptr + part * W, db_ptr + part, p0, steps,
+            c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, dv)  # fmt: skip
     mode = (MODES >> (2 * k)) & 3
     if PRESENT & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if mode == 0:
@@ -209,7 +234,7 @@ def _conv_dx_kernel(
     order_rows = ()
     weights = ()
     for k in tl.static_range(K):
-        order_rows = order_rows + (_order_row(order_ptr, k),)  # noqa: RUF005 (Triton builds tuples so)
+        order_rows = order_rows + (_conv_row(order_ptr, k),)  # noqa: RUF005 (Triton builds tuples so)
         ws, _ = _conv_weights(w_ptr, w_ptr, k, ch, c_ok, CH, W, False, SUB)
         weights = weights + (ws,)  # noqa: RUF005 (Triton builds tuples so)
     g_rows = g_ptr + (b.to(tl.int64) * K * CH + ch.to(tl.int64)) * L
@@ -220,8 +245,8 @@ def _conv_dx_kernel(
         valid = p < L
         dx = tl.zeros([SUB, BLOCK_P], dtype=tl.float32)
         for k in tl.static_range(K):
-            fast, mid, st_fast, st_mid, st_slow, rev = order_rows[k]
-            t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, (MODES >> (2 * k)) & 3)
+            fast, mid, st_fast, st_mid, st_slow, rev, dv = order_rows[k]
+            t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, dv, (MODES >> (2 * k)) & 3)
             rows = g_rows + k * CH * L
             for j in tl.static_range(W):
                 off, ok = _neighbour(p, t, f, m, j, L, fast, mid, st_fast, st_mid, st_slow, rev, (MODES >> (2 * k)) & 3)
@@ -255,7 +280,7 @@ class _CausalConv(torch.autograd.Function):
         tile = conv_forward_tile()
         batch, K, channels, L, sub, steps, programs = _launch_shape(x, len(orders), tile)
         spatial = tuple(x.shape[2:])
-        table = layout.order_table(orders, spatial, x.device)
+        table = layout.division_table(orders, spatial, x.device)
         modes, present = _modes(orders, spatial, weight.shape[-1])
         w = weight.float().contiguous()
         b = bias.float().contiguous() if bias is not None else w
@@ -281,7 +306,7 @@ class _CausalConv(torch.autograd.Function):
         tile = conv_backward_tile()
         batch, K, channels, L, sub, steps, programs = _launch_shape(x, len(ctx.orders), tile)
         spatial = tuple(x.shape[2:])
-        table = layout.order_table(ctx.orders, spatial, x.device)
+        table = layout.division_table(ctx.orders, spatial, x.device)
         modes, present = _modes(ctx.orders, spatial, weight.shape[-1])
         w = weight.float().contiguous()
         b = bias.float().contiguous() if bias is not None else w

@@ -231,7 +231,48 @@ def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: tor
 
     Cached: a host-to-device copy on every call would synchronise the stream.
     """
-    key = (tuple(orders), tuple(spatial), str(device))
+    return _device_table("orders", orders, spatial, device, order_rows)
+
+
+def division_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``(K, 18)`` int32 table on ``device``, cached as :func:`order_table`.
+
+    Per order: its :func:`order_rows` row, then the (magic, shift) of :func:`divisor` for its fast, mid and slow
+    strides and its fast, mid and slow sizes.
+    """
+
+    def rows(orders, spatial):
+        L = math.prod(spatial)
+        out = []
+        for row in order_rows(orders, spatial):
+            fast, mid, st_fast, st_mid, st_slow, _ = row
+            sizes = (st_fast, st_mid, st_slow, fast, mid, L // (fast * mid))
+            out.append((*row, *(v for d in sizes for v in divisor(d))))
+        return out
+
+    return _device_table("divisions", orders, spatial, device, rows)
+
+
+def divisor(d: int) -> tuple[int, int]:
+    """``(magic, shift)`` with ``n // d == umulhi(n, magic) >> shift`` for every ``0 ≤ n < 2³¹``.
+
+    ``magic`` is given as the int32 of the same bits; ``(0, 0)`` for ``d = 1``.
+
+    Granlund and Montgomery's round-up method for 31-bit numerators: ``magic = ⌈2^(31 + l) / d⌉`` with
+    ``l = ⌈log2 d⌉`` fits in 32 bits. A kernel's integer division by a runtime value takes about 20 instructions;
+    this takes two.
+    """
+    if d < 1:
+        raise ValueError(f"divisor must be positive, got {d}")
+    if d == 1:
+        return 0, 0
+    bits = (d - 1).bit_length()
+    magic = -(-(1 << (31 + bits)) // d)
+    return (magic - (1 << 32) if magic >= 1 << 31 else magic), bits - 1
+
+
+def _device_table(kind: str, orders, spatial, device: torch.device, make_rows) -> torch.Tensor:
+    key = (kind, tuple(orders), tuple(spatial), str(device))
     table = _TABLE_CACHE.get(key)
     if table is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -239,7 +280,7 @@ def order_table(orders: Sequence[ScanOrder], spatial: Sequence[int], device: tor
                 f"the Triton scan's first call at spatial shape {tuple(spatial)} is being captured in a CUDA graph; "
                 "run one call of that shape before capturing (torch.cuda.make_graphed_callables does so itself)"
             )
-        table = torch.tensor(order_rows(orders, spatial), dtype=torch.int32, device=device)
+        table = torch.tensor(make_rows(tuple(orders), tuple(spatial)), dtype=torch.int32, device=device)
         _TABLE_CACHE[key] = table
     return table
 
