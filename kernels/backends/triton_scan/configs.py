@@ -258,8 +258,9 @@ class ConvTile:
     tiles one after another; ``sub`` is capped at the channels' next power of two, ``steps`` at the tiles of a row.
 
     H200, 2026-11-29 (``benchmarks/conv_gpu.py``, SegMamba's three orders at 64³, bf16, 96 channels, batch 2):
-    forward / backward 0.68 / 1.99 ms at 4 × 128, 4 warps, 8 steps; 0.70-0.82 / 2.04-2.69 ms at 2-8 channels,
-    128-256 offsets, 4-8 warps; 0.96 / 4.13 ms with the earlier 16 × 128 tile, one per program.
+    forward / backward 0.60 / 1.42 ms at 4 × 128, 4 warps, 8 steps; 0.58-0.70 / 1.42-1.68 ms at 2-8 channels,
+    128-256 offsets, 8-16 steps; 0.96 / 4.13 ms with the earlier 16 × 128 tile, one per program, and a one-pass
+    backward.
     """
 
     sub: int = 4

@@ -42,7 +42,8 @@ __all__ = ["causal_conv"]
 # H200: 84 % / 70 % of the SMs' issue slots, 15 % / 5 % of DRAM's bandwidth in the forward / one-pass backward).
 # On an H200, SegMamba's three orders at 64³ (bf16, 96 channels, batch 2; benchmarks/conv_gpu.py), forward /
 # backward: 0.96 / 4.13 ms with one 16 × 128 tile per program, every mode compiled in and one backward pass at 255
-# registers; 0.67 / 2.13 ms at 4 × 128 × 8 steps, still one pass; 0.67-0.77 / 1.65 ms as now (configs.py).
+# registers; 0.67 / 2.13 ms at 4 × 128 × 8 steps, still one pass; 0.67-0.77 / 1.65 ms in two passes; 0.60 / 1.42 ms
+# with the lines mode's divisions by multiplication, as now (configs.py).
 MODE_RASTER, MODE_LINES, MODE_GENERAL, MODE_REVERSED = 0, 1, 2, 3
 
 
