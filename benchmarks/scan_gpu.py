@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton selective scan: builds, checks and times in one call.
 
-    python benchmarks/scan_gpu.py [--out DIR] [--only NAME] [--sweep] [--layer] [--layer-profile] [--launch]
-        [--profile] [--graphs] [--marks] [--quick]
+    python benchmarks/scan_gpu.py [--out DIR] [--only NAME] [--sweep] [--layer] [--layer-profile
+        [--linear conv1d,split_k]] [--launch] [--profile] [--graphs] [--marks] [--quick]
 
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
@@ -754,12 +754,16 @@ def launch_marks(rows, calls: int = 15) -> list[dict]:
 PROFILE_ROWS = ("S1", "U-Mamba s3 16³", "SegMamba s3 16³", "SegMamba 3-order layer 64³")
 
 
-def layer_profile(spatial=(64, 64, 64), steps: int = 3, reps: int = 5, d_model: int = 48) -> dict:
+def layer_profile(
+    spatial=(64, 64, 64), steps: int = 3, reps: int = 5, d_model: int = 48, linear: str = "default"
+) -> dict:
     """SegMamba's stage-0 mixer pair (two ``MambaLayer``s, d_model 48, batch 2, bf16 autocast, the scan in bf16) on
-    the triton backend: ms per training step (forward+backward, CUDA events, :func:`cuda_time`) and each kernel's GPU
-    time per step (torch.profiler), against the official pair's 90 ms (networks.md §10)."""
+    the triton backend: ms per training step (forward+backward, CUDA events, :func:`cuda_time`), each kernel's GPU
+    time per step (torch.profiler) and each GEMM's by its shapes, against the official pair's 90 ms (networks.md
+    §10). ``linear``: the layer's channel linears as they are (``"default"``) or as one of
+    :data:`LINEAR_VARIANTS`, checked against the default on the same inputs first (``max_rel_err``)."""
     from medmamba.kernels import use_backend
-    from medmamba.layers import MambaLayer
+    from medmamba.layers import MambaLayer, mamba
 
     torch.manual_seed(0)
     x = torch.randn(2, d_model, *spatial, device=DEVICE)
@@ -770,14 +774,81 @@ def layer_profile(spatial=(64, 64, 64), steps: int = 3, reps: int = 5, d_model: 
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             out = pair(x)
         out.float().square().mean().backward()
+        return out
 
+    def outputs():
+        pair.zero_grad(set_to_none=True)
+        out = step()
+        return [out.detach().float(), *(p.grad.float() for p in pair.parameters())]
+
+    default_linear = mamba._channel_linear
+    err = 0.0
     with use_backend("triton"):
-        step_ms, _ = cuda_time(step, reps)
-        kernels = kernel_times(step, steps)
-    row = {"spatial": list(spatial), "step_ms": step_ms, "kernels_ms": sum(k["ms"] for k in kernels),
-           "official_fwd_bwd_ms": 90.0, "kernels": kernels}  # fmt: skip
-    print(f"mixer pair {spatial}: {step_ms:.2f} ms per training step, kernels {row['kernels_ms']:.2f} ms", flush=True)
+        if linear != "default":
+            want = outputs()
+            mamba._channel_linear = LINEAR_VARIANTS[linear]
+            got = outputs()
+            err = max(
+                ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want, strict=True)
+            )
+        try:
+            step_ms, _ = cuda_time(step, reps)
+            kernels = kernel_times(step, steps)
+            ops = op_times(step, steps)
+        finally:
+            mamba._channel_linear = default_linear
+    row = {"spatial": list(spatial), "linear": linear, "max_rel_err": err, "step_ms": step_ms,
+           "kernels_ms": sum(k["ms"] for k in kernels), "official_fwd_bwd_ms": 90.0, "kernels": kernels,
+           "ops": ops}  # fmt: skip
+    print(f"mixer pair {spatial}, linear {linear}: {step_ms:.2f} ms per training step, kernels "
+          f"{row['kernels_ms']:.2f} ms, err vs default {err:.1e}", flush=True)  # fmt: skip
     return row
+
+
+def _linear_conv1d(linear, x):
+    # the channel linear as a 1 × 1 convolution (cuDNN picks its own weight-gradient algorithm)
+    return torch.nn.functional.conv1d(x, linear.weight[:, :, None], linear.bias)
+
+
+class _SplitKLinear(torch.autograd.Function):
+    """``weight @ x`` per batch element, x ``(B, I, L)``, whose weight gradient sums ``CHUNK``-token pieces of L in
+    fp32 as one batched GEMM per batch element (strided views, no copies): the default's cuBLAS kernels for that
+    gradient reduce all of L per output tile (H200: 0.35 ms for 125 MB)."""
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, x, weight):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx = torch.bmm(weight.t().expand(x.shape[0], -1, -1), g)
+        (B, O, L), I = g.shape, x.shape[1]
+        chunk = _SplitKLinear.CHUNK if L % _SplitKLinear.CHUNK == 0 else L
+        S = L // chunk
+        dw = torch.zeros(O, I, device=g.device, dtype=torch.float32)
+        for b in range(B):
+            gs = g[b].view(O, S, chunk).transpose(0, 1)  # (S, O, chunk)
+            xs = x[b].view(I, S, chunk).permute(1, 2, 0)  # (S, chunk, I)
+            part = torch.bmm(gs, xs, out_dtype=torch.float32) if g.is_cuda else torch.bmm(gs.float(), xs.float())
+            dw += part.sum(0)
+        return dx, dw.to(weight.dtype)
+
+
+def _linear_split_k(linear, x):
+    weight = linear.weight
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        out = _SplitKLinear.apply(x.contiguous(), weight)
+    return out + linear.bias[:, None].to(out.dtype) if linear.bias is not None else out
+
+
+LINEAR_VARIANTS = {"conv1d": _linear_conv1d, "split_k": _linear_split_k}
 
 
 def kernel_times(fn, calls: int) -> list[dict]:
@@ -795,6 +866,27 @@ def kernel_times(fn, calls: int) -> list[dict]:
          for e in prof.key_averages() if e.device_time_total > 0),
         key=lambda k: -k["ms"],
     )  # fmt: skip
+
+
+def op_times(fn, calls: int, names=("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm")) -> list[dict]:
+    """The GPU time of each of ``names``' calls per input shapes over ``calls`` runs of ``fn`` (torch.profiler,
+    ``record_shapes``): ``{"name", "shapes", "ms", "per_call"}`` per call, the longest first. It tells which GEMM a
+    cuBLAS kernel of :func:`kernel_times` serves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in names:
+            us = e.self_device_time_total if cuda else e.self_cpu_time_total
+            out.append({"name": e.key, "shapes": str(e.input_shapes), "ms": us / calls / 1e3,
+                        "per_call": e.count / calls})  # fmt: skip
+    return sorted(out, key=lambda o: -o["ms"])
 
 
 def kernel_profile(rows, calls: int = 5) -> list[dict]:
@@ -852,12 +944,18 @@ def markdown(
                              f"{r['fwd_bwd_ms']:.2f} | {r['peak_MiB']:.0f} |")  # fmt: skip
         for r in layer_rows:
             if "step_ms" in r:
-                head = (f"Mixer pair {tuple(r['spatial'])}, triton, per training step: **{r['step_ms']:.2f} ms** "
+                head = (f"Mixer pair {tuple(r['spatial'])}, triton, channel linears {r.get('linear', 'default')} "
+                        f"(max rel err vs default {r.get('max_rel_err', 0.0):.1e}), per training step: "
+                        f"**{r['step_ms']:.2f} ms** "
                         f"({r['official_fwd_bwd_ms'] / r['step_ms']:.2f}× the official "
                         f"{r['official_fwd_bwd_ms']:.0f}), {r['kernels_ms']:.2f} ms of kernels:")  # fmt: skip
                 lines += ["", head, "", "| kernel | ms per step | launches per step |", "|---|---|---|"]
                 for k in r["kernels"][:30]:
                     lines.append(f"| {k['name'][:90]} | {k['ms']:.3f} | {k['per_call']:.0f} |")
+                if r.get("ops"):
+                    lines += ["", "| GEMM op | input shapes | ms per step | calls per step |", "|---|---|---|---|"]
+                    lines += [f"| {o['name']} | {o['shapes']} | {o['ms']:.3f} | {o['per_call']:.0f} |"
+                              for o in r["ops"]]  # fmt: skip
     if sweep_rows:
         lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch | gradients' err vs torch |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -939,7 +1037,10 @@ def dry_run(args) -> int:
     with configs.override(tiny, tiny):
         launch_rows = launch_ab([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], rounds=1, reps=(1, 1))
         profile_rows = kernel_profile([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], calls=1)
-    layer_rows = [layer_profile(spatial=(2, 2, 4), steps=1, reps=1, d_model=4)]
+    layer_rows = [
+        layer_profile(spatial=(2, 2, 4), steps=1, reps=1, d_model=4, linear=name)
+        for name in ("default", *LINEAR_VARIANTS)
+    ]
     print(markdown(info, rows, [], sweep_rows, layer_rows, launch_rows, profile_rows))
     return 0
 
@@ -958,6 +1059,11 @@ def main() -> int:
         action="store_true",
         help="the mixer pair's training step on the triton backend, with each kernel's GPU time (torch.profiler)",
     )
+    ap.add_argument(
+        "--linear",
+        help="--layer-profile: also with the layer's channel linears as each of these comma-separated variants "
+        f"({', '.join(LINEAR_VARIANTS)}), checked against the default first",
+    )
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
     ap.add_argument(
@@ -973,6 +1079,9 @@ def main() -> int:
     ap.add_argument("--no-shapes", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     args = ap.parse_args()
+    unknown = [n for n in filter(None, (args.linear or "").split(",")) if n not in LINEAR_VARIANTS]
+    if unknown:
+        ap.error(f"--linear: unknown variant(s) {', '.join(unknown)}; known: {', '.join(LINEAR_VARIANTS)}")
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
@@ -1024,7 +1133,8 @@ def main() -> int:
         layer_rows.extend(bench_layer(card))
         save()
     if args.layer_profile:
-        layer_rows.append(layer_profile())
+        names = ("default", *filter(None, (args.linear or "").split(",")))
+        layer_rows.extend(layer_profile(linear=name) for name in names)
         save()
     if args.launch:
         picked = [r for r in shapes(False) if r[0] in LAUNCH_ROWS and (r[0] != "S1" or not r[6])]

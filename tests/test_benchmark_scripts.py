@@ -208,3 +208,29 @@ def test_conv_kernels_fit_their_default_tiles_without_spills():
     for kernel, cap in (("conv-forward", 96), ("conv-grad", 144), ("conv-dx", 168)):
         report = _sass(kernel, "bf16")
         assert report["spill_bytes"] == 0 and report["registers"] <= cap, (kernel, report["registers"])
+
+
+def test_layer_profile_linear_variants_compute_the_default_linear_and_its_gradients(monkeypatch):
+    # scan_gpu.py --layer-profile --linear times the mixer pair with its channel linears swapped for these variants:
+    # each must compute what MambaLayer's own computes, forward and backward (the split-K weight gradient over
+    # several chunks of the tokens, and a length the chunks do not divide)
+    import torch
+
+    from medmamba.layers import mamba
+
+    scan_gpu = _load("scan_gpu")
+    monkeypatch.setattr(scan_gpu._SplitKLinear, "CHUNK", 4)
+    g = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(5, 7).double()
+    for length in (16, 10):
+        x = torch.randn(3, 5, length, generator=g, dtype=torch.float64)
+        weight = torch.randn(3, 7, length, generator=g, dtype=torch.float64)
+        results = []
+        for fn in (mamba._channel_linear, *scan_gpu.LINEAR_VARIANTS.values()):
+            leaves = [x.clone().requires_grad_(), *linear.parameters()]
+            linear.zero_grad()
+            y = fn(linear, leaves[0])
+            results.append([y, *torch.autograd.grad((y * weight).sum(), leaves)])
+        for got in results[1:]:
+            for a, b in zip(got, results[0], strict=True):
+                torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
