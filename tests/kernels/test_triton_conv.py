@@ -89,11 +89,13 @@ def test_triton_conv_sums_the_gradient_of_x_over_the_orders_in_its_backward_kern
     assert sums.shapes and set(sums.shapes) <= {tuple(w.shape), tuple(b.shape)}, sums.shapes
 
 
-@pytest.mark.parametrize("orders", [(RASTER, REVERSED, SLICE, ScanOrder((2, 0, 1))), (SLICE,)], ids=["K4", "K1"])
+@pytest.mark.parametrize(
+    "orders", [(RASTER, REVERSED, SLICE, ScanOrder((2, 0, 1))), (SLICE,), cross_scan(3)], ids=["K4", "K1", "K6"]
+)
 def test_causal_conv_programs_of_several_tiles_match_conv1d(orders):
     # tiles of 16 offsets, 3 per program: 210 offsets make 5 programs along each row, the last with one tile and a
-    # partial one; 5 channels in blocks of 2. With K = 4 the gradient of x is summed over a first, two middle and a
-    # last order; with K = 1 the only order stores it directly.
+    # partial one; 5 channels in blocks of 2. The gradient of x is summed over the orders in registers, by a second
+    # backward pass that holds every order's weights and table row (with K = 6 up to the limit of conv._dx_channels).
     from medmamba.kernels.backends.triton_scan import configs
 
     g = generator(24)

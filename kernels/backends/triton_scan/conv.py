@@ -269,6 +269,17 @@ def _launch_shape(x: torch.Tensor, K: int, tile) -> tuple[int, int, int, int, in
     return batch, K, channels, L, sub, steps, layout.cdiv(L, steps * tile.block_p)
 
 
+def _dx_channels(sub: int, K: int, width: int) -> int:
+    """Channels per program of _conv_dx_kernel: at most ``sub``, and K·W·SUB ≤ 48 (a power of two).
+
+    The kernel holds every order's weights and table row from its start: on sm_90a (bf16, the default tile) 154
+    registers for SegMamba's three orders at 4 channels, 234 for four orders (106 at 2), 255 and 112 bytes of
+    spills for six (235, none, at 2).
+    """
+    cap = max(1, 48 // (K * width))
+    return min(sub, 1 << (cap.bit_length() - 1))
+
+
 class _CausalConv(torch.autograd.Function):
     """``y = causal_conv(x, weight, bias)``: x ``(B, C, *S)`` shared by the K orders, y ``(B, K, C, *S)``.
 
@@ -322,9 +333,10 @@ class _CausalConv(torch.autograd.Function):
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=ctx.silu, SUB=sub, BLOCK_P=tile.block_p,
             MODES=modes, PRESENT=present, GRAD=True, num_warps=tile.num_warps,
         )  # fmt: skip
-        _conv_dx_launch[(blocks, programs, batch)](
+        sub_dx = _dx_channels(sub, K, weight.shape[-1])
+        _conv_dx_launch[(layout.cdiv(channels, sub_dx), programs, batch)](
             g, w, dx, table, L, channels, steps,
-            K=K, W=weight.shape[-1], SUB=sub, BLOCK_P=tile.block_p, MODES=modes, num_warps=tile.num_warps,
+            K=K, W=weight.shape[-1], SUB=sub_dx, BLOCK_P=tile.block_p, MODES=modes, num_warps=tile.num_warps,
         )  # fmt: skip
         d_bias = db.sum(dim=(0, 3)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum(dim=(0, 3)).to(weight.dtype), d_bias, None, None
