@@ -760,8 +760,8 @@ def layer_profile(
     """SegMamba's stage-0 mixer pair (two ``MambaLayer``s, d_model 48, batch 2, bf16 autocast, the scan in bf16) on
     the triton backend: ms per training step (forward+backward, CUDA events, :func:`cuda_time`), each kernel's GPU
     time per step (torch.profiler) and each GEMM's by its shapes, against the official pair's 90 ms (networks.md
-    §10). ``linear``: the layer's channel linears as they are (``"default"``) or as one of
-    :data:`LINEAR_VARIANTS`, checked against the default on the same inputs first (``max_rel_err``)."""
+    §10). ``linear``: the layer's linears (in_proj, out_proj, x_proj, dt_proj) as they are (``"default"``) or as
+    one of :data:`LINEAR_VARIANTS`, checked against the default on the same inputs first (``max_rel_err``)."""
     from medmamba.kernels import use_backend
     from medmamba.layers import MambaLayer, mamba
 
@@ -781,12 +781,12 @@ def layer_profile(
         out = step()
         return [out.detach().float(), *(p.grad.float() for p in pair.parameters())]
 
-    default_linear = mamba._channel_linear
+    default_linears = mamba._channel_linear, mamba._order_linear
     err = 0.0
     with use_backend("triton"):
         if linear != "default":
             want = outputs()
-            mamba._channel_linear = LINEAR_VARIANTS[linear]
+            mamba._channel_linear, mamba._order_linear = LINEAR_VARIANTS[linear]
             got = outputs()
             err = max(
                 ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want, strict=True)
@@ -796,7 +796,7 @@ def layer_profile(
             kernels = kernel_times(step, steps)
             ops = op_times(step, steps)
         finally:
-            mamba._channel_linear = default_linear
+            mamba._channel_linear, mamba._order_linear = default_linears
     row = {"spatial": list(spatial), "linear": linear, "max_rel_err": err, "step_ms": step_ms,
            "kernels_ms": sum(k["ms"] for k in kernels), "official_fwd_bwd_ms": 90.0, "kernels": kernels,
            "ops": ops}  # fmt: skip
@@ -810,10 +810,31 @@ def _linear_conv1d(linear, x):
     return torch.nn.functional.conv1d(x, linear.weight[:, :, None], linear.bias)
 
 
+def _order_linear_conv1d(weight, x):
+    # the per-order linear as a grouped 1 × 1 convolution, a group per order
+    B, K, I, L = x.shape
+    return torch.nn.functional.conv1d(x.reshape(B, K * I, L), weight.reshape(-1, I, 1), groups=K).view(B, K, -1, L)
+
+
+def _split_k_weight_grad(g, x, chunk: int):
+    # Σ over the batch rows and the tokens of g x^T, g (R, O, L), x (R, I, L): per row, the tokens cut into pieces of
+    # `chunk` as one batched GEMM on strided views (fp32 output on CUDA), the pieces summed after
+    (R, O, L), I = g.shape, x.shape[1]
+    chunk = chunk if L % chunk == 0 else L
+    S = L // chunk
+    dw = torch.zeros(O, I, device=g.device, dtype=torch.float32)
+    for r in range(R):
+        gs = g[r].view(O, S, chunk).transpose(0, 1)  # (S, O, chunk)
+        xs = x[r].view(I, S, chunk).permute(1, 2, 0)  # (S, chunk, I)
+        part = torch.bmm(gs, xs, out_dtype=torch.float32) if g.is_cuda else torch.bmm(gs.float(), xs.float())
+        dw += part.sum(0)
+    return dw
+
+
 class _SplitKLinear(torch.autograd.Function):
     """``weight @ x`` per batch element, x ``(B, I, L)``, whose weight gradient sums ``CHUNK``-token pieces of L in
-    fp32 as one batched GEMM per batch element (strided views, no copies): the default's cuBLAS kernels for that
-    gradient reduce all of L per output tile (H200: 0.35 ms for 125 MB)."""
+    fp32 (:func:`_split_k_weight_grad`, no copies): the default's cuBLAS kernels for that gradient reduce all of L
+    per output tile (H200: 0.35 ms for 125 MB)."""
 
     CHUNK = 4096
 
@@ -826,29 +847,52 @@ class _SplitKLinear(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         dx = torch.bmm(weight.t().expand(x.shape[0], -1, -1), g)
-        (B, O, L), I = g.shape, x.shape[1]
-        chunk = _SplitKLinear.CHUNK if L % _SplitKLinear.CHUNK == 0 else L
-        S = L // chunk
-        dw = torch.zeros(O, I, device=g.device, dtype=torch.float32)
-        for b in range(B):
-            gs = g[b].view(O, S, chunk).transpose(0, 1)  # (S, O, chunk)
-            xs = x[b].view(I, S, chunk).permute(1, 2, 0)  # (S, chunk, I)
-            part = torch.bmm(gs, xs, out_dtype=torch.float32) if g.is_cuda else torch.bmm(gs.float(), xs.float())
-            dw += part.sum(0)
+        return dx, _split_k_weight_grad(g, x, _SplitKLinear.CHUNK).to(weight.dtype)
+
+
+class _SplitKOrderLinear(torch.autograd.Function):
+    """``weight[k] @ x[:, k]`` for weight ``(K, O, I)`` and x ``(B, K, I, L)`` (x_proj, dt_proj), its weight gradient
+    as :class:`_SplitKLinear`'s, per order."""
+
+    @staticmethod
+    def forward(ctx, x, weight):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return torch.matmul(weight, x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dx = torch.matmul(weight.transpose(1, 2), g)
+        g = g.contiguous()
+        dw = torch.stack([_split_k_weight_grad(g[:, k], x[:, k], _SplitKLinear.CHUNK) for k in range(x.shape[1])])
         return dx, dw.to(weight.dtype)
 
 
-def _linear_split_k(linear, x):
-    weight = linear.weight
+def _autocast_inputs(x, weight):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def _linear_split_k(linear, x):
+    x, weight = _autocast_inputs(x, linear.weight)
     with torch.autocast(x.device.type, enabled=False):
         out = _SplitKLinear.apply(x.contiguous(), weight)
     return out + linear.bias[:, None].to(out.dtype) if linear.bias is not None else out
 
 
-LINEAR_VARIANTS = {"conv1d": _linear_conv1d, "split_k": _linear_split_k}
+def _order_linear_split_k(weight, x):
+    x, weight = _autocast_inputs(x, weight)
+    with torch.autocast(x.device.type, enabled=False):
+        return _SplitKOrderLinear.apply(x, weight)
+
+
+# name -> (the layer's _channel_linear (in_proj, out_proj), its _order_linear (x_proj, dt_proj))
+LINEAR_VARIANTS = {
+    "conv1d": (_linear_conv1d, _order_linear_conv1d),
+    "split_k": (_linear_split_k, _order_linear_split_k),
+}
 
 
 def kernel_times(fn, calls: int) -> list[dict]:
@@ -868,7 +912,11 @@ def kernel_times(fn, calls: int) -> list[dict]:
     )  # fmt: skip
 
 
-def op_times(fn, calls: int, names=("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm")) -> list[dict]:
+def op_times(
+    fn,
+    calls: int,
+    names=("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm", "aten::convolution", "aten::convolution_backward"),
+) -> list[dict]:
     """The GPU time of each of ``names``' calls per input shapes over ``calls`` runs of ``fn`` (torch.profiler,
     ``record_shapes``): ``{"name", "shapes", "ms", "per_call"}`` per call, the longest first. It tells which GEMM a
     cuBLAS kernel of :func:`kernel_times` serves."""
@@ -1061,7 +1109,8 @@ def main() -> int:
     )
     ap.add_argument(
         "--linear",
-        help="--layer-profile: also with the layer's channel linears as each of these comma-separated variants "
+        help="--layer-profile: also with the layer's linears (in_proj, out_proj, x_proj, dt_proj) as each of these "
+        "comma-separated variants "
         f"({', '.join(LINEAR_VARIANTS)}), checked against the default first",
     )
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")

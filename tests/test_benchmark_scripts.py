@@ -210,10 +210,10 @@ def test_conv_kernels_fit_their_default_tiles_without_spills():
         assert report["spill_bytes"] == 0 and report["registers"] <= cap, (kernel, report["registers"])
 
 
-def test_layer_profile_linear_variants_compute_the_default_linear_and_its_gradients(monkeypatch):
-    # scan_gpu.py --layer-profile --linear times the mixer pair with its channel linears swapped for these variants:
-    # each must compute what MambaLayer's own computes, forward and backward (the split-K weight gradient over
-    # several chunks of the tokens, and a length the chunks do not divide)
+def test_layer_profile_linear_variants_compute_the_default_linears_and_their_gradients(monkeypatch):
+    # scan_gpu.py --layer-profile --linear times the mixer pair with its linears swapped for these variants: each
+    # must compute what MambaLayer's own compute, forward and backward (the split-K weight gradient over several
+    # chunks of the tokens, and a length the chunks do not divide)
     import torch
 
     from medmamba.layers import mamba
@@ -221,16 +221,23 @@ def test_layer_profile_linear_variants_compute_the_default_linear_and_its_gradie
     scan_gpu = _load("scan_gpu")
     monkeypatch.setattr(scan_gpu._SplitKLinear, "CHUNK", 4)
     g = torch.Generator().manual_seed(5)
-    linear = torch.nn.Linear(5, 7).double()
+    linear = torch.nn.Linear(5, 7).double()  # in_proj, out_proj: (linear, x (B, C_in, L))
+    order_weight = torch.randn(3, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)  # x_proj, dt_proj
+
+    def value_and_grads(fn, first, x):
+        x = x.clone().requires_grad_()
+        leaves = [x, *(linear.parameters() if first is linear else [first])]
+        y = fn(first, x)
+        weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view(y.shape)
+        return [y, *torch.autograd.grad((y * weight).sum(), leaves)]
+
     for length in (16, 10):
-        x = torch.randn(3, 5, length, generator=g, dtype=torch.float64)
-        weight = torch.randn(3, 7, length, generator=g, dtype=torch.float64)
-        results = []
-        for fn in (mamba._channel_linear, *scan_gpu.LINEAR_VARIANTS.values()):
-            leaves = [x.clone().requires_grad_(), *linear.parameters()]
-            linear.zero_grad()
-            y = fn(linear, leaves[0])
-            results.append([y, *torch.autograd.grad((y * weight).sum(), leaves)])
-        for got in results[1:]:
-            for a, b in zip(got, results[0], strict=True):
-                torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+        x = torch.randn(2, 5, length, generator=g, dtype=torch.float64)
+        x4 = torch.randn(2, 3, 5, length, generator=g, dtype=torch.float64)
+        for slot, (default, first, inputs) in enumerate(
+            ((mamba._channel_linear, linear, x), (mamba._order_linear, order_weight, x4))
+        ):
+            want = value_and_grads(default, first, inputs)
+            for variant in scan_gpu.LINEAR_VARIANTS.values():
+                for a, b in zip(value_and_grads(variant[slot], first, inputs), want, strict=True):
+                    torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)

@@ -153,7 +153,7 @@ class MambaLayer(nn.Module):
         K, N, R = len(self.orders), self.d_state, self.dt_rank
         conv_bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
         u = causal_conv(x, self.conv_weight.to(x.dtype), conv_bias, orders=self.orders)  # (B, K, d_inner, *S)
-        x_dbl = torch.matmul(self.x_proj_weight.to(x.dtype), u.flatten(3))  # (B, K, R+2N, L)
+        x_dbl = _order_linear(self.x_proj_weight.to(x.dtype), u.flatten(3))  # (B, K, R+2N, L)
         _, B, C = x_dbl.split((R, N, N), dim=2)
         delta = self._dt_proj(x_dbl).unflatten(-1, spatial)  # (B, K, d_inner, *S)
         B, C = B.unflatten(-1, spatial).unsqueeze(2), C.unflatten(-1, spatial).unsqueeze(2)  # (B, K, 1, N, *S) views
@@ -178,7 +178,7 @@ class MambaLayer(nn.Module):
         weight = self.dt_proj_weight.to(x_dbl.dtype)
         if padded != R:
             weight = torch.nn.functional.pad(weight, (0, padded - R))
-        return torch.matmul(weight, x_dbl[:, :, :padded])
+        return _order_linear(weight, x_dbl[:, :, :padded])
 
 
 def _channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -191,3 +191,13 @@ def _channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """
     out = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)
     return out + linear.bias[:, None] if linear.bias is not None else out
+
+
+def _order_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each order's ``weight`` ``(K, C_out, C_in)`` on every token of x ``(B, K, C_in, L)`` → ``(B, K, C_out, L)``.
+
+    Used by x_proj and dt_proj. ``torch.matmul`` broadcasts the weight over the batch and runs one batched GEMM over
+    (B, K): the (B, K) axes of a contiguous x, or of its row slice, merge into one batch stride, so no copy of x is
+    made.
+    """
+    return torch.matmul(weight, x)
