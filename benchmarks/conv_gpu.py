@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--dry-run" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import scan_gpu  # this folder's: its CUDA-event timer
 import torch
 
 from medmamba.kernels import RASTER, REVERSED, SLICE, causal_conv
@@ -33,29 +33,8 @@ ORDERS = {"raster": RASTER, "reversed": REVERSED, "slice": SLICE}
 DEFAULT_TILES = "4,128,4,8;2,128,4,8;8,128,4,8;2,256,4,8;4,128,8,8;4,128,4,16;4,128,4,4"
 
 
-def median_ms(fn, reps: int, device: str) -> float:
-    """Median of ``reps`` timings of ``fn`` in ms (CUDA events after two warm-up calls; wall clock on the CPU)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def bench_tile(tile: configs.ConvTile, orders, x, w, b, dy, want, reps: int) -> dict:
     """One tile: its error against ``want`` (the torch backend's y, dx, dw, db in fp32) and its times."""
-    device = x.device.type
     leaves = (x, w, b)
     with configs.override(conv_forward=tile, conv_backward=tile):
 
@@ -69,8 +48,8 @@ def bench_tile(tile: configs.ConvTile, orders, x, w, b, dy, want, reps: int) -> 
             for got, ref in zip((y, *grads), want, strict=True)
         )
         with torch.no_grad():
-            fwd_ms = median_ms(forward, reps, device)
-        bwd_ms = median_ms(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), reps, device)
+            fwd_ms, _ = scan_gpu.cuda_time(forward, reps)
+        bwd_ms, _ = scan_gpu.cuda_time(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), reps)
     n = x.numel() * x.element_size()
     K = len(orders)
     fwd_bytes, bwd_bytes = (1 + K) * n, (2 + K) * n
@@ -139,6 +118,7 @@ def main() -> int:
         sys.exit("conv_gpu.py needs a CUDA device (or --dry-run)")
     else:
         device, channels, batch, reps = "cuda", args.channels, args.batch, args.reps
+    scan_gpu.DEVICE = device
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     command = "python benchmarks/conv_gpu.py " + " ".join(sys.argv[1:])
     info = {"card": card, "torch": torch.__version__, "command": command,

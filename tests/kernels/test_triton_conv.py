@@ -12,6 +12,22 @@ from medmamba.kernels import RASTER, REVERSED, SLICE, ScanInputError, ScanOrder,
 from tests.helpers import OpOutputs, generator
 
 
+def _check_against_conv1d(x, w, b, orders, g) -> torch.Tensor:
+    """The triton conv in fp32 against the torch backend (to_sequence + F.conv1d) in float64: y and the gradient of
+    every leaf under random output weights drawn from ``g``. Returns the triton y."""
+    leaves = [t for t in (x, w, b) if t is not None]
+    want = causal_conv(x, w, b, orders=orders, backend="torch")
+    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    g_want = torch.autograd.grad((want * weight).sum(), leaves)
+    low = [t.detach().float().requires_grad_() for t in leaves]
+    got = causal_conv(low[0], low[1], low[2] if b is not None else None, orders=orders, backend="triton")
+    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+    return got
+
+
 @pytest.mark.parametrize(
     ("spatial", "orders"),
     [
@@ -32,35 +48,18 @@ def test_causal_conv_matches_conv1d_on_each_orders_sequence(spatial, orders, bia
     x = torch.randn(2, channels, *spatial, generator=g, dtype=torch.float64).requires_grad_()
     w = torch.randn(K, channels, 4, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.randn(K, channels, generator=g, dtype=torch.float64).requires_grad_() if bias else None
-    leaves = [t for t in (x, w, b) if t is not None]
-    want = causal_conv(x, w, b, orders=orders, backend="torch")  # to_sequence + F.conv1d + from_sequence
-    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    g_want = torch.autograd.grad((want * weight).sum(), leaves)
-    low = [t.detach().float().requires_grad_() for t in leaves]
-    got = causal_conv(low[0], low[1], low[2] if bias else None, orders=orders, backend="triton")
+    got = _check_against_conv1d(x, w, b, orders, g)
     assert got.shape == (2, K, channels, *spatial) and got.dtype == torch.float32
-    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    for a, c in zip(g_got, g_want, strict=True):
-        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
 
 
-@pytest.mark.parametrize("width", [2, 5])  # the general path (width 4 has its own, written out)
+@pytest.mark.parametrize("width", [2, 5])  # widths other than every Mamba's 4
 def test_causal_conv_of_other_widths_matches_conv1d(width):
     g = generator(22)
     orders = (RASTER, REVERSED, SLICE, ScanOrder((0, 2, 1)))
     x = torch.randn(2, 3, 3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
     w = torch.randn(len(orders), 3, width, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.randn(len(orders), 3, generator=g, dtype=torch.float64).requires_grad_()
-    want = causal_conv(x, w, b, orders=orders, backend="torch")
-    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    g_want = torch.autograd.grad((want * weight).sum(), (x, w, b))
-    low = [t.detach().float().requires_grad_() for t in (x, w, b)]
-    got = causal_conv(*low, orders=orders, backend="triton")
-    g_got = torch.autograd.grad((got * weight.float()).sum(), low)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    for a, c in zip(g_got, g_want, strict=True):
-        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+    _check_against_conv1d(x, w, b, orders, g)
 
 
 def test_causal_conv_rejects_bad_shapes():
@@ -103,17 +102,9 @@ def test_causal_conv_programs_of_several_tiles_match_conv1d(orders):
     x = torch.randn(2, 5, 5, 6, 7, generator=g, dtype=torch.float64).requires_grad_()
     w = torch.randn(K, 5, 4, generator=g, dtype=torch.float64).requires_grad_()
     b = torch.randn(K, 5, generator=g, dtype=torch.float64).requires_grad_()
-    want = causal_conv(x, w, b, orders=orders, backend="torch")
-    weight = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    g_want = torch.autograd.grad((want * weight).sum(), (x, w, b))
-    low = [t.detach().float().requires_grad_() for t in (x, w, b)]
     tile = configs.ConvTile(sub=2, block_p=16, num_warps=1, steps=3)
     with configs.override(conv_forward=tile, conv_backward=tile):
-        got = causal_conv(*low, orders=orders, backend="triton")
-        g_got = torch.autograd.grad((got * weight.float()).sum(), low)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    for a, c in zip(g_got, g_want, strict=True):
-        torch.testing.assert_close(a.double(), c, rtol=1e-5, atol=1e-5 * max(c.abs().max().item(), 1.0))
+        _check_against_conv1d(x, w, b, orders, g)
 
 
 def test_divisions_by_multiplication_are_exact_for_every_31_bit_numerator():

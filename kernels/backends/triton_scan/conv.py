@@ -50,15 +50,11 @@ MODE_RASTER, MODE_LINES, MODE_GENERAL, MODE_REVERSED = 0, 1, 2, 3
 @functools.lru_cache(maxsize=256)
 def _modes(orders: tuple[ScanOrder, ...], spatial: tuple[int, ...], width: int) -> tuple[int, int]:
     """(each order's mode in two bits, order k at bits 2k; the modes present, bit m for mode m)."""
-    L = 1
-    for s in spatial:
-        L *= s
     digits = present = 0
-    for k, (fast, mid, st_fast, st_mid, st_slow, rev) in enumerate(layout.order_rows(orders, spatial)):
-        slow = L // (fast * mid)
-        natural = (fast == 1 or st_fast == 1) and (mid == 1 or st_mid == fast) and (slow == 1 or st_slow == fast * mid)
-        if natural:
-            mode = MODE_REVERSED if rev else MODE_RASTER
+    rows = layout.order_rows(orders, spatial)
+    for k, ((fast, *_), direction) in enumerate(zip(rows, layout.directions(orders, spatial), strict=True)):
+        if direction:
+            mode = MODE_RASTER if direction == 1 else MODE_REVERSED
         else:
             mode = MODE_LINES if fast >= width - 1 else MODE_GENERAL
         digits |= mode << (2 * k)
