@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton selective scan: builds, checks and times in one call.
 
     python benchmarks/scan_gpu.py [--out DIR] [--only NAME] [--sweep] [--layer] [--layer-profile
-        [--linear conv1d,split_k]] [--launch] [--profile] [--graphs] [--marks] [--quick]
+        [--linear autograd,conv1d]] [--launch] [--profile] [--graphs] [--marks] [--quick]
 
 For each shape of kernels.md §4.2/§4.4 (S1, S2, U-Mamba and SegMamba stages, SegMamba's three-order layer):
 checks the Triton forward against the torch backend on the same inputs, then times forward (no grad: nothing
@@ -781,12 +781,12 @@ def layer_profile(
         out = step()
         return [out.detach().float(), *(p.grad.float() for p in pair.parameters())]
 
-    default_linears = mamba._channel_linear, mamba._order_linear
+    default_linears = mamba.channel_linear, mamba.order_linear
     err = 0.0
     with use_backend("triton"):
         if linear != "default":
             want = outputs()
-            mamba._channel_linear, mamba._order_linear = LINEAR_VARIANTS[linear]
+            mamba.channel_linear, mamba.order_linear = LINEAR_VARIANTS[linear]
             got = outputs()
             err = max(
                 ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want, strict=True)
@@ -796,7 +796,7 @@ def layer_profile(
             kernels = kernel_times(step, steps)
             ops = op_times(step, steps)
         finally:
-            mamba._channel_linear, mamba._order_linear = default_linears
+            mamba.channel_linear, mamba.order_linear = default_linears
     row = {"spatial": list(spatial), "linear": linear, "max_rel_err": err, "step_ms": step_ms,
            "kernels_ms": sum(k["ms"] for k in kernels), "official_fwd_bwd_ms": 90.0, "kernels": kernels,
            "ops": ops}  # fmt: skip
@@ -816,82 +816,20 @@ def _order_linear_conv1d(weight, x):
     return torch.nn.functional.conv1d(x.reshape(B, K * I, L), weight.reshape(-1, I, 1), groups=K).view(B, K, -1, L)
 
 
-def _split_k_weight_grad(g, x, chunk: int):
-    # Σ over the batch rows and the tokens of g x^T, g (R, O, L), x (R, I, L): per row, the tokens cut into pieces of
-    # `chunk` as one batched GEMM on strided views (fp32 output on CUDA), the pieces summed after
-    (R, O, L), I = g.shape, x.shape[1]
-    chunk = chunk if L % chunk == 0 else L
-    S = L // chunk
-    dw = torch.zeros(O, I, device=g.device, dtype=torch.float32)
-    for r in range(R):
-        gs = g[r].view(O, S, chunk).transpose(0, 1)  # (S, O, chunk)
-        xs = x[r].view(I, S, chunk).permute(1, 2, 0)  # (S, chunk, I)
-        part = torch.bmm(gs, xs, out_dtype=torch.float32) if g.is_cuda else torch.bmm(gs.float(), xs.float())
-        dw += part.sum(0)
-    return dw
+def _linear_autograd(linear, x):
+    # the twenty-second pass's default: a batched GEMM through autograd (cuBLAS's skinny weight-gradient kernels)
+    out = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)
+    return out + linear.bias[:, None] if linear.bias is not None else out
 
 
-class _SplitKLinear(torch.autograd.Function):
-    """``weight @ x`` per batch element, x ``(B, I, L)``, whose weight gradient sums ``CHUNK``-token pieces of L in
-    fp32 (:func:`_split_k_weight_grad`, no copies): the default's cuBLAS kernels for that gradient reduce all of L
-    per output tile (H200: 0.35 ms for 125 MB)."""
-
-    CHUNK = 4096
-
-    @staticmethod
-    def forward(ctx, x, weight):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        dx = torch.bmm(weight.t().expand(x.shape[0], -1, -1), g)
-        return dx, _split_k_weight_grad(g, x, _SplitKLinear.CHUNK).to(weight.dtype)
+def _order_linear_autograd(weight, x):
+    return torch.matmul(weight, x)
 
 
-class _SplitKOrderLinear(torch.autograd.Function):
-    """``weight[k] @ x[:, k]`` for weight ``(K, O, I)`` and x ``(B, K, I, L)`` (x_proj, dt_proj), its weight gradient
-    as :class:`_SplitKLinear`'s, per order."""
-
-    @staticmethod
-    def forward(ctx, x, weight):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        return torch.matmul(weight, x)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        dx = torch.matmul(weight.transpose(1, 2), g)
-        g = g.contiguous()
-        dw = torch.stack([_split_k_weight_grad(g[:, k], x[:, k], _SplitKLinear.CHUNK) for k in range(x.shape[1])])
-        return dx, dw.to(weight.dtype)
-
-
-def _autocast_inputs(x, weight):
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    return x, weight
-
-
-def _linear_split_k(linear, x):
-    x, weight = _autocast_inputs(x, linear.weight)
-    with torch.autocast(x.device.type, enabled=False):
-        out = _SplitKLinear.apply(x.contiguous(), weight)
-    return out + linear.bias[:, None].to(out.dtype) if linear.bias is not None else out
-
-
-def _order_linear_split_k(weight, x):
-    x, weight = _autocast_inputs(x, weight)
-    with torch.autocast(x.device.type, enabled=False):
-        return _SplitKOrderLinear.apply(x, weight)
-
-
-# name -> (the layer's _channel_linear (in_proj, out_proj), its _order_linear (x_proj, dt_proj))
+# name -> (the layer's channel_linear (in_proj, out_proj), its order_linear (x_proj, dt_proj))
 LINEAR_VARIANTS = {
+    "autograd": (_linear_autograd, _order_linear_autograd),
     "conv1d": (_linear_conv1d, _order_linear_conv1d),
-    "split_k": (_linear_split_k, _order_linear_split_k),
 }
 
 

@@ -212,14 +212,14 @@ def test_conv_kernels_fit_their_default_tiles_without_spills():
 
 def test_layer_profile_linear_variants_compute_the_default_linears_and_their_gradients(monkeypatch):
     # scan_gpu.py --layer-profile --linear times the mixer pair with its linears swapped for these variants: each
-    # must compute what MambaLayer's own compute, forward and backward (the split-K weight gradient over several
-    # chunks of the tokens, and a length the chunks do not divide)
+    # must compute what MambaLayer's own compute, forward and backward (whose weight gradient is summed over several
+    # pieces of the tokens, and a length the pieces do not divide)
     import torch
 
-    from medmamba.layers import mamba
+    from medmamba.layers import mamba, token_linear
 
     scan_gpu = _load("scan_gpu")
-    monkeypatch.setattr(scan_gpu._SplitKLinear, "CHUNK", 4)
+    monkeypatch.setattr(token_linear, "PIECE", 4)
     g = torch.Generator().manual_seed(5)
     linear = torch.nn.Linear(5, 7).double()  # in_proj, out_proj: (linear, x (B, C_in, L))
     order_weight = torch.randn(3, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)  # x_proj, dt_proj
@@ -235,7 +235,7 @@ def test_layer_profile_linear_variants_compute_the_default_linears_and_their_gra
         x = torch.randn(2, 5, length, generator=g, dtype=torch.float64)
         x4 = torch.randn(2, 3, 5, length, generator=g, dtype=torch.float64)
         for slot, (default, first, inputs) in enumerate(
-            ((mamba._channel_linear, linear, x), (mamba._order_linear, order_weight, x4))
+            ((mamba.channel_linear, linear, x), (mamba.order_linear, order_weight, x4))
         ):
             want = value_and_grads(default, first, inputs)
             for variant in scan_gpu.LINEAR_VARIANTS.values():

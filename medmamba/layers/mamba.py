@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medmamba.kernels import RASTER, ScanOrder, causal_conv, channel_layer_norm, selective_scan
+from medmamba.layers.token_linear import channel_linear, order_linear
 
 __all__ = ["MambaLayer"]
 
@@ -125,7 +126,7 @@ class MambaLayer(nn.Module):
         # Channels stay first all the way through (per-voxel matmuls, order-aware conv and scan): no transposed or
         # permuted copy of the feature map is ever made.
         tokens = self._layer_norm(x.flatten(2))  # (B, C, L)
-        xz = _channel_linear(self.in_proj, tokens)  # (B, 2·d_inner, L)
+        xz = channel_linear(self.in_proj, tokens)  # (B, 2·d_inner, L)
         precision = torch.autocast(device_type=x.device.type, enabled=False) if self.ssm_fp32 else nullcontext()
         with precision:
             if self.ssm_fp32:  # upcast half precision; float64 stays float64
@@ -137,7 +138,7 @@ class MambaLayer(nn.Module):
             # under autocast the matmul casts y itself: an fp32 round trip of a bf16 y (LayerNorm's output is fp32
             # there) would cost two full-size casts forward and two backward, for the same values
             y = y.to(tokens.dtype)
-        out = _channel_linear(self.out_proj, y)  # (B, C, L)
+        out = channel_linear(self.out_proj, y)  # (B, C, L)
         out = out.view(x.shape)
         return x + out if self.residual else out
 
@@ -153,7 +154,7 @@ class MambaLayer(nn.Module):
         K, N, R = len(self.orders), self.d_state, self.dt_rank
         conv_bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
         u = causal_conv(x, self.conv_weight.to(x.dtype), conv_bias, orders=self.orders)  # (B, K, d_inner, *S)
-        x_dbl = _order_linear(self.x_proj_weight.to(x.dtype), u.flatten(3))  # (B, K, R+2N, L)
+        x_dbl = order_linear(self.x_proj_weight.to(x.dtype), u.flatten(3))  # (B, K, R+2N, L)
         _, B, C = x_dbl.split((R, N, N), dim=2)
         delta = self._dt_proj(x_dbl).unflatten(-1, spatial)  # (B, K, d_inner, *S)
         B, C = B.unflatten(-1, spatial).unsqueeze(2), C.unflatten(-1, spatial).unsqueeze(2)  # (B, K, 1, N, *S) views
@@ -178,26 +179,4 @@ class MambaLayer(nn.Module):
         weight = self.dt_proj_weight.to(x_dbl.dtype)
         if padded != R:
             weight = torch.nn.functional.pad(weight, (0, padded - R))
-        return _order_linear(weight, x_dbl[:, :, :padded])
-
-
-def _channel_linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear`` applied to every voxel of a channels-first ``(B, C_in, L)`` map → ``(B, C_out, L)``.
-
-    One batched GEMM against the weight broadcast over the batch (stride 0). ``torch.matmul(weight, x)`` folds the
-    batch into one GEMM instead, through a transposed copy of ``x`` and another of the output, forward and
-    backward: four full-size strided copies per linear and training step. On an H200 the SegMamba mixer pair's
-    step ran 28 strided copy kernels, 5.5 of its 45.4 ms (benchmarks/RESULTS.md, twenty-first pass).
-    """
-    out = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)
-    return out + linear.bias[:, None] if linear.bias is not None else out
-
-
-def _order_linear(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Each order's ``weight`` ``(K, C_out, C_in)`` on every token of x ``(B, K, C_in, L)`` → ``(B, K, C_out, L)``.
-
-    Used by x_proj and dt_proj. ``torch.matmul`` broadcasts the weight over the batch and runs one batched GEMM over
-    (B, K): the (B, K) axes of a contiguous x, or of its row slice, merge into one batch stride, so no copy of x is
-    made.
-    """
-    return torch.matmul(weight, x)
+        return order_linear(weight, x_dbl[:, :, :padded])

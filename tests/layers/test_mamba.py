@@ -198,7 +198,7 @@ def test_bf16_autocast_feeds_the_scan_output_to_out_proj_without_an_fp32_round_t
 def test_channel_linears_copy_no_feature_map_forward_or_backward():
     # in_proj and out_proj on channels-first maps are batched GEMMs against the broadcast weight: torch.matmul
     # folded the batch into one GEMM through transposed copies of the input and the output, each way
-    from medmamba.layers.mamba import _channel_linear
+    from medmamba.layers.token_linear import channel_linear
     from tests.helpers import OpOutputs
 
     torch.manual_seed(0)
@@ -206,7 +206,7 @@ def test_channel_linears_copy_no_feature_map_forward_or_backward():
     x = torch.randn(2, 16, 300, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 48, 300, dtype=torch.float64)
     with OpOutputs((torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy)) as copies:
-        out = _channel_linear(linear, x)
+        out = channel_linear(linear, x)
         out.backward(gy)
     # the weight's own copies (48 × 16 per batch) at most
     assert max((math.prod(shape) for shape in copies.shapes), default=0) < x.numel()
