@@ -781,12 +781,12 @@ def layer_profile(
         out = step()
         return [out.detach().float(), *(p.grad.float() for p in pair.parameters())]
 
-    default_linears = mamba.channel_linear, mamba.order_linear
+    default_linears = mamba.channel_linear, mamba.order_projections
     err = 0.0
     with use_backend("triton"):
         if linear != "default":
             want = outputs()
-            mamba.channel_linear, mamba.order_linear = LINEAR_VARIANTS[linear]
+            mamba.channel_linear, mamba.order_projections = LINEAR_VARIANTS[linear]
             got = outputs()
             err = max(
                 ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(got, want, strict=True)
@@ -796,7 +796,7 @@ def layer_profile(
             kernels = kernel_times(step, steps)
             ops = op_times(step, steps)
         finally:
-            mamba.channel_linear, mamba.order_linear = default_linears
+            mamba.channel_linear, mamba.order_projections = default_linears
     row = {"spatial": list(spatial), "linear": linear, "max_rel_err": err, "step_ms": step_ms,
            "kernels_ms": sum(k["ms"] for k in kernels), "official_fwd_bwd_ms": 90.0, "kernels": kernels,
            "ops": ops}  # fmt: skip
@@ -817,19 +817,30 @@ def _order_linear_conv1d(weight, x):
 
 
 def _linear_autograd(linear, x):
-    # the twenty-second pass's default: a batched GEMM through autograd (cuBLAS's skinny weight-gradient kernels)
+    # the twenty-second pass's in_proj and out_proj: a batched GEMM through autograd (cuBLAS's skinny
+    # weight-gradient kernels)
     out = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)
     return out + linear.bias[:, None] if linear.bias is not None else out
 
 
-def _order_linear_autograd(weight, x):
-    return torch.matmul(weight, x)
+def _projections_through(order_linear):
+    """The twenty-second pass's x_proj and dt_proj (two per-order linears and slices, through autograd), with
+    ``order_linear(weight (K, O, I), x (B, K, I, L))`` as their product."""
+
+    def order_projections(u, x_proj_weight, dt_proj_weight):
+        R, O = dt_proj_weight.shape[-1], x_proj_weight.shape[1]
+        N, padded = (O - R) // 2, min(-(-R // 8) * 8, O)
+        x_dbl = order_linear(x_proj_weight.to(u.dtype), u)
+        dt_weight = torch.nn.functional.pad(dt_proj_weight.to(u.dtype), (0, padded - R))
+        return u, order_linear(dt_weight, x_dbl[:, :, :padded]), x_dbl[:, :, R : R + N], x_dbl[:, :, R + N :]
+
+    return order_projections
 
 
-# name -> (the layer's channel_linear (in_proj, out_proj), its order_linear (x_proj, dt_proj))
+# name -> (the layer's channel_linear (in_proj, out_proj), its order_projections (x_proj, dt_proj))
 LINEAR_VARIANTS = {
-    "autograd": (_linear_autograd, _order_linear_autograd),
-    "conv1d": (_linear_conv1d, _order_linear_conv1d),
+    "autograd": (_linear_autograd, _projections_through(torch.matmul)),
+    "conv1d": (_linear_conv1d, _projections_through(_order_linear_conv1d)),
 }
 
 
@@ -1047,7 +1058,7 @@ def main() -> int:
     )
     ap.add_argument(
         "--linear",
-        help="--layer-profile: also with the layer's linears (in_proj, out_proj, x_proj, dt_proj) as each of these "
+        help="--layer-profile: also with the layer's linears (in_proj, out_proj; x_proj and dt_proj) as each of these "
         "comma-separated variants "
         f"({', '.join(LINEAR_VARIANTS)}), checked against the default first",
     )

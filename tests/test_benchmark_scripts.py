@@ -222,22 +222,25 @@ def test_layer_profile_linear_variants_compute_the_default_linears_and_their_gra
     monkeypatch.setattr(token_linear, "PIECE", 4)
     g = torch.Generator().manual_seed(5)
     linear = torch.nn.Linear(5, 7).double()  # in_proj, out_proj: (linear, x (B, C_in, L))
-    order_weight = torch.randn(3, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)  # x_proj, dt_proj
+    x_weight = torch.randn(3, 3 + 2 * 4, 5, generator=g, dtype=torch.float64, requires_grad=True)  # x_proj
+    dt_weight = torch.randn(3, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)  # dt_proj
 
-    def value_and_grads(fn, first, x):
+    def value_and_grads(fn, x, *params):
         x = x.clone().requires_grad_()
-        leaves = [x, *(linear.parameters() if first is linear else [first])]
-        y = fn(first, x)
-        weight = torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view(y.shape)
-        return [y, *torch.autograd.grad((y * weight).sum(), leaves)]
+        outs = fn(*params, x) if params == (linear,) else fn(x, *params)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        total = sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view(o.shape) * (i + 1)).sum()
+                    for i, o in enumerate(outs))  # fmt: skip
+        leaves = [x, *(linear.parameters() if params == (linear,) else params)]
+        return [*outs, *torch.autograd.grad(total, leaves)]
 
     for length in (16, 10):
         x = torch.randn(2, 5, length, generator=g, dtype=torch.float64)
-        x4 = torch.randn(2, 3, 5, length, generator=g, dtype=torch.float64)
-        for slot, (default, first, inputs) in enumerate(
-            ((mamba.channel_linear, linear, x), (mamba.order_linear, order_weight, x4))
+        u = torch.randn(2, 3, 5, length, generator=g, dtype=torch.float64)
+        for slot, (default, inputs, params) in enumerate(
+            ((mamba.channel_linear, x, (linear,)), (mamba.order_projections, u, (x_weight, dt_weight)))
         ):
-            want = value_and_grads(default, first, inputs)
+            want = value_and_grads(default, inputs, *params)
             for variant in scan_gpu.LINEAR_VARIANTS.values():
-                for a, b in zip(value_and_grads(variant[slot], first, inputs), want, strict=True):
+                for a, b in zip(value_and_grads(variant[slot], inputs, *params), want, strict=True):
                     torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)

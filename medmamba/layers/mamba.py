@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medmamba.kernels import RASTER, ScanOrder, causal_conv, channel_layer_norm, selective_scan
-from medmamba.layers.token_linear import channel_linear, order_linear
+from medmamba.layers.token_linear import channel_linear, order_projections
 
 __all__ = ["MambaLayer"]
 
@@ -151,13 +151,13 @@ class MambaLayer(nn.Module):
     def _ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per order: causal conv along the order, x_proj, dt_proj; then one multi-order selective scan."""
         spatial = x.shape[2:]
-        K, N, R = len(self.orders), self.d_state, self.dt_rank
+        K = len(self.orders)
         conv_bias = None if self.conv_bias is None else self.conv_bias.to(x.dtype)
         u = causal_conv(x, self.conv_weight.to(x.dtype), conv_bias, orders=self.orders)  # (B, K, d_inner, *S)
-        x_dbl = order_linear(self.x_proj_weight.to(x.dtype), u.flatten(3))  # (B, K, R+2N, L)
-        _, B, C = x_dbl.split((R, N, N), dim=2)
-        delta = self._dt_proj(x_dbl).unflatten(-1, spatial)  # (B, K, d_inner, *S)
-        B, C = B.unflatten(-1, spatial).unsqueeze(2), C.unflatten(-1, spatial).unsqueeze(2)  # (B, K, 1, N, *S) views
+        # x_proj then dt_proj: Δ (before its bias) and B, C (views of x_proj's output), each (B, K, ·, L)
+        u, delta, B, C = order_projections(u.flatten(3), self.x_proj_weight, self.dt_proj_weight)
+        u, delta = u.unflatten(-1, spatial), delta.unflatten(-1, spatial)  # (B, K, d_inner, *S)
+        B, C = B.unflatten(-1, spatial).unsqueeze(2), C.unflatten(-1, spatial).unsqueeze(2)  # (B, K, 1, N, *S)
         state_dtype = torch.promote_types(x.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(state_dtype))  # (K, d_inner, N)
         D, delta_bias = self.D.to(state_dtype), self.dt_proj_bias.to(state_dtype)
@@ -165,18 +165,3 @@ class MambaLayer(nn.Module):
             u, delta, B, C, A, D, delta_bias = u[:, 0], delta[:, 0], B[:, 0], C[:, 0], A[0], D[0], delta_bias[0]
         y = selective_scan(u, delta, A, B, C, D, z, delta_bias, orders=self.orders, delta_softplus=True).out
         return y / K if self.merge == "mean" else y
-
-    def _dt_proj(self, x_dbl: torch.Tensor) -> torch.Tensor:
-        """``dt_proj`` of the first ``dt_rank`` rows of ``x_dbl`` ``(B, K, R+2N, L)`` → ``(B, K, d_inner, L)``.
-
-        An inner dimension of R = 3 (d_model 48) sends cuBLAS to unaligned kernels whose weight gradient, one long
-        reduction over L, took 5.7 ms per 64³ layer on an H100. The weight is zero-padded to the next multiple of 8
-        columns and multiplied by as many rows of ``x_dbl`` (the extra rows are B's, times zero; their gradient
-        gets exact zeros added): the same Δ and gradients through aligned kernels.
-        """
-        R = self.dt_rank
-        padded = min(-(-R // 8) * 8, x_dbl.shape[2])
-        weight = self.dt_proj_weight.to(x_dbl.dtype)
-        if padded != R:
-            weight = torch.nn.functional.pad(weight, (0, padded - R))
-        return order_linear(weight, x_dbl[:, :, :padded])

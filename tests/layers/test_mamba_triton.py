@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import medmamba.kernels.conv as kconv
 from medmamba.kernels import RASTER, REVERSED, SLICE, use_backend
@@ -32,21 +33,60 @@ def test_layer_on_triton_matches_torch_backend():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0))
 
 
+def _memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The axes of ``t`` from the slowest to the fastest in memory (axes of size one left out)."""
+    axes = [d for d in range(t.ndim) if t.shape[d] > 1]
+    return tuple(sorted(axes, key=lambda d: -t.stride(d)))
+
+
+class PermutedCopies(TorchDispatchMode):
+    """Records the shapes of copies (clone, copy_, _to_copy) whose source lies in another axis order than their
+    output: a transposed or permuted copy, forward or backward (autograd's C++ included)."""
+
+    def __init__(self, min_numel: int) -> None:
+        super().__init__()
+        self.min_numel, self.shapes = min_numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        packet = func.overloadpacket
+        src = args[1] if packet is torch.ops.aten.copy_ else args[0] if args else None
+        if (
+            packet in (torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy)
+            and isinstance(src, torch.Tensor)
+            and src.numel() >= self.min_numel
+            and src.shape == out.shape
+            and _memory_order(src) != _memory_order(out)
+        ):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
 def test_layer_path_makes_no_permuted_copies(monkeypatch):
-    # On the triton path nothing reorders the map: no order-sequence layout, permute, transpose or flip, forward
-    # or backward (torch's own matmul backward transposes inside C++, not through these methods).
+    # On the triton path nothing reorders the map: no order-sequence layout, permute or flip, and no copy in another
+    # axis order (a transpose made contiguous), forward or backward. GEMMs take transposed views of their operands.
     def forbidden(*args, **kwargs):
         raise AssertionError("a permuted copy was made on the triton path")
 
     layer = MambaLayer(8, orders=SEGMAMBA, d_state=4)
     x = torch.randn(1, 8, 2, 3, 4, requires_grad=True)
     monkeypatch.setattr(kconv, "to_sequence", forbidden)
-    for name in ("permute", "transpose", "flip", "movedim"):
+    for name in ("permute", "flip", "movedim"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     monkeypatch.setattr(torch, "flip", forbidden)
-    with use_backend("triton"):
+    with use_backend("triton"), PermutedCopies(min_numel=x.numel()) as copies:
         layer(x).sum().backward()
+    assert copies.shapes == []
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_permuted_copies_are_seen():
+    # the detector of the test above: a transposed map made contiguous is caught, a row slice's copy is not
+    x = torch.randn(2, 8, 24)
+    with PermutedCopies(min_numel=x.numel()) as copies:
+        x.transpose(1, 2).contiguous()
+        torch.empty(2, 8, 30)[:, :, :24].copy_(x)
+    assert copies.shapes == [(2, 24, 8)]
 
 
 @pytest.mark.gpu

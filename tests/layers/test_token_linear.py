@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medmamba.layers import token_linear
-from medmamba.layers.token_linear import channel_linear, order_linear
+from medmamba.layers.token_linear import channel_linear, order_projections
 from tests.helpers import OpOutputs
 
 
@@ -31,19 +31,75 @@ def test_channel_linear_matches_float64_einsum_whole_and_in_pieces(monkeypatch, 
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("length", [7, 13, 16])
-def test_order_linear_matches_float64_einsum_on_a_row_slice(monkeypatch, length):
-    # dt_proj multiplies the first rows of x_proj's output: x is a strided slice of a contiguous stack
+def _projections_float64(u, x_weight, dt_weight):
+    R, O = dt_weight.shape[-1], x_weight.shape[1]
+    N = (O - R) // 2
+    x_dbl = torch.einsum("koi,bkil->bkol", x_weight, u)
+    return u, torch.einsum("kdr,bkrl->bkdl", dt_weight, x_dbl[:, :, :R]), x_dbl[:, :, R : R + N], x_dbl[:, :, R + N :]
+
+
+@pytest.mark.parametrize(
+    ("K", "R", "N", "length"),
+    [(3, 3, 4, 16), (1, 3, 4, 13), (2, 8, 2, 7), (3, 3, 1, 16)],  # padded to 8, 8, none, all 5 rows of x_proj
+)
+def test_order_projections_match_float64_einsum(monkeypatch, K, R, N, length):
     monkeypatch.setattr(token_linear, "PIECE", 4)
-    g = torch.Generator().manual_seed(length)
-    weight = torch.randn(3, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    stack = torch.randn(2, 3, 9, length, generator=g, dtype=torch.float64, requires_grad=True)
-    x = stack[:, :, :4]
-    y = order_linear(weight, x)
-    want = torch.einsum("koi,bkil->bkol", weight, x)
-    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
-    for a, b in zip(_grads(y, [stack, weight]), _grads(want, [stack, weight]), strict=True):
+    g = torch.Generator().manual_seed(length + K)
+    I = 6
+    x_weight = torch.randn(K, R + 2 * N, I, generator=g, dtype=torch.float64, requires_grad=True)
+    dt_weight = torch.randn(K, I, R, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, K, I, length, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves = [u, x_weight, dt_weight]
+    got, want = order_projections(u, x_weight, dt_weight), _projections_float64(u, x_weight, dt_weight)
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    # u's alias carries the scan's gradient: x_proj's input gradient is added to it
+    def loss(outs):
+        return sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view(o.shape) * (i + 1)).sum()
+                   for i, o in enumerate(outs))  # fmt: skip
+
+    for a, b in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(want), leaves), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_order_projections_with_unused_outputs_and_a_strided_scan_gradient():
+    # outputs the loss does not use get no gradient (None, not materialised zeros); a non-contiguous gradient of
+    # u's alias is added, not written into
+    g = torch.Generator().manual_seed(3)
+    x_weight = torch.randn(2, 3 + 2 * 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    dt_weight = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 2, 5, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    leaves = [u, x_weight, dt_weight]
+    for pick in ((1,), (2,), (0, 3), (0, 1, 2)):
+        outs = [order_projections(u, x_weight, dt_weight), _projections_float64(u, x_weight, dt_weight)]
+        grads = []
+        for o in outs:
+            parts = [o[i] for i in pick]
+            if 0 in pick:
+                parts[0] = parts[0].transpose(-1, -2)  # a strided gradient flows back into u's alias
+            total = sum((p * torch.linspace(-1, 1, p.numel(), dtype=p.dtype).view(p.shape)).sum() for p in parts)
+            grads.append(torch.autograd.grad(total, leaves, allow_unused=True))
+        for a, b in zip(*grads, strict=True):
+            if b is None:
+                assert a is None or not a.any()
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_order_projections_accumulate_into_the_scan_gradient_in_place():
+    # x_proj's input gradient is added inside the GEMM to the gradient buffer of u's alias: no second u-sized
+    # tensor and no separate add
+    g = torch.Generator().manual_seed(4)
+    x_weight = torch.randn(3, 11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    dt_weight = torch.randn(3, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, 6, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    alias, delta, B, C = order_projections(u, x_weight, dt_weight)
+    loss = (alias * 2).sum() + delta.square().sum() + B.sum() + C.sum()
+    with OpOutputs((torch.ops.aten.add, torch.ops.aten.bmm, torch.ops.aten.empty)) as rec:
+        loss.backward()
+    # of u's size (2·3·6·40): only the gradient of (alias * 2); none from a bmm or an add
+    assert sum(math.prod(shape) == u.numel() for shape in rec.shapes) <= 1
 
 
 def test_weight_gradient_in_pieces_sums_every_token_once(monkeypatch):
@@ -79,9 +135,14 @@ def test_float64_under_autocast_stays_float64():
 def test_no_copy_of_a_feature_map_forward_or_backward(monkeypatch):
     # the pieces are strided views: only the weights' (small) copies and the gradient's own buffers are made
     monkeypatch.setattr(token_linear, "PIECE", 4)
-    weight = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 3, 5, 40, dtype=torch.float64, requires_grad=True)
-    gy = torch.randn(2, 3, 8, 40, dtype=torch.float64)
+    weight = torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    dt_weight = torch.randn(3, 6, 3, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, 6, 40, dtype=torch.float64, requires_grad=True)
+    linear = torch.nn.Linear(6, 8).double()
+    x = torch.randn(2, 6, 200, dtype=torch.float64, requires_grad=True)
     with OpOutputs((torch.ops.aten.clone, torch.ops.aten.copy_, torch.ops.aten._to_copy)) as copies:
-        order_linear(weight, x).backward(gy)
-    assert max((math.prod(shape) for shape in copies.shapes), default=0) <= weight.numel() * x.shape[0] < x.numel()
+        outs = order_projections(u, weight, dt_weight)
+        sum((o * torch.randn(o.shape, dtype=o.dtype)).sum() for o in outs).backward()
+        channel_linear(linear, x).backward(torch.randn(2, 8, 200, dtype=torch.float64))
+    # only B's and C's gradients are copied (into the rows of x_proj's output gradient: 2 x 3 x 4 rows x 40 tokens)
+    assert max((math.prod(shape) for shape in copies.shapes), default=0) == 2 * 3 * 4 * 40 < u.numel()
