@@ -64,7 +64,7 @@ def compile_sm90(
     ``conv_modes``: the neighbour modes compiled in (conv.py's PRESENT; 11, SegMamba's orders).
     """
     if kernel.startswith("conv-"):
-        return _compile_conv(kernel, dtype, conv_tile, conv_modes)
+        return _compile_conv(kernel, dtype, conv_tile, conv_modes, fast=ptx)
     cfg = configs.forward_config() if kernel in ("forward", "segment") else configs.backward_config()
     if prefetch is None:
         prefetch = cfg.prefetch
@@ -116,17 +116,19 @@ def compile_sm90(
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 
 
-def _compile_conv(kernel: str, dtype: str, tile: configs.ConvTile | None, present: int) -> str:
-    # SegMamba's orders when present is 11: one of each mode present, order k taking the k-th of them
+def _compile_conv(kernel: str, dtype: str, tile: configs.ConvTile | None, present: int, fast: bool = True) -> str:
+    # SegMamba's orders when present is 11: one of each mode present, order k taking the k-th of them; 96 channels
+    # (SUB divides them); fast: the GPU's approximate sigmoid (inline PTX), else tl.sigmoid as the interpreter runs
     if tile is None:
         tile = configs.conv_forward_tile() if kernel == "conv-forward" else configs.conv_backward_tile()
     modes = [m for m in range(4) if present >> m & 1]
     const = {"W": 4, "SUB": tile.sub, "BLOCK_P": tile.block_p, "MODES": sum(m << (2 * k) for k, m in enumerate(modes))}
     if kernel == "conv-dx":
-        fn, const = conv._conv_dx_kernel, const | {"K": len(modes)}
+        fn, const = conv._conv_dx_kernel, const | {"K": len(modes), "EVEN_C": True}
     else:
         fn = conv._conv_fwd_kernel
-        const |= {"HAS_BIAS": True, "SILU": True, "PRESENT": present, "GRAD": kernel == "conv-grad"}
+        const |= {"HAS_BIAS": True, "SILU": True, "PRESENT": present, "GRAD": kernel == "conv-grad", "EVEN_C": True,
+                  "FAST": fast}  # fmt: skip
     names = fn.arg_names
     tensors = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "g_ptr")
     sig = {n: "constexpr" if n in const else (f"*{dtype}" if n in tensors else

@@ -122,6 +122,44 @@ def _neighbour(p, t, f, m, d, L, fast, mid, st_fast, st_mid, st_slow, rev, MODE:
 
 
 @triton.jit
+def _channels_ok(ch, CH, EVEN_C: tl.constexpr, SUB: tl.constexpr):
+    # the program's channels that exist; a constant when SUB divides CH, so the masks drop their channel test
+    if EVEN_C:
+        return tl.full([SUB], 1, tl.int1)
+    else:
+        return ch < CH
+
+
+@triton.jit
+def _sigmoid(x, FAST: tl.constexpr):
+    # FAST: exp2 and reciprocal by the GPU's approximate instructions, flushing denormals (5 instructions where
+    # tl.sigmoid's guards against denormal and huge arguments take 12; the conv is bound by its instructions).
+    # Saturates to 0 and 1 at ±inf as tl.sigmoid does
+    if FAST:
+        e = tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * -1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
+        )
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
+def _tap(at_p, rows, off, d, MODE: tl.constexpr):
+    # the pointers of the neighbours at offsets `off` (d tokens along the order from the tile's offsets p): for the
+    # raster and reversed orders the tile's own pointers `at_p` moved by a constant, which the compiler folds into
+    # the loads' immediate offsets (a 64-bit multiply-add per element and tap otherwise)
+    if MODE == 0:
+        return at_p + d
+    elif MODE == 3:
+        return at_p - d
+    else:
+        return rows[:, None] + off[None, :]
+
+
+@triton.jit
 def _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr):
     # order k's weights for the program's channels as a tuple of W fp32 [SUB] vectors, and its bias
     w_row = w_ptr + (k * CH + ch) * W
@@ -136,7 +174,7 @@ def _conv_weights(w_ptr, bias_ptr, k, ch, c_ok, CH, W: tl.constexpr, HAS_BIAS: t
 def _conv_fwd_tiles(
     x_rows, ws, bias, y_rows, dy_rows, dw_part, db_part, p0, steps, c_ok, L, fast, mid, st_fast, st_mid, st_slow,
     rev, dv, W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    MODE: tl.constexpr, GRAD: tl.constexpr,
+    MODE: tl.constexpr, GRAD: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # The forward over the program's tiles; with GRAD, the backward's first pass instead: the pre-activation's
     # gradient g = dy·act'(pre) into y_rows, and the program's partial sums of the weight (g·x at each tap) and bias
@@ -154,15 +192,17 @@ def _conv_fwd_tiles(
         if HAS_BIAS:
             acc += bias[:, None]
         xs = ()
+        at_p = x_rows[:, None] + p[None, :]
         for j in tl.static_range(W):
             off, ok = _neighbour(p, t, f, m, j - (W - 1), L, fast, mid, st_fast, st_mid, st_slow, rev, MODE)
-            xv = tl.load(x_rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
+            xv = tl.load(_tap(at_p, x_rows, off, j - (W - 1), MODE), mask=c_ok[:, None] & (valid & ok)[None, :],
+                         other=0.0)  # fmt: skip
             xs = xs + (xv.to(tl.float32),)  # noqa: RUF005 (Triton builds tuples so)
             acc += ws[j][:, None] * xs[j]
         if GRAD:
             g = tl.load(dy_rows[:, None] + p[None, :], mask=mask, other=0.0).to(tl.float32)
             if SILU:
-                sig = tl.sigmoid(acc)
+                sig = _sigmoid(acc, FAST)
                 g = g * sig * (1.0 + acc * (1.0 - sig))
             tl.store(y_rows[:, None] + p[None, :], g, mask=mask)
             summed = dw_acc
@@ -172,7 +212,7 @@ def _conv_fwd_tiles(
             db_acc += g
         else:
             if SILU:
-                acc = acc * tl.sigmoid(acc)
+                acc = acc * _sigmoid(acc, FAST)
             tl.store(y_rows[:, None] + p[None, :], acc, mask=mask)
     if GRAD:
         for j in tl.static_range(W):
@@ -185,15 +225,16 @@ def _conv_fwd_tiles(
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, dy_ptr, dw_ptr, db_ptr, order_ptr, L, CH, K, steps, sx_b, sx_c,
     W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr,
-    MODES: tl.constexpr, PRESENT: tl.constexpr, GRAD: tl.constexpr,
+    MODES: tl.constexpr, PRESENT: tl.constexpr, GRAD: tl.constexpr, EVEN_C: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     # One program: SUB channels of batch b, order k, steps × BLOCK_P raster offsets. y, dy: (B, K, C, *S); with
-    # GRAD, y receives g and dw, db the (B, K, C, programs along L) partial sums
+    # GRAD, y receives g and dw, db the (B, K, C, programs along L) partial sums. EVEN_C: SUB divides the channels
+    # (no channel mask in the loads and stores); FAST: the GPU's approximate exp and reciprocal for the sigmoid
     bk = tl.program_id(2)
     b = bk // K
     k = bk % K
     ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
-    c_ok = ch < CH
+    c_ok = _channels_ok(ch, CH, EVEN_C, SUB)
     x_rows = x_ptr + b.to(tl.int64) * sx_b + ch.to(tl.int64) * sx_c
     row = bk.to(tl.int64) * CH + ch.to(tl.int64)
     part = row * tl.num_programs(1) + tl.program_id(1)
@@ -205,29 +246,30 @@ def _conv_fwd_kernel(
     mode = (MODES >> (2 * k)) & 3
     if PRESENT & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if mode == 0:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0, GRAD)
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0, GRAD, FAST)
     if PRESENT & 2:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if mode == 1:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1, GRAD)
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1, GRAD, FAST)
     if PRESENT & 4:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if mode == 2:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2, GRAD)
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2, GRAD, FAST)
     if PRESENT & 8:  # noqa: SIM102 (a compile-time switch around a run-time test)
         if mode == 3:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 3, GRAD)
+            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 3, GRAD, FAST)
 
 
 @triton.jit
 def _conv_dx_kernel(
     g_ptr, w_ptr, dx_ptr, order_ptr, L, CH, steps,
     K: tl.constexpr, W: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, MODES: tl.constexpr,
+    EVEN_C: tl.constexpr,
 ):  # fmt: skip
     # The backward's second pass, one program per SUB channels × steps × BLOCK_P offsets of batch b:
     # dx[p] = Σ_k Σ_i w_k[W−1−i]·g_k[t_k(p) + i], the orders summed in registers in turn (deterministic). g (B, K, C,
     # *S) from the first pass; each order's weights, table row and mode are the program's from the start.
     b = tl.program_id(2)
     ch = tl.program_id(0) * SUB + tl.arange(0, SUB)
-    c_ok = ch < CH
+    c_ok = _channels_ok(ch, CH, EVEN_C, SUB)
     order_rows = ()
     weights = ()
     for k in tl.static_range(K):
@@ -245,9 +287,11 @@ def _conv_dx_kernel(
             fast, mid, st_fast, st_mid, st_slow, rev, dv = order_rows[k]
             t, f, m = _coordinates(p, L, fast, mid, st_fast, st_mid, st_slow, rev, dv, (MODES >> (2 * k)) & 3)
             rows = g_rows + k * CH * L
+            at_p = rows[:, None] + p[None, :]
             for j in tl.static_range(W):
                 off, ok = _neighbour(p, t, f, m, j, L, fast, mid, st_fast, st_mid, st_slow, rev, (MODES >> (2 * k)) & 3)
-                gv = tl.load(rows[:, None] + off[None, :], mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
+                ptrs = _tap(at_p, rows, off, j, (MODES >> (2 * k)) & 3)
+                gv = tl.load(ptrs, mask=c_ok[:, None] & (valid & ok)[None, :], other=0.0)
                 dx += weights[k][W - 1 - j][:, None] * gv.to(tl.float32)
         tl.store(dx_rows[:, None] + p[None, :], dx, mask=c_ok[:, None] & valid[None, :])
 
@@ -263,6 +307,11 @@ def _launch_shape(x: torch.Tensor, K: int, tile) -> tuple[int, int, int, int, in
     sub = min(tile.sub, layout.next_power_of_2(channels))
     steps = max(1, min(tile.steps, layout.cdiv(L, tile.block_p)))
     return batch, K, channels, L, sub, steps, layout.cdiv(L, steps * tile.block_p)
+
+
+def _fast_math(x: torch.Tensor) -> bool:
+    # inline PTX runs on the GPU only; the interpreter (the CPU tests) takes tl.sigmoid
+    return x.is_cuda and not layout.interpreted()
 
 
 def _dx_channels(sub: int, K: int, width: int) -> int:
@@ -297,7 +346,7 @@ class _CausalConv(torch.autograd.Function):
         _conv_fwd_launch[grid](
             x, w, b, y, y, w, w, table, L, channels, K, steps, x.stride(0), x.stride(1),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=silu, SUB=sub, BLOCK_P=tile.block_p, MODES=modes,
-            PRESENT=present, GRAD=False, num_warps=tile.num_warps,
+            PRESENT=present, GRAD=False, EVEN_C=channels % sub == 0, FAST=_fast_math(x), num_warps=tile.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, weight, bias)
         ctx.orders, ctx.silu = orders, silu
@@ -327,12 +376,14 @@ class _CausalConv(torch.autograd.Function):
         _conv_fwd_launch[(blocks, programs, batch * K)](
             x, w, b, g, dy, dw, db, table, L, channels, K, steps, x.stride(0), x.stride(1),
             W=weight.shape[-1], HAS_BIAS=bias is not None, SILU=ctx.silu, SUB=sub, BLOCK_P=tile.block_p,
-            MODES=modes, PRESENT=present, GRAD=True, num_warps=tile.num_warps,
+            MODES=modes, PRESENT=present, GRAD=True, EVEN_C=channels % sub == 0, FAST=_fast_math(x),
+            num_warps=tile.num_warps,
         )  # fmt: skip
         sub_dx = _dx_channels(sub, K, weight.shape[-1])
         _conv_dx_launch[(layout.cdiv(channels, sub_dx), programs, batch)](
             g, w, dx, table, L, channels, steps,
-            K=K, W=weight.shape[-1], SUB=sub_dx, BLOCK_P=tile.block_p, MODES=modes, num_warps=tile.num_warps,
+            K=K, W=weight.shape[-1], SUB=sub_dx, BLOCK_P=tile.block_p, MODES=modes, EVEN_C=channels % sub_dx == 0,
+            num_warps=tile.num_warps,
         )  # fmt: skip
         d_bias = db.sum(dim=(0, 3)).to(bias.dtype) if bias is not None else None
         return dx, dw.sum(dim=(0, 3)).to(weight.dtype), d_bias, None, None
