@@ -43,7 +43,9 @@ __all__ = ["causal_conv"]
 # On an H200, SegMamba's three orders at 64³ (bf16, 96 channels, batch 2; benchmarks/conv_gpu.py), forward /
 # backward: 0.96 / 4.13 ms with one 16 × 128 tile per program, every mode compiled in and one backward pass at 255
 # registers; 0.67 / 2.13 ms at 4 × 128 × 8 steps, still one pass; 0.67-0.77 / 1.65 ms in two passes; 0.60 / 1.42 ms
-# with the lines mode's divisions by multiplication, as now (configs.py).
+# with the lines mode's divisions by multiplication (configs.py); 0.53-0.55 / 1.31-1.57 ms (later machines) with
+# the approximate sigmoid and loads without a channel test, as now. The lines mode's carries as one test per tap
+# took 50 instructions off its loop but ran slower: the g pass then took 113 registers instead of 96.
 MODE_RASTER, MODE_LINES, MODE_GENERAL, MODE_REVERSED = 0, 1, 2, 3
 
 
