@@ -74,18 +74,23 @@ class _OrderProjections(torch.autograd.Function):
         u, x_dbl, x_weight, dt_padded = ctx.saved_tensors
         R, (Bn, K, I, L), O, P = ctx.rank, u.shape, x_dbl.shape[2], dt_padded.shape[-1]
         N = (O - R) // 2
-        dt_grad = d_in = None
-        if g_delta is not None:
+        g_x = torch.empty_like(x_dbl)
+        for rows, g in ((slice(R, R + N), g_B), (slice(R + N, O), g_C)):
+            if g is None:
+                g_x[:, :, rows].zero_()
+            else:
+                g_x[:, :, rows].copy_(g)
+        dt_grad = None
+        if g_delta is None:
+            g_x[:, :, :R].zero_()
+        else:
             g_delta = g_delta.contiguous()
             # Δ's input gradient; the padded columns' rows are exact zeros, so only the first R rows are kept
-            d_in = torch.bmm(_transposed_rows(dt_padded, Bn), g_delta.view(Bn * K, I, L)).view(Bn, K, P, L)[:, :, :R]
+            d_in = torch.bmm(_transposed_rows(dt_padded, Bn), g_delta.view(Bn * K, I, L)).view(Bn, K, P, L)
+            g_x[:, :, :R].copy_(d_in[:, :, :R])
             if ctx.needs_input_grad[2]:
                 dt_grad = torch.stack([_weight_grad(g_delta[:, k], x_dbl[:, k, :P]) for k in range(K)])
                 dt_grad = dt_grad[..., :R].to(dt_padded.dtype)
-        # x_proj's output gradient in one concatenation (one vectorised copy kernel; a copy per row block took
-        # three strided ones)
-        parts = [g if g is not None else x_dbl.new_zeros(Bn, K, n, L) for g, n in ((d_in, R), (g_B, N), (g_C, N))]
-        g_x = torch.cat(parts, dim=2)
         du = None
         if ctx.needs_input_grad[0]:
             rows = _transposed_rows(x_weight, Bn)
