@@ -146,3 +146,18 @@ def test_no_copy_of_a_feature_map_forward_or_backward(monkeypatch):
         channel_linear(linear, x).backward(torch.randn(2, 8, 200, dtype=torch.float64))
     # only B's and C's gradients are copied (into the rows of x_proj's output gradient: 2 x 3 x 4 rows x 40 tokens)
     assert max((math.prod(shape) for shape in copies.shapes), default=0) == 2 * 3 * 4 * 40 < u.numel()
+
+
+def test_gradients_only_for_what_requires_them():
+    # a frozen weight or an input that needs no gradient gets none computed (None back to autograd)
+    linear = torch.nn.Linear(4, 3, bias=False).double().requires_grad_(False)
+    x = torch.randn(2, 4, 9, dtype=torch.float64, requires_grad=True)
+    channel_linear(linear, x).sum().backward()
+    assert linear.weight.grad is None
+    torch.testing.assert_close(x.grad, linear.weight.sum(0)[None, :, None].expand(2, 4, 9))
+    linear.requires_grad_(True)
+    x = torch.randn(2, 4, 9, dtype=torch.float64)
+    with OpOutputs((torch.ops.aten.bmm,)) as products:
+        channel_linear(linear, x).sum().backward()
+    assert products.shapes == [(2, 3, 9), (2, 3, 4)]  # the forward and the weight gradient, no input gradient
+    torch.testing.assert_close(linear.weight.grad, x.sum((0, 2))[None, :].expand(3, 4))
