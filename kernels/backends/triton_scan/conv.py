@@ -246,18 +246,10 @@ def _conv_fwd_kernel(
     args = (x_rows, ws, bias, y_ptr + row * L, dy_ptr + row * L, dw_ptr + part * W, db_ptr + part, p0, steps,
             c_ok, L, fast, mid, st_fast, st_mid, st_slow, rev, dv)  # fmt: skip
     mode = (MODES >> (2 * k)) & 3
-    if PRESENT & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 0:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 0, GRAD, FAST)
-    if PRESENT & 2:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 1:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 1, GRAD, FAST)
-    if PRESENT & 4:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 2:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 2, GRAD, FAST)
-    if PRESENT & 8:  # noqa: SIM102 (a compile-time switch around a run-time test)
-        if mode == 3:
-            _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, 3, GRAD, FAST)
+    for m in tl.static_range(4):  # only the modes of the call's orders are compiled
+        if (PRESENT >> m) & 1:  # noqa: SIM102 (a compile-time switch around a run-time test)
+            if mode == m:
+                _conv_fwd_tiles(*args, W, HAS_BIAS, SILU, SUB, BLOCK_P, m, GRAD, FAST)
 
 
 @triton.jit
