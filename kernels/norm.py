@@ -21,6 +21,7 @@ def channel_layer_norm(
     bias: torch.Tensor | None,
     eps: float = 1e-5,
     *,
+    out_dtype: torch.dtype | None = None,
     backend: BackendName | None = None,
 ) -> torch.Tensor:
     """``nn.LayerNorm(C)`` applied at every voxel of ``x`` ``(B, C, *S)``, over its channels.
@@ -32,6 +33,9 @@ def channel_layer_norm(
         weight: ``(C,)`` or None (no affine part).
         bias: ``(C,)`` or None.
         eps: added to the variance.
+        out_dtype: the output's dtype (the statistics stay in fp32 or float64): e.g. the autocast dtype when the
+            output only feeds a linear that would cast it so (MambaLayer's in_proj), which saves that cast's pass
+            over the map forward and its gradient's backward. ``None``: as described under Returns.
         backend: as for :func:`medmamba.kernels.selective_scan`.
 
     Returns:
@@ -44,13 +48,16 @@ def channel_layer_norm(
     if x.ndim < 2:
         raise ScanInputError(f"x must be (B, C, *S), got {tuple(x.shape)}")
     channels = x.shape[1]
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ScanInputError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (channels,):
             raise ScanInputError(f"{name} must be ({channels},), got {tuple(p.shape)}")
     name, _ = resolve_backend(backend, x.device)
     if name == "triton" and x.dtype != torch.float64 and x.numel() > 0:
-        return _load("triton").channel_layer_norm(x, weight, bias, eps)
-    return _norm_torch(x, weight, bias, eps)
+        return _load("triton").channel_layer_norm(x, weight, bias, eps, out_dtype)
+    out = _norm_torch(x, weight, bias, eps)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def _norm_torch(x, weight, bias, eps):

@@ -143,10 +143,14 @@ class MambaLayer(nn.Module):
         return x + out if self.residual else out
 
     def _layer_norm(self, flat: torch.Tensor) -> torch.Tensor:
-        """``self.norm`` over the channel axis of ``(B, C, L)``: nn.LayerNorm's math (and its fp32 under autocast)."""
+        """``self.norm`` over the channel axis of ``(B, C, L)``: nn.LayerNorm's math, in fp32."""
         if not isinstance(self.norm, nn.LayerNorm):
             return flat
-        return channel_layer_norm(flat, self.norm.weight, self.norm.bias, self.norm.eps)
+        # Under autocast in_proj would cast the fp32 output to the autocast dtype: the kernel writes that directly.
+        out_dtype = None
+        if torch.is_autocast_enabled(flat.device.type) and flat.dtype != torch.float64:
+            out_dtype = torch.get_autocast_dtype(flat.device.type)
+        return channel_layer_norm(flat, self.norm.weight, self.norm.bias, self.norm.eps, out_dtype=out_dtype)
 
     def _ssm(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per order: causal conv along the order, x_proj, dt_proj; then one multi-order selective scan."""

@@ -57,6 +57,30 @@ def test_channel_layer_norm_matches_nn_layer_norm(backend, shape, affine, dtype)
         torch.testing.assert_close(a.double(), e, rtol=gtol, atol=gtol * max(e.abs().max().item(), 1.0))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_dtype_is_the_fp32_result_rounded_once_and_its_gradient_flows_back(backend):
+    # MambaLayer under autocast asks for the autocast dtype: the same values as the fp32 output cast afterwards,
+    # and the gradient of a bf16 output comes back to an fp32 input as that of the cast fp32 output does
+    g = generator(7)
+    x = (2 * torch.randn(2, 12, 5, 7, generator=g) + 1).requires_grad_()
+    w = (1 + 0.3 * torch.randn(12, generator=g)).requires_grad_()
+    b = (0.2 * torch.randn(12, generator=g)).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).bfloat16()
+    got = channel_layer_norm(x, w, b, 1e-5, out_dtype=torch.bfloat16, backend=backend)
+    ref = channel_layer_norm(x, w, b, 1e-5, backend=backend)
+    assert got.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    # within one bf16 step (Triton's interpreter truncates to bf16, the GPU rounds to nearest: the GPU test checks
+    # that the values are ref's rounded)
+    torch.testing.assert_close(got.float(), ref.detach(), rtol=2**-7, atol=1e-6)
+    g_got = torch.autograd.grad((got * dy).float().sum(), (x, w, b))
+    g_ref = torch.autograd.grad((ref.bfloat16() * dy).float().sum(), (x, w, b))
+    assert g_got[0].dtype == torch.float32
+    for a, e in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ScanInputError, match="out_dtype"):
+        channel_layer_norm(x, w, b, out_dtype=torch.int32, backend=backend)
+
+
 def test_channel_layer_norm_names_a_bad_argument():
     x = torch.randn(2, 6, 5)
     with pytest.raises(ScanInputError, match="weight must be \\(6,\\)"):
@@ -81,3 +105,14 @@ def test_gpu_channel_layer_norm_matches_torch_path(dtype):
     for got, want in zip(out["triton"], out["torch"], strict=True):
         tol = 1e-4 if got.dtype == torch.float32 else 1.6e-2
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
+    # the autocast dtype written directly: the fp32 output rounded, and the same gradients (the two specialisations'
+    # fp32 values may differ in their last bits, which moves a rare value to the neighbouring bf16)
+    y = channel_layer_norm(x, w, b, 1e-5, out_dtype=torch.bfloat16, backend="triton")
+    y32 = channel_layer_norm(x, w, b, 1e-5, backend="triton")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y32.detach(), rtol=2**-7, atol=1e-6)
+    assert (y != y32.bfloat16()).float().mean().item() < 1e-3
+    dyb = dy.bfloat16()
+    for a, e in zip(torch.autograd.grad((y * dyb).float().sum(), (x, w, b)),
+                    torch.autograd.grad((y32.bfloat16() * dyb).float().sum(), (x, w, b)), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4 * max(e.abs().max().item(), 1.0))

@@ -179,7 +179,7 @@ def causal_conv(x, weight, bias, *, orders, silu):  # noqa: D103 (documented in 
     return run(x, weight, bias, orders=orders, silu=silu)
 
 
-def channel_layer_norm(x, weight, bias, eps):  # noqa: D103 (documented in norm.py)
+def channel_layer_norm(x, weight, bias, eps, out_dtype=None):  # noqa: D103 (documented in norm.py)
     from .norm import channel_layer_norm as run
 
-    return run(x, weight, bias, eps)
+    return run(x, weight, bias, eps, out_dtype)

@@ -38,7 +38,7 @@ def _norm_fwd_kernel(
         y = y * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     if HAS_B:
         y = y + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rows[:, None] + v[None, :], y, mask=mask)
+    tl.store(y_ptr + rows[:, None] + v[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + b * L + v, mean, mask=v_ok)
     tl.store(rstd_ptr + b * L + v, rstd, mask=v_ok)
 
@@ -87,12 +87,13 @@ class _ChannelLayerNorm(torch.autograd.Function):
     """``y = channel_layer_norm(x, weight, bias)``; saved for backward: x, weight, the per-voxel mean and 1/std."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, out_dtype):  # type: ignore[override]
         """Launch the forward kernel."""
         flat = x.reshape(x.shape[0], x.shape[1], -1).contiguous()
         batch, channels, L = flat.shape
         block_c, block = _blocks(channels, L)
-        y = torch.empty(flat.shape, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        out_dtype = torch.promote_types(x.dtype, torch.float32) if out_dtype is None else out_dtype
+        y = torch.empty(flat.shape, device=x.device, dtype=out_dtype)
         mean = torch.empty(batch, L, device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _norm_fwd_launch[(batch, layout.cdiv(L, block))](
@@ -121,11 +122,15 @@ class _ChannelLayerNorm(torch.autograd.Function):
         )  # fmt: skip
         d_weight = dw.sum(dim=(0, 1)).to(weight.dtype) if weight is not None else None
         d_bias = db.sum(dim=(0, 1)).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        return dx.view(ctx.shape), d_weight, d_bias, None
+        return dx.view(ctx.shape), d_weight, d_bias, None, None
 
 
 def channel_layer_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """LayerNorm over axis 1 of ``x`` ``(B, C, *S)`` (kernels/norm.py documents it)."""
-    return _ChannelLayerNorm.apply(x, weight, bias, float(eps))
+    """LayerNorm over axis 1 of ``x`` ``(B, C, *S)``, output in ``out_dtype`` (kernels/norm.py documents it)."""
+    return _ChannelLayerNorm.apply(x, weight, bias, float(eps), out_dtype)
