@@ -161,3 +161,19 @@ def test_gradients_only_for_what_requires_them():
         channel_linear(linear, x).sum().backward()
     assert products.shapes == [(2, 3, 9), (2, 3, 4)]  # the forward and the weight gradient, no input gradient
     torch.testing.assert_close(linear.weight.grad, x.sum((0, 2))[None, :].expand(3, 4))
+
+
+def test_weight_gradients_of_several_pairs_take_one_reduction(monkeypatch):
+    # x_proj's and dt_proj's K weight gradients: one GEMM per (pair, batch row) and per tail, every product into one
+    # buffer, one sum (the host launched ~60 small kernels per SegMamba layer when each row was summed and added)
+    monkeypatch.setattr(token_linear, "PIECE", 4)
+    g = torch.Generator().manual_seed(9)
+    pairs = [(torch.randn(2, 3, 13, generator=g, dtype=torch.float64),
+              torch.randn(2, 5, 13, generator=g, dtype=torch.float64)) for _ in range(3)]  # fmt: skip
+    with OpOutputs((torch.ops.aten.bmm, torch.ops.aten.sum, torch.ops.aten.add, torch.ops.aten.add_)) as ops:
+        got = token_linear._weight_grads(pairs)
+    # pieces (3 of 4 tokens) per pair and row, their tails (1 token), then the sum (its output is (3, 3, 5) too)
+    assert ops.shapes.count((3, 3, 5)) == 3 * 2 + 1 and ops.shapes.count((1, 3, 5)) == 3 * 2
+    assert ops.shapes[-1] == (3, 3, 5) and len(ops.shapes) == 3 * 2 * 2 + 1  # then the one sum, no adds
+    want = torch.stack([torch.einsum("bol,bil->oi", a, b) for a, b in pairs])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
