@@ -91,3 +91,94 @@ def test_calls_that_run_as_one_despite_mixing_orders():
     assert ranges(segmamba, split_min_length=257) == ()
     assert ranges(segmamba, split_min_length=256) == ((0, 2), (2, 3))
     assert ranges(segmamba, spatial=(32, 32, 32), split_min_length=32768) == ((0, 2), (2, 3))
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-call", "grouped-orders"])
+def test_b_and_c_gradients_arrive_in_x_projs_output_gradient(monkeypatch, grouped):
+    # the scan hands back dB and dC as the B and C rows of one buffer laid out as x_proj's output (whose rows B and C
+    # are), and order_projections takes that buffer as the output's gradient: no copy of them, the same gradients
+    import dataclasses
+
+    from medmamba.kernels import use_backend
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+    from medmamba.layers import MambaLayer
+    from tests.helpers import OpOutputs
+
+    def run(layer, x, backend):
+        x = x.detach().requires_grad_()
+        with use_backend(backend):
+            out = layer(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+        return out, grads
+
+    monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
+    monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
+    if grouped:  # the raster and reversed orders as one call, the slice order as line vectors (split_orders)
+        monkeypatch.setattr(configs, "_FORWARD", dataclasses.replace(configs.forward_config(), split_min_length=0))
+    torch.manual_seed(0)
+    # 64 channels: two channel blocks, whose dB and dC partials the finish pass sums into the gradients (with one
+    # block of fp32 B and C the partials are the gradients, and stay apart)
+    layer = MambaLayer(32, orders=(RASTER, REVERSED, SLICE), residual=True)  # 16 states: line vectors
+    x = torch.randn(1, 32, 16, 1, 4)
+    with OpOutputs((torch.ops.aten.copy_,)) as copies:
+        got, g_got = run(layer, x, "triton")
+    runs_grouped = any(isinstance(v, triton_forward._Groups) for v in triton_forward._LAUNCHES.values())
+    assert runs_grouped == grouped
+    assert (1, 3, 16, 64) not in copies.shapes  # B's and C's rows of x_proj's output gradient
+    want, g_want = run(layer, x, "torch")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(b.abs().max().item(), 1.0))
+
+
+def test_sibling_rows_mirror_only_disjoint_row_blocks_of_one_tensor():
+    from medmamba.kernels.backends.triton_scan.backward import _sibling_extent
+
+    def _sibling_rows(b, c):
+        from medmamba.kernels.backends.triton_scan.backward import _sibling_rows as rows
+
+        return rows(b, c, _sibling_extent(b, c))
+
+    x_dbl = torch.randn(2, 3, 11, 24)  # (B, K, R + 2N, L) with R 3, N 4
+    B, C = (x_dbl[:, :, a : a + 4].unflatten(-1, (4, 6)).unsqueeze(2) for a in (3, 7))  # (B, K, 1, N, 4, 6)
+    dB, dC = _sibling_rows(B, C)
+    assert dB.stride() == B.stride() and dC.stride() == C.stride()
+    assert (dB.storage_offset(), dC.storage_offset()) == (B.storage_offset(), C.storage_offset())
+    assert dB.untyped_storage().data_ptr() == dC.untyped_storage().data_ptr() != x_dbl.untyped_storage().data_ptr()
+    assert dB.untyped_storage().nbytes() == x_dbl.numel() * 4
+    overlapping = x_dbl[:, :, 5:9].unflatten(-1, (4, 6)).unsqueeze(2)  # C's rows shifted into B's
+    assert _sibling_rows(B, overlapping) is None
+    assert _sibling_rows(B, B) is None
+    assert _sibling_rows(B, C.clone()) is None  # two tensors
+    broadcast = torch.randn(1, 1, 1, 4, 1, 1).expand(B.shape)
+    assert _sibling_rows(broadcast, broadcast) is None
+    wide = torch.randn(2, 3, 100, 24)  # rows of a tensor far larger than B and C: not mirrored
+    assert _sibling_rows(*(wide[:, :, a : a + 4].unflatten(-1, (4, 6)).unsqueeze(2) for a in (3, 7))) is None
+
+
+def test_sibling_and_separate_b_and_c_of_one_layout_take_separate_launch_settings(monkeypatch):
+    # the finish pass writes sibling gradients with B's order stride and separate ones packed: on the GPU the
+    # launches are memoised per settings key, so the key must tell the two apart (same shapes and strides)
+    from medmamba.kernels.backends.triton_scan import backward as triton_backward
+
+    monkeypatch.setattr(triton_backward, "_LAUNCHES", {})
+    g = generator(12)
+    orders = (RASTER, REVERSED)
+    u, delta = (torch.randn(1, 2, 64, 4, 4, generator=g) for _ in range(2))
+    A = -torch.rand(2, 64, 4, generator=g) - 0.5
+    grads = []
+    for siblings in (True, False):
+        x_dbl, other = (torch.randn(1, 2, 11, 16, generator=g) for _ in range(2))
+        B = x_dbl[:, :, 3:7].unflatten(-1, (4, 4)).unsqueeze(2).requires_grad_()
+        C = (x_dbl if siblings else other)[:, :, 7:11].unflatten(-1, (4, 4)).unsqueeze(2).requires_grad_()
+        leaves = [t.detach().clone().requires_grad_() for t in (u, delta)]
+        out = selective_scan(*leaves, A, B, C, orders=orders, backend="triton").out
+        got = torch.autograd.grad(out.square().sum(), [B, C])
+        ref = selective_scan(u, delta, A, B, C, orders=orders, backend="torch").out
+        want = torch.autograd.grad(ref.square().sum(), [B, C])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(b.abs().max().item(), 1.0))
+        grads.append(got)
+    assert grads[0][0].untyped_storage().data_ptr() == grads[0][1].untyped_storage().data_ptr()
+    assert grads[1][0].untyped_storage().data_ptr() != grads[1][1].untyped_storage().data_ptr()
+    assert sorted(key[7] for key in triton_backward._LAUNCHES) == [False, True]

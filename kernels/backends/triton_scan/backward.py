@@ -26,6 +26,7 @@ Segments: ``_bwd_segment_kernel`` computes each segment's outgoing adjoint from 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -650,7 +651,7 @@ def _gate_grad_kernel(
 @triton.jit
 def _bwd_finish_kernel(
     dB_part_ptr, dC_part_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    L, N, BPG, CH, K, batch, nsplit, n_a, n_sums, bc_rows, sbc_b,
+    L, N, BPG, CH, K, batch, nsplit, n_a, n_sums, bc_rows, sbc_b, sbc_k,
     HAS_BC: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):  # fmt: skip
@@ -658,7 +659,8 @@ def _bwd_finish_kernel(
     # one launch: programs [0, n_a) sum dA over batch and segments (B, K, nsplit, C, N) -> (K, C, N), COLS columns
     # each; [n_a, n_sums) sum dD and d(delta_bias) likewise (B, K, nsplit, C) -> (K, C); the rest sum dB and dC
     # over the channel blocks of a group (B, K, G, BPG, N, L) -> (B, K, G, N, L), BLOCK tokens each (bc_rows =
-    # K·G·N rows of L per batch, batch stride sbc_b: a slice along K of a larger buffer for a group of orders).
+    # K·G·N rows of L per batch; batch stride sbc_b and order stride sbc_k: a slice along K of a larger buffer for a
+    # group of orders, or rows of a buffer laid out as x_proj's output, _sibling_rows).
     # The sums over segments come first so that they start first: with thousands of segments each walks many rows,
     # and started last they ran alone at the end of the launch (H200, SegMamba's three orders at 64³: 0.162 -> 0.146
     # and 0.266 -> 0.241 ms).
@@ -678,7 +680,9 @@ def _bwd_finish_kernel(
             part = ((bkg * BPG + j) * N + n) * L + q
             acc_b += tl.load(dB_part_ptr + part, mask=mask, other=0.0)
             acc_c += tl.load(dC_part_ptr + part, mask=mask, other=0.0)
-        at = (row // bc_rows) * sbc_b + (row % bc_rows) * L + q
+        gn_rows = bc_rows // K  # G·N rows of L per order
+        in_batch = row % bc_rows
+        at = (row // bc_rows) * sbc_b + (in_batch // gn_rows) * sbc_k + (in_batch % gn_rows) * L + q
         tl.store(dB_ptr + at, acc_b, mask=mask)
         tl.store(dC_ptr + at, acc_c, mask=mask)
     else:
@@ -780,10 +784,13 @@ def backward(
     gate_grad = z is not None and pre_gate is None  # dz in the kernel (PassConfig.save_pre_gate, one order)
     gated = z is not None and not gate_grad
     cfg = configs.backward_config()
+    siblings = _sibling_extent(B, C) if into is None else None  # dB and dC laid out as B and C (_sibling_rows)
     # everything the launches specialise on follows from this key (Launcher.at): the gated output gradient is a
-    # fresh fp32 tensor shaped like gy, the gradients are fresh or ``into``, A, D and delta_bias go in as fp32
+    # fresh fp32 tensor shaped like gy, the gradients are fresh (dB and dC as siblings' or packed) or ``into``, A, D
+    # and delta_bias go in as fp32
     key = (
-        p, orders, delta_softplus, merge, cfg, dev, gate_grad, u.stride(), delta.stride(), B.stride(), C.stride(),
+        p, orders, delta_softplus, merge, cfg, dev, gate_grad, siblings is not None, u.stride(), delta.stride(),
+        B.stride(), C.stride(),
         z_arg.stride(), gy.stride(), u.dtype, delta.dtype, B.dtype, C.dtype, z_arg.dtype, gy.dtype, A.dtype,
         None if D is None else D.dtype, None if delta_bias is None else delta_bias.dtype,
         None if pre_gate is None else pre_gate.stride(),
@@ -867,7 +874,7 @@ def backward(
 
     dA, dB, dC, dD, dbias = _finish(
         dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p, nsplit, bpg, launch.fused_bc, shapes,
-        launch.sites, into[2:] if into is not None else None,
+        launch.sites, into[2:] if into is not None else None, siblings,
     )  # fmt: skip
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
@@ -907,8 +914,10 @@ def grouped_backward(
     du = torch.empty(p.batch, parts[-1].stop, p.channels, *p.spatial, device=dev, dtype=u.dtype)
     ddelta = torch.empty(du.shape, device=dev, dtype=delta.dtype)
     dA = torch.empty(A.shape, device=dev, dtype=A.dtype)
-    dB = torch.empty(B.shape, device=dev, dtype=B.dtype)
-    dC = torch.empty(C.shape, device=dev, dtype=C.dtype)
+    dB, dC = _sibling_rows(B, C, _sibling_extent(B, C)) or (
+        torch.empty(B.shape, device=dev, dtype=B.dtype),
+        torch.empty(C.shape, device=dev, dtype=C.dtype),
+    )
     dD = torch.empty(D.shape, device=dev, dtype=D.dtype) if D is not None else None
     dbias = torch.empty(delta_bias.shape, device=dev, dtype=delta_bias.dtype) if delta_bias is not None else None
     for part in parts:
@@ -921,6 +930,55 @@ def grouped_backward(
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
+def _sibling_extent(B: torch.Tensor, C: torch.Tensor) -> int | None:
+    """The elements of storage that B and C span from its start when they are sibling row blocks, else ``None``.
+
+    Siblings: disjoint blocks of rows of one tensor, as mamba's B and C are of x_proj's output. Each (b, k) block
+    ``(G, N, *S)`` is contiguous, no two blocks overlap, and the storage they span is at most twice their elements.
+    """
+    if (
+        B.dtype != C.dtype
+        or B.shape != C.shape
+        or B.stride() != C.stride()
+        or B.ndim < 5
+        or B.untyped_storage().data_ptr() != C.untyped_storage().data_ptr()
+        or not B[0, 0].is_contiguous()
+    ):
+        return None
+    block = math.prod(B.shape[2:])
+    starts = sorted(
+        x.storage_offset() + i * x.stride(0) + k * x.stride(1)
+        for x in (B, C)
+        for i in range(B.shape[0])
+        for k in range(B.shape[1])
+    )
+    if block == 0 or any(b - a < block for a, b in itertools.pairwise(starts)):
+        return None
+    end = starts[-1] + block
+    return end if end <= 2 * (B.numel() + C.numel()) else None
+
+
+def _sibling_rows(B: torch.Tensor, C: torch.Tensor, extent: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gradients of sibling B and C as views of one new buffer laid out as their storage (None: not siblings).
+
+    ``extent``: from :func:`_sibling_extent`. The buffer mirrors that storage from its start, the other rows left
+    unwritten, so whoever made B and C can take it as the gradient of the whole tensor without copying dB and dC into
+    it (``MambaLayer``'s x_proj: token_linear.order_projections). Anyone else reads dB and dC as the views they are.
+    The finish pass then writes them with B's order stride: a call's launch settings key on whether B and C are
+    siblings.
+    """
+    if extent is None:
+        return None
+    buf = torch.empty(extent, device=B.device, dtype=B.dtype)
+    return (buf.as_strided(B.shape, B.stride(), B.storage_offset()),
+            buf.as_strided(C.shape, C.stride(), C.storage_offset()))  # fmt: skip
+
+
+def _order_stride(dB: torch.Tensor, p: Plan) -> int:
+    # dB's stride between orders as the finish kernel addresses it: (G·N) rows of L per order when dB is packed
+    return dB.stride(1) if dB.ndim >= 5 and p.K > 1 else p.groups * p.N * p.L
+
+
 FINISH_BLOCK = 1024  # tokens per program of _bwd_finish_kernel's dB/dC sums
 # its tiles of (batch, segment) rows × columns for the dA, dD and d(delta_bias) sums, (ROWS, COLS, warps): tall and
 # narrow ones from FINISH_TALL_FROM rows on (many segments: on the H200 SegMamba's slice order at 64³, 2 × 4,096
@@ -931,12 +989,14 @@ FINISH_TALL_FROM = 2048
 
 
 def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bias, p: Plan, nsplit: int, bpg: int,
-            fused_bc: bool, shapes, sites: dict, outs: tuple | None = None):  # fmt: skip
+            fused_bc: bool, shapes, sites: dict, outs: tuple | None = None,
+            siblings: int | None = None):  # fmt: skip
     """``(dA, dB, dC, dD, ddelta_bias)`` from the main pass's partials, by one launch (was up to eight torch ops).
 
     ``bpg`` channel blocks per group wrote dB/dC partials; without ``fused_bc`` (one block, fp32 B and C) the
     partials are the gradients. ``sites``: the memo of the call's launches (Launcher.at). ``outs``: the five
-    gradients' tensors to write (backward's ``into``), else fresh ones.
+    gradients' tensors to write (backward's ``into``), else fresh ones, dB and dC as siblings' when ``siblings``
+    (:func:`_sibling_extent`) is given.
     """
     dev = dA_part.device
     if outs is not None:
@@ -946,8 +1006,10 @@ def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bi
             dC.copy_(dC_part[:, :, :, 0])
     else:
         if fused_bc:
-            dB = torch.empty(shapes[3], device=dev, dtype=B.dtype)
-            dC = torch.empty(shapes[4], device=dev, dtype=C.dtype)
+            dB, dC = _sibling_rows(B, C, siblings) or (
+                torch.empty(shapes[3], device=dev, dtype=B.dtype),
+                torch.empty(shapes[4], device=dev, dtype=C.dtype),
+            )
         else:
             dB, dC = dB_part[:, :, :, 0], dC_part[:, :, :, 0]
         dA = torch.empty(shapes[2], device=dev, dtype=A.dtype)
@@ -961,7 +1023,7 @@ def _finish(dA_part, dD_part, dbias_part, dB_part, dC_part, A, B, C, D, delta_bi
     _bwd_finish_launch.at(sites, "finish", (n_bc + n_a + n_d,))(
         dB_part, dC_part, dB, dC, dA_part, dD_part, dbias_part, dA, dD if dD is not None else dA,
         dbias if dbias is not None else dA, p.L, p.N, bpg, p.channels, p.K, p.batch, nsplit, n_a, n_a + n_d, bc_rows,
-        dB.stride(0) if fused_bc else bc_rows * p.L,
+        dB.stride(0) if fused_bc else bc_rows * p.L, _order_stride(dB, p) if fused_bc else p.groups * p.N * p.L,
         HAS_BC=fused_bc, HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BLOCK=FINISH_BLOCK, ROWS=rows,
         COLS=cols, num_warps=warps,
     )  # fmt: skip
