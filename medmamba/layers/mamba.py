@@ -167,7 +167,9 @@ class MambaLayer(nn.Module):
         state_dtype = torch.promote_types(x.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(state_dtype))  # (K, d_inner, N)
         D, delta_bias = self.D.to(state_dtype), self.dt_proj_bias.to(state_dtype)
-        if K == 1:  # mamba_ssm's layout for a single order
-            u, delta, B, C, A, D, delta_bias = u[:, 0], delta[:, 0], B[:, 0], C[:, 0], A[0], D[0], delta_bias[0]
+        if K == 1:  # mamba_ssm's layout for a single order, by squeeze: indexing's backward (select_backward) would
+            # fill a zero map and copy the gradient into it, for u and Δ each
+            u, delta, B, C = (t.squeeze(1) for t in (u, delta, B, C))
+            A, D, delta_bias = (t.squeeze(0) for t in (A, D, delta_bias))
         y = selective_scan(u, delta, A, B, C, D, z, delta_bias, orders=self.orders, delta_softplus=True).out
         return y / K if self.merge == "mean" else y

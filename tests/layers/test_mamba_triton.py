@@ -3,6 +3,8 @@ feature map anywhere on its path (under TRITON_INTERPRET=1 on the CPU; at a real
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -131,3 +133,24 @@ def test_gpu_layer_runs_as_cuda_graphs_under_make_graphed_callables():
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
             for p, q in zip(layer.parameters(), eager.parameters(), strict=True):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * max(q.grad.abs().max().item(), 1.0))
+
+
+def test_single_order_layer_backward_fills_and_copies_no_map():
+    # a one-order layer (U-Mamba, MambaMorph) hands the scan its (B, 1, ...) tensors squeezed: indexing them ([:, 0])
+    # made autograd fill a zero map and copy the gradient into it for u, Δ, B and C in every backward
+    from tests.helpers import OpOutputs
+
+    torch.manual_seed(0)
+    layer = MambaLayer(8, d_state=4, residual=True)
+    x = torch.randn(2, 8, 4, 4, 6, requires_grad=True)
+    ops = (torch.ops.aten.select_backward, torch.ops.aten.zeros, torch.ops.aten.zero_, torch.ops.aten.copy_)
+    with use_backend("triton"):
+        out = layer(x)
+        with OpOutputs(ops) as made:
+            out.square().sum().backward()
+    map_numel = 2 * layer.d_inner * 4 * 4 * 6  # u's and Δ's size
+    assert [s for s in made.shapes if len(s) > 1 and math.prod(s) >= map_numel] == []
+    # B's and C's gradients neither (only their rows of x_proj's output gradient, copied there when the scan's dB
+    # and dC are its fp32 partials: one channel block here)
+    assert {s for s in made.shapes if len(s) > 1 and math.prod(s) >= 2 * 4 * 96} <= {(2, 1, 4, 96)}
+    assert x.grad is not None and torch.isfinite(x.grad).all()
