@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -798,11 +799,12 @@ def layer_profile(
             back_to_back = back_to_back_ms(step, 2 * reps)
             kernels = kernel_times(step, steps)
             ops = op_times(step, steps)
+            gaps = idle_gaps(step)
         finally:
             mamba.channel_linear, mamba.order_projections = default_linears
     row = {"spatial": list(spatial), "linear": linear, "max_rel_err": err, "step_ms": step_ms,
            "back_to_back_ms": back_to_back, "kernels_ms": sum(k["ms"] for k in kernels), "official_fwd_bwd_ms": 90.0,
-           "kernels": kernels, "ops": ops}  # fmt: skip
+           "kernels": kernels, "ops": ops, "gaps": gaps}  # fmt: skip
     print(f"mixer pair {spatial}, linear {linear}: {step_ms:.2f} ms per training step ({back_to_back:.2f} back to "
           f"back), kernels {row['kernels_ms']:.2f} ms, err vs default {err:.1e}", flush=True)  # fmt: skip
     return row
@@ -862,6 +864,48 @@ def kernel_times(fn, calls: int) -> list[dict]:
          for e in prof.key_averages() if e.device_time_total > 0),
         key=lambda k: -k["ms"],
     )  # fmt: skip
+
+
+def idle_gaps(fn, min_us: float = 5.0, top: int = 10) -> dict:
+    """Where the GPU waits inside one run of ``fn`` (after a warm-up), by torch.profiler's kernel timestamps.
+
+    ``{"gaps", "total_us", "first_kernel_us", "top"}``: the idle stretches longer than ``min_us`` between kernels,
+    their sum, when the first kernel started after the first host op, and the longest ``top`` with the kernels around
+    them. The profiler slows the host, so the gaps come out longer than unprofiled; what they point at (the kernels
+    the GPU waits for the host to launch) is what counts. Empty on the CPU (--dry-run).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    kernels = [(e.name, e.time_range.start, e.time_range.end)
+               for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # fmt: skip
+    host = [e.time_range.start for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    return idle_stretches(kernels, min(host) if host else 0.0, min_us, top)
+
+
+def idle_stretches(kernels: list[tuple[str, float, float]], host_start: float, min_us: float, top: int) -> dict:
+    """:func:`idle_gaps` from ``(name, start, end)`` kernel intervals (µs) and the first host op's start: a stretch is
+    idle where no kernel runs (kernels on several streams may overlap)."""
+    if not kernels:
+        return {"gaps": 0, "total_us": 0.0, "first_kernel_us": None, "top": []}
+    kernels = sorted(kernels, key=lambda k: k[1])
+    gaps, end = [], kernels[0][2]
+    for prev, k in itertools.pairwise(kernels):
+        idle = k[1] - end
+        if idle > min_us:
+            gaps.append({"us": idle, "after": prev[0][:60], "before": k[0][:60]})
+        end = max(end, k[2])
+    gaps.sort(key=lambda g: -g["us"])
+    return {"gaps": len(gaps), "total_us": sum(g["us"] for g in gaps), "first_kernel_us": kernels[0][1] - host_start,
+            "top": gaps[:top]}  # fmt: skip
 
 
 def op_times(
@@ -954,6 +998,13 @@ def markdown(
                 lines += ["", head, "", "| kernel | ms per step | launches per step |", "|---|---|---|"]
                 for k in r["kernels"][:30]:
                     lines.append(f"| {k['name'][:90]} | {k['ms']:.3f} | {k['per_call']:.0f} |")
+                gaps = r.get("gaps") or {}
+                if gaps.get("top"):
+                    lines += ["", (f"GPU idle inside one profiled step: {gaps['gaps']} gaps over 5 µs, "
+                              f"{gaps['total_us'] / 1e3:.2f} ms in all; the first kernel "
+                              f"{gaps['first_kernel_us'] / 1e3:.2f} ms after the first host op (the profiler slows "
+                              "the host). The longest:"), "", "| µs | after | before |", "|---|---|---|"]  # fmt: skip
+                    lines += [f"| {g['us']:.0f} | {g['after']} | {g['before']} |" for g in gaps["top"]]
                 if r.get("ops"):
                     lines += ["", "| GEMM op | input shapes | ms per step | calls per step |", "|---|---|---|---|"]
                     lines += [f"| {o['name']} | {o['shapes']} | {o['ms']:.3f} | {o['per_call']:.0f} |"

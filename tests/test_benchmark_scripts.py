@@ -247,3 +247,15 @@ def test_layer_profile_linear_variants_compute_the_default_linears_and_their_gra
             for variant in scan_gpu.LINEAR_VARIANTS.values():
                 for a, b in zip(value_and_grads(variant[slot], inputs, *params), want, strict=True):
                     torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+
+
+def test_idle_stretches_are_where_no_kernel_runs():
+    # --layer-profile's GPU idle gaps: kernels may overlap (several streams); a gap is time covered by none, and only
+    # those longer than the threshold count
+    scan_gpu = _load("scan_gpu")
+    kernels = [("c", 30.0, 40.0), ("a", 10.0, 20.0), ("b", 15.0, 25.0), ("d", 41.0, 60.0), ("e", 100.0, 110.0)]
+    got = scan_gpu.idle_stretches(kernels, host_start=4.0, min_us=2.0, top=1)
+    # idle: 25-30 (5 µs, after b, which ends last) and 60-100 (40 µs); 40-41 is under the threshold
+    assert got["gaps"] == 2 and got["total_us"] == 45.0 and got["first_kernel_us"] == 6.0
+    assert got["top"] == [{"us": 40.0, "after": "d", "before": "e"}]
+    assert scan_gpu.idle_stretches([], 0.0, 5.0, 3)["gaps"] == 0
