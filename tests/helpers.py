@@ -33,3 +33,14 @@ class OpOutputs(TorchDispatchMode):
         if func.overloadpacket in self.ops:
             self.shapes.append(tuple(out.shape))
         return out
+
+
+def layer_output_and_grads(layer: torch.nn.Module, x: torch.Tensor, backend: str) -> tuple[torch.Tensor, tuple]:
+    """``layer(x)`` on a scan backend and the gradients of ``Σ out²`` for x and every parameter."""
+    from medmamba.kernels import use_backend
+
+    x = x.detach().requires_grad_()
+    with use_backend(backend):
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    return out, grads

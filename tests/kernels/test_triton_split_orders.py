@@ -99,17 +99,10 @@ def test_b_and_c_gradients_arrive_in_x_projs_output_gradient(monkeypatch, groupe
     # are), and order_projections takes that buffer as the output's gradient: no copy of them, the same gradients
     import dataclasses
 
-    from medmamba.kernels import use_backend
     from medmamba.kernels.backends.triton_scan import backward as triton_backward
     from medmamba.layers import MambaLayer
     from tests.helpers import OpOutputs
-
-    def run(layer, x, backend):
-        x = x.detach().requires_grad_()
-        with use_backend(backend):
-            out = layer(x)
-            grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
-        return out, grads
+    from tests.helpers import layer_output_and_grads as run
 
     monkeypatch.setattr(triton_forward, "_LAUNCHES", {})
     monkeypatch.setattr(triton_backward, "_LAUNCHES", {})

@@ -12,16 +12,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import medmamba.kernels.conv as kconv
 from medmamba.kernels import RASTER, REVERSED, SLICE, use_backend
 from medmamba.layers import MambaLayer
+from tests.helpers import layer_output_and_grads as run
 
 SEGMAMBA = (RASTER, REVERSED, SLICE)
-
-
-def run(layer, x, backend):
-    x = x.detach().requires_grad_()
-    with use_backend(backend):
-        out = layer(x)
-        grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
-    return out, grads
 
 
 def test_layer_on_triton_matches_torch_backend():
