@@ -85,11 +85,22 @@ def test_permuted_copies_are_seen():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ssm_fp32", [True, False])
-def test_gpu_layer_triton_matches_torch_backend(ssm_fp32):
+@pytest.mark.parametrize(
+    ("orders", "spatial", "ssm_fp32"),
+    [
+        (SEGMAMBA, (12, 16, 20), True),
+        (SEGMAMBA, (12, 16, 20), False),
+        # 32³ reaches PassConfig.split_min_length: the orders run as groups (grouped_backward)
+        (SEGMAMBA, (32, 32, 32), False),
+        # one order (U-Mamba, MambaMorph): the squeezed (B, 1, ...) path
+        ((RASTER,), (12, 16, 20), True),
+    ],
+    ids=["segmamba-fp32", "segmamba-bf16", "segmamba-groups-bf16", "one-order-fp32"],
+)
+def test_gpu_layer_triton_matches_torch_backend(orders, spatial, ssm_fp32):
     torch.manual_seed(0)
-    layer = MambaLayer(48, orders=SEGMAMBA, residual=True, ssm_fp32=ssm_fp32).cuda()
-    x = torch.randn(2, 48, 12, 16, 20, device="cuda")
+    layer = MambaLayer(48, orders=orders, residual=True, ssm_fp32=ssm_fp32).cuda()
+    x = torch.randn(2, 48, *spatial, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, g_got = run(layer, x, "triton")
         want, g_want = run(layer, x, "torch")
