@@ -432,6 +432,15 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (dataclasses.replace(fwd, fused_carry=True), bwd),
         ),
         ("line_segments=False", variant(line_segments=False)),
+        # how many segments a short call is cut into (at 16³ the segment states' bytes rival the inputs')
+        *(
+            (f"forward fill={n} (segments for about {n} × 2 programs per SM)", (dataclasses.replace(fwd, fill=n), bwd))
+            for n in (2, 4, 16)
+        ),
+        *(
+            (f"backward fill={n} (segments for about {n} × 2 programs per SM)", (fwd, dataclasses.replace(bwd, fill=n)))
+            for n in (4, 16)
+        ),
     ]
 
 
@@ -457,12 +466,18 @@ def _grads(args, orders, backend: str, grad_out: torch.Tensor) -> list[torch.Ten
 
 
 def sweep(
-    rows=SWEEP_ROWS, reps: tuple[int, int] = (10, 5), only: str | None = None, variants: str | None = None
+    rows=SWEEP_ROWS,
+    reps: tuple[int, int] = (10, 5),
+    only: str | None = None,
+    variants: str | None = None,
+    graphs: bool = False,
 ) -> list[dict]:
     """Forward and forward+backward of each row under each of :func:`sweep_variants`, after a check of the output
     and of every input's gradient against the torch backend's (the largest relative error over the gradients: a
     variant whose backward reads stale values shows there, not in the output). ``only``: the rows whose name
-    contains it; ``variants``: comma-separated parts of the variants' labels to run (the defaults always run)."""
+    contains it; ``variants``: comma-separated parts of the variants' labels to run (the defaults always run);
+    ``graphs``: also each variant's calls as CUDA-graph replays (:func:`graphed_calls`), the GPU's time where the
+    eager call waits on the host (the 16³ rows)."""
     picked = [v.strip() for v in variants.split(",")] if variants else None
     results = []
     for row in rows:
@@ -487,10 +502,16 @@ def sweep(
                 step, _ = training_step(args, orders, grad_out)
 
                 fb, _ = cuda_time(step, reps[1])
+                replays = ""
+                if graphs:
+                    g_fwd, g_fwd_bwd, _ = graphed_calls(row)
+                    g_ms, g_fb = cuda_time(g_fwd, reps[0], warmup=3)[0], cuda_time(g_fwd_bwd, reps[1], warmup=3)[0]
+                    replays = f", graph replays {g_ms:.3f} / {g_fb:.3f} ms"
             results.append({"shape": name, "dtype": dtname, "config": label, "fwd_ms": ms, "fwd_bwd_ms": fb,
-                            "rel_err_vs_torch": err, "grad_rel_err_vs_torch": grad_err})  # fmt: skip
+                            "rel_err_vs_torch": err, "grad_rel_err_vs_torch": grad_err,
+                            **({"graph_fwd_ms": g_ms, "graph_fwd_bwd_ms": g_fb} if graphs else {})})  # fmt: skip
             print(f"sweep {name} {dtname} {label}: fwd {ms:.3f} ms, fwd+bwd {fb:.3f} ms, err {err:.1e}, "
-                  f"grad err {grad_err:.1e}", flush=True)  # fmt: skip
+                  f"grad err {grad_err:.1e}{replays}", flush=True)  # fmt: skip
         torch.cuda.empty_cache()
     return results
 
@@ -1010,12 +1031,18 @@ def markdown(
                     lines += [f"| {o['name']} | {o['shapes']} | {o['ms']:.3f} | {o['per_call']:.0f} |"
                               for o in r["ops"]]  # fmt: skip
     if sweep_rows:
-        lines += ["", "| sweep | dtype | setting | fwd ms | fwd+bwd ms | err vs torch | gradients' err vs torch |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        graphed = any("graph_fwd_ms" in r for r in sweep_rows)
+        head = "| sweep | dtype | setting | fwd ms | fwd+bwd ms |" + (" graph replays ms |" if graphed else "")
+        lines += [
+            "",
+            head + " err vs torch | gradients' err vs torch |",
+            "|---|---|---|---|---|" + "---|" * (2 + graphed),
+        ]
         for r in sweep_rows:
             grad_err = r.get("grad_rel_err_vs_torch", float("nan"))
+            replays = f" {r['graph_fwd_ms']:.3f} / {r['graph_fwd_bwd_ms']:.3f} |" if "graph_fwd_ms" in r else ""
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
-                         f"| {r['rel_err_vs_torch']:.1e} | {grad_err:.1e} |")  # fmt: skip
+                         f"|{replays} {r['rel_err_vs_torch']:.1e} | {grad_err:.1e} |")  # fmt: skip
     if launch_rows:
         head = ("| launch A/B (medians over rounds) | dtype | z | Triton's launch: fwd / fwd+bwd ms, host µs | "
                 "direct, by argument key | direct, by the call sites' memos (default) |")  # fmt: skip
@@ -1121,7 +1148,9 @@ def main() -> int:
     ap.add_argument("--launch", action="store_true", help="A/B of Triton's own and the direct kernel launches")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of a call (torch.profiler)")
     ap.add_argument(
-        "--graphs", action="store_true", help="per call as CUDA-graph replays beside eager (host-bound rows or --only)"
+        "--graphs",
+        action="store_true",
+        help="per call as CUDA-graph replays beside eager (host-bound rows or --only); with --sweep, each variant too",
     )
     ap.add_argument(
         "--marks",
@@ -1168,7 +1197,7 @@ def main() -> int:
     if args.sweep:
         # with --only, any row of the table or the sweep's own whose name contains it
         table = list({r[0]: r for r in [*shapes(False), *SWEEP_ROWS]}.values()) if args.only else SWEEP_ROWS
-        sweep_rows.extend(sweep(rows=table, only=args.only, variants=args.variants))
+        sweep_rows.extend(sweep(rows=table, only=args.only, variants=args.variants, graphs=args.graphs))
         save()
     if not args.no_shapes:
         for row in shapes(args.quick):
