@@ -257,6 +257,12 @@ def test_channel_blocking_and_segments():
     assert layout.segments(nchunks=100, rows=1000, target_programs=264) == (1, 100)
     nsplit, per = layout.segments(nchunks=2048, rows=6, target_programs=264)
     assert nsplit * per >= 2048 > (nsplit - 1) * per and nsplit >= 64
+    # SegMamba's 16³ stage (4,096 tokens, 24 rows) on 132 SMs at fill 8: 2-chunk segments, or min_chunks long
+    assert layout.segments(nchunks=256, rows=24, target_programs=2112) == (128, 2)
+    assert layout.segments(nchunks=256, rows=24, target_programs=2112, min_chunks=4) == (64, 4)
+    assert layout.segments(nchunks=3, rows=24, target_programs=2112, min_chunks=4) == (1, 3)
+    # a longer call's segments are longer anyway (U-Mamba's 32³ stage: 16 rows)
+    assert layout.segments(nchunks=2048, rows=16, target_programs=2112, min_chunks=4) == (256, 8)
 
 
 def test_strided_orders_get_more_segments():

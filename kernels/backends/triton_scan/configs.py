@@ -38,6 +38,14 @@ class PassConfig:
         segments: force this many segments per row (``None``: choose from the GPU's size).
         fill: cut segments until about ``fill`` × :func:`target_programs` programs run (small programs need
             more of them in flight to hide memory latency).
+        min_segment_chunks: segments of calls cut by ``fill`` are at least this many chunks long. At SegMamba's and
+            U-Mamba's 16³ stages (4,096 tokens, 24-32 rows) ``fill`` 8 alone cuts 2-chunk segments, whose states
+            cost about what their tokens do. On an H200 (CUDA-graph replays, forward / forward+backward ms; the
+            sweep's ``fill`` variants, both passes together not timed) U-Mamba's 16³ fp32 + z forward took 0.136 at
+            2 chunks, 0.122 at 4, 0.179 at 8; SegMamba's bf16 + z 0.087 at 2, 0.079 at 3 and at 6; the backward at
+            ``fill`` 4 (3-4 chunks) 0.452 -> 0.430 and 0.299 -> 0.291. With 4 in both passes (twenty-fifth pass,
+            ``scan_gpu.py --only 16³ --graphs``): U-Mamba 0.134 / 0.452 -> 0.121 / 0.415, SegMamba 0.086 / 0.303 ->
+            0.071 / 0.303, replays equal to eager calls bit for bit. Longer calls cut longer segments anyway.
         fill_strided: ``fill`` for calls with an order whose consecutive tokens are not neighbours in memory
             (SegMamba's slice order, column-major cross-scans): each token is a separate cache line there, so
             more programs in flight pay (``None``: ``fill``). It decides whether such a call is cut into segments.
@@ -168,6 +176,7 @@ class PassConfig:
     num_warps: int = 8
     segments: int | None = None
     fill: int = 1
+    min_segment_chunks: int = 1
     fill_strided: int | None = None
     line_segments: bool = True
     maxnreg: int | None = None
@@ -221,6 +230,7 @@ _FORWARD = PassConfig(
     sub=32,
     num_warps=1,
     fill=8,
+    min_segment_chunks=4,
     fill_strided=32,
     raster_maxnreg=128,
     strided_maxnreg=128,
@@ -240,6 +250,7 @@ _BACKWARD = PassConfig(
     sub=32,
     num_warps=1,
     fill=8,
+    min_segment_chunks=4,
     fill_strided=32,
     strided_maxnreg=168,
     mixed_vectors=True,

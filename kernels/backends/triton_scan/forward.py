@@ -543,7 +543,8 @@ def split(p: Plan, cfg: configs.PassConfig, device: torch.device, orders: Sequen
     strided = layout.strided(orders, p.spatial)
     fill = cfg.fill_strided if (strided and cfg.fill_strided is not None) else cfg.fill
     align = layout.line_chunks(orders, p.spatial, p.block_t) if (strided and cfg.line_segments) else 0
-    nsplit, per = layout.segments(p.nchunks, rows, fill * configs.target_programs(device), align=align)
+    target = fill * configs.target_programs(device)
+    nsplit, per = layout.segments(p.nchunks, rows, target, align=align, min_chunks=cfg.min_segment_chunks)
     return sub, nsplit, per
 
 

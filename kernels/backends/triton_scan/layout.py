@@ -323,14 +323,15 @@ def channel_blocking(channels: int, groups: int, sub: int) -> int:
 
 
 def segments(
-    nchunks: int, rows: int, target_programs: int, min_fill: float = 0.6, *, align: int = 0
+    nchunks: int, rows: int, target_programs: int, min_fill: float = 0.6, *, align: int = 0, min_chunks: int = 1
 ) -> tuple[int, int]:
     """``(nsplit, chunks_per_segment)``: how many independent segments each row's sequence is cut into.
 
     A row (batch, order, channel block) walks its chunks in order. When rows alone do not fill the GPU, the
     sequence is cut into segments whose start states come from a cheaper state-only pass and a carry pass.
     With ``align`` (see :func:`line_chunks`), segments are the shortest multiple of ``align`` chunks of at least
-    two chunks, however many that makes.
+    two chunks, however many that makes. Otherwise segments are at least ``min_chunks`` chunks long (short
+    sequences: a segment's state costs as many bytes as a few chunks' tokens, in the segment, carry and main pass).
     """
     if rows >= min_fill * target_programs or nchunks == 1:
         return 1, nchunks
@@ -338,5 +339,5 @@ def segments(
         per = min(nchunks, align * math.ceil(2 / align))
         return math.ceil(nchunks / per), per
     want = min(nchunks, math.ceil(2 * target_programs / rows))
-    per = math.ceil(nchunks / want)
+    per = min(nchunks, max(min_chunks, math.ceil(nchunks / want)))
     return math.ceil(nchunks / per), per
