@@ -1,11 +1,13 @@
 """Triton backend of the selective scan: all scan orders of a call in one launch, in the natural layout.
 
 Exposes ``scan(...)`` with the common backend signature (kernels/scan.py) and ``unavailable_reason(device)``.
-The algorithm, the numbers and how to reproduce them: ``kernels/README.md``. Modules: ``forward.py`` and
-``backward.py`` (kernels and launchers), ``autograd.py`` (the Function), ``layout.py`` (stride tables, blocking,
-segments), ``configs.py`` (block sizes), ``common.py`` (scan operators, addressing and tile loads shared by the
-kernels), ``ptx.py`` (inline PTX of the GPU path: 16-byte loads and stores, warp shuffles), ``tokens.py`` (the
-forward's per-token path on the GPU).
+The algorithm, the numbers and how to reproduce them: ``kernels/README.md``; the long form: ``kernels/DESIGN.md``.
+Modules: ``forward.py`` and ``backward.py`` (kernels and launchers), ``autograd.py`` (the Function), ``layout.py``
+(stride tables, blocking, segments), ``configs.py`` (launch settings), ``common.py`` (scan operators, addressing and
+tile loads shared by the kernels), ``ptx.py`` (inline PTX of the GPU path: 16-byte loads and stores, warp
+shuffles), ``tokens.py`` (the per-token paths on the GPU), ``lines.py`` and ``lines_backward.py`` (strided orders
+as line vectors), ``conv.py`` and ``norm.py`` (the layer's causal conv and LayerNorm), ``launch.py`` (direct
+launches).
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class PassConfig:
         lines: run calls with a strided order as one segment per line, neighbouring lines across a program's 32
             lanes (layout.lines), in the forward. Off by default: correct, but on an H100 no faster (SegMamba's
             slice order at 64³, bf16: 4.83 ms forward with it, 4.16 without); its B/C loads stay one instruction
-            per value (kernels/README.md).
+            per value (kernels/DESIGN.md).
         line_vectors: (forward) run calls of one strided order whose lines are neighbours in memory (SegMamba's
             slice order alone, Vivim's temporal one, a column-major 2D order) as line vectors (lines.py): this
             many lines per thread, side by side, with 16 states; 0: off. In the backward (2 by default): the main

@@ -2,7 +2,7 @@
 
 SegMamba's slice order (depth fastest) steps H·W elements from token to token, so a program that walks it token
 by token reads a new 32-byte sector per token and, worse, issues one load per B/C value: 512 per chunk where a
-raster program issues 64 broadcast 16-byte loads (kernels/README.md). But its lines (one pass along the depth
+raster program issues 64 broadcast 16-byte loads (kernels/DESIGN.md). But its lines (one pass along the depth
 axis) are neighbours in memory: token d of line i + 1 sits next to token d of line i. Here a thread holds ``LV``
 neighbouring lines of its channel as one ``(SUB, LV)`` tile row and walks them together, one token a step: each
 step loads u, Δ and z of its LV lines as one vector and B_n, C_n of the LV lines as one vector broadcast to the
