@@ -434,12 +434,14 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
         ("line_segments=False", variant(line_segments=False)),
         # how many segments a short call is cut into (at 16³ the segment states' bytes rival the inputs')
         *(
-            (f"forward fill={n} (segments for about {n} × 2 programs per SM)", (dataclasses.replace(fwd, fill=n), bwd))
-            for n in (2, 4, 16)
-        ),
-        *(
-            (f"backward fill={n} (segments for about {n} × 2 programs per SM)", (fwd, dataclasses.replace(bwd, fill=n)))
-            for n in (4, 16)
+            (
+                f"{side} fill={n} (segments for about {n} × 2 programs per SM)",
+                (dataclasses.replace(fwd, fill=n), bwd)
+                if side == "forward"
+                else (fwd, dataclasses.replace(bwd, fill=n)),
+            )
+            for side, fills in (("forward", (2, 4, 16)), ("backward", (4, 16)))
+            for n in fills
         ),
     ]
 
