@@ -238,7 +238,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
     out = []
     for name in args.presets:
         preset = load_preset(name)
-        kwargs = dict(preset.network_kwargs)
+        kwargs = {**preset.network_kwargs, **args.network_kwargs}
         base = {"network": preset.network, "kwargs": kwargs, "in_channels": preset.in_channels,
                 "classes": preset.out_channels}  # fmt: skip
         planned = (tuple(preset.patch_size), preset.batch_size)
@@ -248,6 +248,9 @@ def rows(args: argparse.Namespace) -> list[dict]:
             settings = [("planned", *planned)]
             if len(preset.patch_size) == 3:
                 settings.append(("128³, batch 2", (128, 128, 128), 2))
+        if args.network_kwargs:  # rows measured with changed constructor arguments say so
+            changed = ", ".join(f"{k}={v}" for k, v in args.network_kwargs.items())
+            settings = [(f"{label}, {changed}", *rest) for label, *rest in settings]
         if args.quick:  # smoke test: shrink everything
             kwargs.update(_quick_kwargs(preset.network, len(preset.patch_size)))
             settings = [(s, (32,) * len(preset.patch_size), 2) for s, _, _ in settings[:1]]
@@ -257,6 +260,16 @@ def rows(args: argparse.Namespace) -> list[dict]:
             for amp in args.amp
         )
     return out
+
+
+def _network_kwarg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. ssm_fp32=false")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a plain string
 
 
 def _quick_kwargs(network: str, dims: int) -> dict:
@@ -329,6 +342,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="tiny inputs and networks (smoke test)")
+    parser.add_argument(
+        "--set",
+        dest="network_kwargs",
+        metavar="KEY=VALUE",
+        nargs="+",
+        type=_network_kwarg,
+        default=[],
+        help="network constructor arguments over the presets' (VALUE as JSON: --set ssm_fp32=false)",
+    )
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="presets to measure")
     parser.add_argument(
         "--merge",
@@ -339,6 +361,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write train_gpu.json / train_gpu.md here")
     parser.add_argument("--results-md", type=Path, default=None, help="replace the seg_gpu section of this file")
     args = parser.parse_args()
+    args.network_kwargs = dict(args.network_kwargs)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     if args.scan_backend is None:  # Triton needs CUDA tensors: the CPU smoke test scans with the PyTorch backend

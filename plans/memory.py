@@ -13,8 +13,9 @@ every tensor autograd keeps for the backward pass is counted once (by storage), 
 
 with ``saved(batch) = fixed + batch · per_sample`` from one pass at batch 1 (the fixed part is autocast's
 low-precision weight copies, recognised by their parameter shape). The selective scan is accounted as the GPU
-kernel keeps it (``kernels.md``: its inputs, the pre-gate output and fp32 chunk-boundary states; the backward
-recomputes the rest) rather than as the CPU backend would, which materialises chunk intermediates.
+kernel keeps it (``kernels.md``: its inputs, the pre-gate output, fp32 chunk-boundary states and, for raster and
+reversed orders, the chunks' fp32 middle states; the backward recomputes the rest) rather than as the CPU backend
+would, which materialises chunk intermediates.
 
 On the device, ``torch.cuda.max_memory_allocated`` is the model's ``allocated_bytes``; the caching allocator's
 slack and the CUDA context come on top (:attr:`MemoryEstimate.device_bytes`). Anchors: ``networks.md`` §10
@@ -367,7 +368,8 @@ def _scan_accounting(counter: _SavedCounter, *, enabled: bool) -> Iterator[None]
 
     ``medmamba.layers.mamba`` is the one caller of ``selective_scan`` (style.md §0 rule 2) and of ``causal_conv``,
     so patching the names there reaches every Mamba layer of every network. Saved sets, from the triton backend's
-    autograd functions: the scan keeps its inputs, the chunk-start states and (with a gate) the pre-gate output;
+    autograd functions: the scan keeps its inputs, the chunk-start states (and the chunks' middle states for the
+    orders read in memory order) and (with a gate) the pre-gate output;
     the convolution keeps its input map and weights (the per-order views are not copies).
     """
     if not enabled:
@@ -385,7 +387,13 @@ def _scan_accounting(counter: _SavedCounter, *, enabled: bool) -> Iterator[None]
         batch, channels, spatial = u.shape[0], (u.shape[2] if K > 1 else u.shape[1]), u.shape[(3 if K > 1 else 2) :]
         length, n_state = math.prod(spatial), A.shape[-1]
         # fp32 state at the start of each chunk, per order
-        counter.add(torch.empty(batch, K, channels, math.ceil(length / SCAN_CHUNK), n_state, device=u.device))
+        chunks = math.ceil(length / SCAN_CHUNK)
+        counter.add(torch.empty(batch, K, channels, chunks, n_state, device=u.device))
+        # and at each chunk's middle for the orders whose tokens are neighbours in memory (raster, reversed), which
+        # the GPU's per-token main pass runs (PassConfig.mid_states); counted for all of them, an upper bound
+        neighbours = sum(1 for o in orders if o.axes is None or tuple(o.axes) == tuple(range(len(spatial))))
+        if not orders or neighbours:
+            counter.add(torch.empty(batch, max(neighbours, 1), channels, chunks, n_state, device=u.device))
         pre_gate = torch.empty((batch, channels, *spatial), dtype=u.dtype, device=u.device)
         if z is not None:
             counter.add(pre_gate)  # the backward of the gate needs the pre-gate output

@@ -55,6 +55,10 @@ class SegMamba(nn.Module):
             all logits (nnU-Net's contract). The official network has none; ``decoder.deep_supervision`` switches
             the output at run time once the heads exist.
         d_state: Mamba state size N. d_conv: Mamba causal convolution width. expand: Mamba inner expansion.
+        ssm_fp32: keep each ToM layer's convolution, SSM projections and scan in fp32 under autocast
+            (:class:`~medmamba.layers.MambaLayer`). ``False`` runs them in the autocast dtype, as the official code
+            does (mamba_ssm under AMP); the scan still accumulates in fp32. It saves about a third of the Mamba
+            layers' activations (the 128³ batch-2 BraTS step: ``benchmarks/RESULTS.md``). Parameters are the same.
 
     Shapes:
         input ``(B, in_channels, D, H, W)``, each of D, H, W divisible by ``2 ** len(features_per_stage)`` (16),
@@ -86,6 +90,7 @@ class SegMamba(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        ssm_fp32: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -106,7 +111,7 @@ class SegMamba(nn.Module):
         #: per-stage strides in nnU-Net's sense (the decoder's resolutions): full resolution, then one halving per stage
         self.strides: tuple[tuple[int, ...], ...] = ((1, 1, 1),) + ((2, 2, 2),) * len(features)
         self.encoder = SegMambaEncoder(  # Fig. 2 left
-            in_channels, features, depths, d_state=d_state, d_conv=d_conv, expand=expand
+            in_channels, features, depths, d_state=d_state, d_conv=d_conv, expand=expand, ssm_fp32=ssm_fp32
         )
         self.decoder = UnetrDecoder(  # Fig. 2 right
             in_channels, features, hidden_size, out_channels, norm=norm, deep_supervision=deep_supervision
@@ -150,6 +155,7 @@ class SegMambaEncoder(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        ssm_fp32: bool = True,
     ) -> None:
         super().__init__()
         stem = nn.Conv3d(in_channels, features[0], kernel_size=7, stride=2, padding=3)
@@ -167,7 +173,14 @@ class SegMambaEncoder(nn.Module):
             nn.Sequential(
                 *(
                     MambaLayer(
-                        c, orders=orders, merge="sum", residual=True, d_state=d_state, d_conv=d_conv, expand=expand
+                        c,
+                        orders=orders,
+                        merge="sum",
+                        residual=True,
+                        d_state=d_state,
+                        d_conv=d_conv,
+                        expand=expand,
+                        ssm_fp32=ssm_fp32,
                     )
                     for _ in range(d)
                 )

@@ -211,3 +211,43 @@ def test_segmamba_is_registered():
     assert "segmamba" in networks.list(task="segmentation")
     net = networks.build("segmamba", in_channels=1, out_channels=2, **TINY)
     assert isinstance(net, SegMamba) and net.out_channels == 2
+
+
+def test_segmamba_ssm_fp32_false_feeds_the_scans_the_autocast_dtype(monkeypatch):
+    # the official code runs its Mamba layers in the AMP dtype; ssm_fp32=False does too, with the same parameters
+    from medmamba.layers import mamba
+
+    small = {"features_per_stage": (4, 8), "depths": (1, 1), "hidden_size": 16}
+    kept = SegMamba(3, 1, 2, **small)
+    half = SegMamba(3, 1, 2, ssm_fp32=False, **small)
+    assert sum(p.numel() for p in half.parameters()) == sum(p.numel() for p in kept.parameters())
+    layers = [m for m in half.modules() if isinstance(m, mamba.MambaLayer)]
+    assert len(layers) == 2 and not any(m.ssm_fp32 for m in layers)
+
+    dtypes = []
+    scan = mamba.selective_scan
+
+    def recording(u, *args, **kwargs):
+        dtypes.append(u.dtype)
+        return scan(u, *args, **kwargs)
+
+    monkeypatch.setattr(mamba, "selective_scan", recording)
+    x = torch.randn(1, 1, 16, 16, 32)
+    for net, want in ((kept, torch.float32), (half, torch.bfloat16)):
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x)
+        assert dtypes == [want, want] and torch.isfinite(out.float()).all()
+
+
+def test_segmamba_ssm_fp32_false_keeps_less_for_the_backward():
+    from medmamba.plans.memory import estimate
+
+    small = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features_per_stage": (8, 16),
+             "depths": (1, 1), "hidden_size": 32}  # fmt: skip
+    kept, half = (
+        estimate("segmamba", (32, 32, 32), 1, in_channels=1, network_kwargs={**small, "ssm_fp32": flag},
+                 precision="bf16").saved_bytes_per_sample
+        for flag in (True, False)
+    )  # fmt: skip
+    assert half < 0.9 * kept, (half, kept)

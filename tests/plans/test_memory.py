@@ -120,3 +120,16 @@ def test_the_estimate_is_reported_in_json_types():
 def test_estimate_rejects_empty_patches_and_batches(patch, batch):
     with pytest.raises(ValueError, match="positive"):
         estimate("umamba_bot", patch, batch, in_channels=1, network_kwargs=TINY)
+
+
+@pytest.mark.parametrize(("ssm_fp32", "measured_mib"), [(True, 21_726), (False, 19_194)])
+def test_segmamba_estimate_is_within_10_percent_of_the_h200_measurement(ssm_fp32, measured_mib):
+    # benchmarks/RESULTS.md, twenty-sixth pass: our SegMamba (4→4), batch 2, 128³, fp16 autocast, training step of
+    # `medmamba train` on an H200, max_memory_allocated; the scan's saved chunk and middle states included
+    from medmamba.plans import load_preset
+
+    preset = load_preset("segmamba_brats")
+    kwargs = {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, **preset.network_kwargs, "ssm_fp32": ssm_fp32}
+    result = estimate("segmamba", (128, 128, 128), 2, in_channels=4, network_kwargs=kwargs, precision="fp16")
+    assert result.parameters == 67_416_196
+    assert result.allocated_bytes / MiB == pytest.approx(measured_mib, rel=0.10)
