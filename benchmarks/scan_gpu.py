@@ -432,10 +432,6 @@ def sweep_variants() -> list[tuple[str, tuple[configs.PassConfig, configs.PassCo
             (dataclasses.replace(fwd, fused_carry=True), bwd),
         ),
         ("line_segments=False", variant(line_segments=False)),
-        (
-            "forward short_max_length=8192 (a short no-grad call of one order as one launch, a lane per state)",
-            (dataclasses.replace(fwd, short_max_length=8192), bwd),
-        ),
         # how many segments a short call is cut into (at 16³ the segment states' bytes rival the inputs')
         *(
             (
@@ -1120,8 +1116,6 @@ def dry_run(args) -> int:
                 bench_shape(("SegMamba 3-order layer 64³", 1, 2, (3, 4, 5), SEGMAMBA, "bf16", True), 1e12, "H100",
                             1, 1)]  # fmt: skip
     sweep_rows = sweep([("SegMamba 3-order layer 64³", 1, 4, (16, 1, 8), SEGMAMBA, "fp32", True)], reps=(1, 1))
-    # a short call of one order: the sweep's no-grad forward takes short.py's one launch under its variant
-    sweep_rows += sweep([("U-Mamba s3 16³", 1, 4, (2, 3, 5), (RASTER,), "fp32", True)], reps=(1, 1), variants="short")
     with configs.override(tiny, tiny):
         launch_rows = launch_ab([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], rounds=1, reps=(1, 1))
         profile_rows = kernel_profile([("S1", 1, 4, (40,), (RASTER,), "fp32", True)], calls=1)

@@ -314,30 +314,3 @@ def test_gpu_fused_carry_runs_as_one_cooperative_launch(spatial, orders, channel
     launches = [x for x in triton_forward._LAUNCHES.values() if isinstance(x, triton_forward._Launch)]
     assert any(x.fused and "fused" in x.sites and "apart" not in x.sites for x in launches)
     assert all(int(words.abs().sum()) == 0 for words in triton_forward._SYNC.values())
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("spatial", "order", "channels", "dtype"),
-    [
-        ((16, 16, 16), RASTER, 512, torch.float32),
-        ((16, 16, 16), RASTER, 384, torch.bfloat16),
-        ((16, 16, 16), SLICE, 96, torch.float16),
-        ((4097,), REVERSED, 34, torch.float32),
-    ],
-    ids=["16³-fp32", "16³-bf16", "16³-slice-fp16", "1d-reversed-odd-channels"],
-)
-def test_gpu_short_calls_run_as_one_launch(spatial, order, channels, dtype):
-    # PassConfig.short_max_length: a no-grad call of one order in one launch of short.py, as the torch backend
-    import dataclasses
-
-    from medmamba.kernels.backends.triton_scan import short
-
-    low, ref = make_inputs(spatial, 1, batch=2, channels=channels, N=16, dtype=dtype, seed=7, device="cuda")
-    ref = [a.detach().float().cuda() if a is not None else None for a in ref]
-    triton_forward._LAUNCHES.clear()
-    cfg = dataclasses.replace(configs.forward_config(), short_max_length=8192)
-    with configs.override(forward=cfg), torch.no_grad():
-        for _ in range(2):  # the second call launches from the memo
-            assert_matches_reference(low, ref, (order,), dtype=dtype, grads=False, other="torch")
-    assert any(isinstance(x, short.ShortLaunch) and "short" in x.sites for x in triton_forward._LAUNCHES.values())

@@ -26,7 +26,6 @@ from medmamba.kernels import (
 from medmamba.kernels.backends import triton_scan
 from medmamba.kernels.backends.triton_scan import configs, layout
 from medmamba.kernels.backends.triton_scan import forward as triton_forward
-from medmamba.kernels.canonical import canonical_views
 from tests.helpers import generator
 from tests.kernels.scan_checks import NAMES, P, assert_matches_reference, make_inputs, weighted_grads
 
@@ -507,55 +506,3 @@ def test_fused_carry_chains_the_segments_in_blocks_and_leaves_the_counters_zero(
     (launch,) = triton_forward._LAUNCHES.values()
     assert launch.fused and launch.nsplit == 5 and launch.helpers == 4
     assert all(int(words.abs().sum()) == 0 for words in triton_forward._SYNC.values())
-
-
-SHORT_CASES = {
-    "1d-L1-raster": ((1,), RASTER, 16, 1),
-    "1d-odd-reversed": ((37,), REVERSED, 16, 1),
-    "3d-slice-N5": ((3, 4, 5), SLICE, 5, 1),
-    "2d-transposed-N2-groups": ((5, 7), ScanOrder((1, 0), False), 2, 2),
-    "3d-raster-exact-chunks": ((2, 4, 4), RASTER, 16, 1),
-}
-
-
-@pytest.mark.parametrize("case", list(SHORT_CASES), ids=list(SHORT_CASES))
-@pytest.mark.parametrize(("dtype", "merge", "extras"), [(torch.float32, "sum", True), (torch.bfloat16, "stack", False)])
-def test_short_calls_run_as_one_launch_and_match_the_float64_reference(monkeypatch, case, dtype, merge, extras):
-    from medmamba.kernels.backends.triton_scan import short
-
-    spatial, order, N, groups = SHORT_CASES[case]
-    channels = 32 // layout.next_power_of_2(N) * groups * 2  # two programs per group
-    low, ref = make_inputs(spatial, 1, channels=channels, N=N, groups=groups, dtype=dtype, seed=len(case), z=extras,
-                           D=extras, bias=extras)  # fmt: skip
-    cfg = P(short_max_length=64)
-    runs = []
-    monkeypatch.setattr(short, "run", lambda *a, _run=short.run: runs.append(1) or _run(*a))
-    with configs.override(cfg, cfg):
-        with torch.no_grad():
-            assert_matches_reference(low, ref, (order,), dtype=dtype, merge=merge, grads=False)
-        assert len(runs) == 1  # the one-launch path ran
-        # a call that records gradients saves states for its backward: the chunk passes
-        assert_matches_reference(low, ref, (order,), dtype=dtype, merge=merge, grads=False)
-    with configs.override(P(), P()), torch.no_grad():  # off by default
-        assert_matches_reference(low, ref, (order,), dtype=dtype, merge=merge, grads=False)
-    assert len(runs) == 1
-
-
-def test_short_path_takes_only_what_it_can():
-    from medmamba.kernels.backends.triton_scan import forward as fwd
-    from medmamba.kernels.backends.triton_scan import short
-
-    cfg = P(short_max_length=64)
-
-    def plan_of(spatial, K, N=16, channels=4, groups=1):
-        low, _ = make_inputs(spatial, K, channels=channels, N=N, groups=groups)
-        u, _, A, B, *_ = canonical_views(*low, (RASTER,) * K)
-        return fwd.plan(u, A, B)
-
-    assert short.eligible(plan_of((8, 8), 1), cfg, save=False, out=None)
-    assert not short.eligible(plan_of((8, 8), 1), cfg, save=True, out=None)  # the backward needs saved states
-    assert not short.eligible(plan_of((8, 9), 1), cfg, save=False, out=None)  # 72 tokens > 64
-    assert not short.eligible(plan_of((8, 8), 2), cfg, save=False, out=None)  # two orders
-    assert not short.eligible(plan_of((8, 8), 1, N=64), cfg, save=False, out=None)  # more states than lanes
-    assert not short.eligible(plan_of((8, 8), 1, channels=2, groups=2), cfg, save=False, out=None)  # 1 per group
-    assert not short.eligible(plan_of((8, 8), 1), P(), save=False, out=None)  # off by default

@@ -129,7 +129,7 @@ def no_grad_forward(canonical: tuple, *, orders: Sequence[ScanOrder], delta_soft
     """
     forward, _, _ = _modules or _import_modules()
     remembered = _remembered_settings(canonical, tuple(orders), delta_softplus, merge, False)
-    if remembered is None or type(remembered[0]) not in (forward._Launch, forward.short.ShortLaunch):
+    if remembered is None or type(remembered[0]) is not forward._Launch:
         return None
     launch, current = remembered
 

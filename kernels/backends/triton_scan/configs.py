@@ -168,11 +168,6 @@ class PassConfig:
             capture a stream without counters yet takes the passes apart.
         fused_max_chunks: with ``fused_carry``, fuse only calls whose segments are at most this many chunks long
             once cut to fit (the short calls, whose launches the GPU waits for).
-        short_max_length: (forward) calls of at most this many tokens that save nothing for a backward, of one
-            order, run as one launch of short.py (a lane per channel and state, the whole sequence per program, no
-            segments) instead of the segment pass, the carry and the main pass. 0: off. Opt-in until timed on a GPU:
-            meant for the 16³ stages (4,096 tokens), where the GPU waits for the host's three launches.
-        short_warps: warps per program of that launch (each holds ``32 / N`` channels).
         emulate_ptx: under ``TRITON_INTERPRET=1`` on the CPU, take the GPU path too, its inline PTX emulated by plain
             loads and gathers (ptx.py): the tests check its logic without a GPU.
     """
@@ -204,8 +199,6 @@ class PassConfig:
     save_pre_gate: bool = True
     fused_carry: bool = False
     fused_max_chunks: int = 16
-    short_max_length: int = 0
-    short_warps: int = 1
     emulate_ptx: bool = False
 
     def ptx(self, device: torch.device, sub: int, num_warps: int) -> bool:

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from medmamba.kernels.orders import ScanOrder
 
-from . import configs, layout, short
+from . import configs, layout
 from .common import _chunk_offsets, _linear_combine, _load_delta, _load_row, _load_tile, _order_row, _store_tile
 from .launch import Launcher, launch_stream
 from .lines import _fwd_lines_kernel
@@ -662,18 +662,13 @@ def settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
     return key, launch, cfg
 
 
-def run(
-    launch: _Launch | short.ShortLaunch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=None
-) -> ForwardResult:
+def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=None) -> ForwardResult:
     """The launches of one ungrouped forward call with settings ``launch`` (:func:`settings`).
 
     The kernels read the tensors through their data pointers and ``launch``'s strides only: any tensors with the
     data, dtypes and alignment of the call the settings were derived for will do (the arguments as given to
     ``selective_scan`` included, whose canonical views only add axes).
     """
-    if type(launch) is short.ShortLaunch:  # one launch for a short call that saves nothing (short.py)
-        out, last = short.run(launch, u, delta, A, B, C, D, z, delta_bias)
-        return ForwardResult(out, last, None, None, launch.plan)
     p, nsplit, dev = launch.plan, launch.nsplit, u.device
     A = A.float().contiguous()
     Dv = D.float().contiguous() if D is not None else A
@@ -820,8 +815,6 @@ _LAUNCHES: dict[tuple, _Launch | _Groups] = {}
 
 def _launch_settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge, save, cfg, out):
     p = plan(u, A, B)
-    if short.eligible(p, cfg, save, out):
-        return short.settings(p, u, delta, B, C, z, D, delta_bias, orders, delta_softplus, merge, cfg)
     dev = u.device
     block = min(1024, layout.next_power_of_2(p.L))
     ranges = _order_ranges(p, orders, merge, cfg)
