@@ -15,7 +15,9 @@ Two kinds of topology:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import pydoc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +57,33 @@ class Architecture:
     def available(self) -> bool:
         """True when the nnU-Net class can be imported (the plan would name a class that exists)."""
         return pydoc.locate(self.nnunet_class) is not None
+
+    def with_kwargs(self, extra: Mapping[str, Any]) -> Architecture:
+        """This entry with ``extra`` constructor arguments of the network in every block it makes.
+
+        ``extra`` uses the canonical class's argument names (``medmamba.networks``, e.g. ``ssm_fp32``, ``d_state``);
+        the memory model builds the network with them, so patch and batch are fitted to the network as it will train.
+
+        Raises:
+            PlanError: an argument the network does not take, or one the plan itself decides.
+        """
+        if not extra:
+            return self
+        from medmamba import networks
+
+        params = set(inspect.signature(networks.spec(self.name).cls.__init__).parameters)
+        planned = {"self", "spatial_dims", "in_channels", "out_channels", "deep_supervision", "input_size", "strides",
+                   "kernel_sizes"}  # fmt: skip
+        if self.topology == "nnunet":  # nnU-Net's planner decides the stages
+            planned |= {"features_per_stage", "n_stages"}
+        bad = sorted(k for k in extra if k not in params or k in planned)
+        if bad:
+            allowed = ", ".join(sorted(params - planned))
+            raise PlanError(
+                f"--network-kwargs: {self.name} does not take {', '.join(bad)} from the command line. Its arguments: "
+                f"{allowed}"
+            )
+        return dataclasses.replace(self, arch_kwargs={**self.arch_kwargs, **extra})
 
     def block(self, spatial_dims: int, nnunet_block: Mapping[str, Any] | None, patch_size: Sequence[int]) -> dict:
         """The plans ``architecture`` block for a patch.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ def plan_and_preprocess(
     overwrite_fingerprint: bool = False,
     preprocess: bool = True,
     foreground_samples: float = NNUNET_FOREGROUND_SAMPLES,
+    network_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> PlanResult:
     """Check, fingerprint, plan and preprocess an nnU-Net raw dataset for nnU-Net's U-Net and our networks.
 
@@ -95,6 +96,8 @@ def plan_and_preprocess(
         overwrite_fingerprint: recompute the fingerprint even if the raw data are unchanged.
         preprocess: also preprocess (False: plan only).
         foreground_samples: see ``plans.fingerprint.extract_fingerprint``.
+        network_kwargs: per network, constructor arguments for its plans (``MedmambaPlanner``'s), e.g.
+            ``{"segmamba": {"ssm_fp32": False}}``.
 
     Raises:
         DatasetError: the dataset is missing, malformed or fails verification (nothing written).
@@ -113,6 +116,10 @@ def plan_and_preprocess(
                 f"--networks: {name} has no nnU-Net class ({architecture(name).nnunet_class}) in this installation. "
                 f"Choose from {', '.join(available_networks())}"
             )
+    for name, kwargs in (network_kwargs or {}).items():  # wrong names and arguments fail before anything is written
+        if name not in networks:
+            raise PlanError(f"--network-kwargs names {name}, which is not planned (--networks: {', '.join(networks)})")
+        architecture(name).with_kwargs(kwargs)
     raw = open_dataset(dataset, raw_root)
     if not _NAME.match(raw.root.name):
         raise DatasetError(
@@ -137,7 +144,9 @@ def plan_and_preprocess(
         extract_fingerprint(
             raw, output, num_workers=num_workers, overwrite=overwrite_fingerprint, foreground_samples=foreground_samples
         )
-        planner = MedmambaPlanner(raw.root.name, gpu_memory_gb, networks=networks, precision=precision)
+        planner = MedmambaPlanner(
+            raw.root.name, gpu_memory_gb, networks=networks, precision=precision, network_kwargs=network_kwargs
+        )
         plans = planner.plan_experiment()
         plans_file = output / f"{planner.plans_identifier}.json"
         done: tuple[Any, ...] = ()

@@ -24,10 +24,11 @@ import json
 import logging
 import math
 import pydoc
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -64,6 +65,8 @@ class MedmambaPlanner(ExperimentPlanner):
         suppress_transpose: as nnU-Net's.
         networks: registry names to plan (``plans.architectures.ARCHITECTURES``).
         precision: the training precision the memory model assumes (nnU-Net trains with autocast on CUDA).
+        network_kwargs: per network name, constructor arguments added to its plans' ``arch_kwargs`` (e.g.
+            ``{"segmamba": {"ssm_fp32": False}}``); the memory model fits patch and batch to the network built so.
 
     Attributes:
         estimates: configuration name → the :class:`MemoryEstimate` of its patch and batch (nnU-Net's
@@ -81,8 +84,17 @@ class MedmambaPlanner(ExperimentPlanner):
         *,
         networks: Sequence[str] = DEFAULT_NETWORKS,
         precision: Precision = "bf16",
+        network_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        chosen = tuple(architecture(n) for n in dict.fromkeys(networks))  # unknown names fail before any file is read
+        extra = dict(network_kwargs or {})
+        unplanned = sorted(set(extra) - set(networks))
+        if unplanned:
+            raise PlanError(
+                f"--network-kwargs names {', '.join(unplanned)}, which is not planned (--networks: "
+                f"{', '.join(networks)})"
+            )
+        # unknown names and arguments fail before any file is read
+        chosen = tuple(architecture(n).with_kwargs(extra.get(n, {})) for n in dict.fromkeys(networks))
         super().__init__(
             dataset_name_or_id,
             gpu_memory_target_in_gb,

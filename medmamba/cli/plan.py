@@ -72,6 +72,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="bf16",
         help="training precision the memory model assumes (nnU-Net trains with autocast on CUDA)",
     )
+    parser.add_argument(
+        "--network-kwargs",
+        default=None,
+        metavar="JSON",
+        help="constructor arguments per network, written into its plans and fitted by the memory model, e.g. "
+        '\'{"segmamba": {"ssm_fp32": false}}\' (SegMamba\'s Mamba layers in the AMP dtype, as the official code)',
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the dataset check (not recommended)")
     parser.add_argument("--plan-only", action="store_true", help="write the plans, do not preprocess")
     parser.add_argument("--clean", action="store_true", help="recompute the fingerprint even if the data are unchanged")
@@ -93,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             "no output folder: pass --preprocessed-root, or set MEDMAMBA_PREPROCESSED (or nnUNet_preprocessed)"
         )
+    network_kwargs = _network_kwargs(args.network_kwargs)
     result = plan_and_preprocess(
         args.dataset,
         output,
@@ -105,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         overwrite_fingerprint=args.clean,
         preprocess=not args.plan_only,
+        network_kwargs=network_kwargs,
     )
     rows = result.summary()
     if args.json:
@@ -130,3 +139,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"{p.folder}: {len(p.written)} case(s) written, {len(p.skipped)} already done", file=sys.stderr)
     print(result.plans_file)
     return 0
+
+
+def _network_kwargs(text: str | None) -> dict | None:
+    """``--network-kwargs``: a JSON object of JSON objects, one per network name."""
+    import json
+
+    from medmamba.errors import UsageError
+
+    if text is None:
+        return None
+    example = 'give e.g. \'{"segmamba": {"ssm_fp32": false}}\''
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--network-kwargs: not JSON ({err}); {example}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise UsageError(f"--network-kwargs: expected an object of objects, one per network; {example}")
+    return value

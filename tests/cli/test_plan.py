@@ -78,8 +78,15 @@ def test_a_dataset_that_fails_verification_exits_2_and_writes_nothing(raw, tmp_p
     [
         (["--networks", "umamba_bott"], "Did you mean 'umamba_bot'"),
         (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be positive"),
+        (["--network-kwargs", "{segmamba"], "--network-kwargs: not JSON"),
+        (["--network-kwargs", '{"segmamba": false}'], "expected an object of objects"),
+        (["--networks", "umamba_bot", "--network-kwargs", '{"segmamba": {"ssm_fp32": false}}'], "not planned"),
+        (
+            ["--networks", "umamba_bot", "--network-kwargs", '{"umamba_bot": {"ssm_fp32": false}}'],
+            "umamba_bot does not take ssm_fp32",
+        ),
     ],
-    ids=["unknown-network", "zero-budget"],
+    ids=["unknown-network", "zero-budget", "not-json", "not-objects", "unplanned-network", "unknown-argument"],
 )
 def test_bad_options_exit_2_before_anything_is_written(raw, tmp_path, capsys, extra, message):
     out = tmp_path / "pre"

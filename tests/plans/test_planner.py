@@ -4,6 +4,7 @@ through nnunetv2, build through ``get_network_from_plans`` and fit the memory bu
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -146,3 +147,33 @@ def test_segmamba_keeps_its_stages_and_gets_a_patch_on_the_16_grid(planned, raw_
 def test_unknown_network_is_a_plan_error_with_a_suggestion(raw_dataset, tmp_path):
     with pytest.raises(PlanError, match="Did you mean 'umamba_bot'"):
         plan(raw_dataset, tmp_path, 8.0, networks=("umamba_bott",))
+
+
+def test_network_kwargs_enter_the_plans_and_the_memory_model(planned, raw_dataset, tmp_path):
+    # SegMamba with its Mamba layers in the AMP dtype keeps less for the backward: the same patch fits a larger
+    # batch, or a larger patch the same one
+    shutil.copytree(planned.plans_file.parent, tmp_path / raw_dataset.name)
+    with nnunet_folders(raw_dataset.parent, tmp_path):
+        plans = {}
+        for ssm_fp32 in (True, False):
+            planner = MedmambaPlanner(raw_dataset.name, 8.0, networks=("segmamba",),
+                                      network_kwargs={"segmamba": {"ssm_fp32": ssm_fp32}})  # fmt: skip
+            planner.plan_experiment()
+            plans[ssm_fp32] = planner
+    kept, half = (plans[f].plans["configurations"]["3d_fullres_segmamba"] for f in (True, False))
+    assert kept["architecture"]["arch_kwargs"]["ssm_fp32"] is True
+    assert half["architecture"]["arch_kwargs"]["ssm_fp32"] is False
+    est = {f: plans[f].estimates["3d_fullres_segmamba"] for f in (True, False)}
+    assert est[False].with_batch(2).device_bytes <= 8 * 2**30
+    if half["patch_size"] == kept["patch_size"]:
+        assert est[False].bytes_per_sample < est[True].bytes_per_sample and half["batch_size"] >= kept["batch_size"]
+    else:
+        assert math.prod(half["patch_size"]) > math.prod(kept["patch_size"])
+
+
+def test_network_kwargs_for_an_unplanned_network_or_argument_are_plan_errors(raw_dataset, tmp_path):
+    with nnunet_folders(raw_dataset.parent, tmp_path):
+        with pytest.raises(PlanError, match="names segmamba, which is not planned"):
+            MedmambaPlanner(raw_dataset.name, 8.0, networks=("umamba_bot",), network_kwargs={"segmamba": {}})
+        with pytest.raises(PlanError, match="does not take strides"):
+            MedmambaPlanner(raw_dataset.name, 8.0, networks=("segmamba",), network_kwargs={"segmamba": {"strides": 1}})
