@@ -50,6 +50,19 @@ def test_merge_keeps_unmeasured_rows_and_refuses_other_cards(train_gpu):
         train_gpu.merged(earlier, [], "H200")
 
 
+def test_set_changes_the_networks_arguments_and_names_the_rows(train_gpu):
+    import argparse
+
+    args = argparse.Namespace(presets=["segmamba_brats"], amp=["fp16"], quick=False,
+                              network_kwargs=dict([train_gpu._network_kwarg("ssm_fp32=false")]))  # fmt: skip
+    (row,) = train_gpu.rows(args)
+    assert row["kwargs"]["ssm_fp32"] is False and row["kwargs"]["hidden_size"] == 768
+    assert row["setting"] == "planned = 128³, batch 2, ssm_fp32=False"
+    assert train_gpu._network_kwarg("norm=batch") == ("norm", "batch")  # not JSON: a string
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        train_gpu._network_kwarg("ssm_fp32")
+
+
 def _sass(kernel: str, dtype: str, *extra: str) -> dict:
     # a fresh process: the kernels must be compiled, not interpreted (conftest sets TRITON_INTERPRET here)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
