@@ -80,7 +80,7 @@ class Architecture:
         if bad:
             allowed = ", ".join(sorted(params - planned))
             raise PlanError(
-                f"--network-kwargs: {self.name} does not take {', '.join(bad)} from the command line. Its arguments: "
+                f"--network-kwargs: {self.name} does not take {', '.join(bad)} (or the plan sets it). A plan may set: "
                 f"{allowed}"
             )
         return dataclasses.replace(self, arch_kwargs={**self.arch_kwargs, **extra})
