@@ -71,6 +71,9 @@ class UMambaBot(nn.Module):
         concat_first_skip: concatenate the stage-0 skip at the last decoder level; ``None`` = upstream's choice
             (False for 2D ``"2024.03"``, else True).
         d_state: Mamba state size N. d_conv: causal conv width. expand: Mamba inner width factor.
+        ssm_fp32: keep the Mamba layers' convolution, SSM projections and scan in fp32 under autocast
+            (:class:`~medmamba.layers.MambaLayer`); ``False`` runs them in the autocast dtype, as the official code
+            does under AMP (the scan still accumulates in fp32), and keeps less for the backward.
 
     Shapes:
         input ``(B, in_channels, *S)`` with every axis divisible by the product of the strides along it; output
@@ -113,6 +116,7 @@ class UMambaBot(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        ssm_fp32: bool = True,
     ) -> None:
         super().__init__()
         topo = _Topology.build(
@@ -124,6 +128,7 @@ class UMambaBot(nn.Module):
             self, topo=topo, in_channels=in_channels, out_channels=out_channels, mixers=mixers, feature_sizes=(),
             fixed_input_size=None, conv_bias=conv_bias, norm=norm, act=act, deep_supervision=deep_supervision,
             version=version, concat_first_skip=concat_first_skip, d_state=d_state, d_conv=d_conv, expand=expand,
+            ssm_fp32=ssm_fp32,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -194,6 +199,7 @@ class UMambaEnc(nn.Module):
         d_state: int = 16,
         d_conv: int = 4,
         expand: int = 2,
+        ssm_fp32: bool = True,
     ) -> None:
         super().__init__()
         topo = _Topology.build(
@@ -213,6 +219,7 @@ class UMambaEnc(nn.Module):
             self, topo=topo, in_channels=in_channels, out_channels=out_channels, mixers=mixers, feature_sizes=sizes,
             fixed_input_size=fixed, conv_bias=conv_bias, norm=norm, act=act, deep_supervision=deep_supervision,
             version=version, concat_first_skip=concat_first_skip, d_state=d_state, d_conv=d_conv, expand=expand,
+            ssm_fp32=ssm_fp32,
         )  # fmt: skip
         if version == "2024.01":
             zero_init_last_norm_(self)
@@ -242,6 +249,7 @@ def _build(
     d_state: int,
     d_conv: int,
     expand: int,
+    ssm_fp32: bool = True,
 ) -> None:
     """The construction both U-Mamba variants share: encoder with the given mixers, decoder, He init."""
     if in_channels < 1 or out_channels < 1:
@@ -251,7 +259,7 @@ def _build(
     net.topology, net.in_channels, net.out_channels = topo, in_channels, out_channels
     net.input_size = fixed_input_size
     net.encoder = UMambaEncoder(topo, in_channels, mixers, feature_sizes, conv_bias, norm, act, version,
-                                d_state, d_conv, expand)  # fmt: skip
+                                d_state, d_conv, expand, ssm_fp32)  # fmt: skip
     net.decoder = UNetDecoder(
         topo.spatial_dims,
         topo.features,
@@ -289,6 +297,7 @@ class UMambaEncoder(nn.Module):
         d_state: int,
         d_conv: int,
         expand: int,
+        ssm_fp32: bool = True,
     ) -> None:
         super().__init__()
         dims, c0 = topo.spatial_dims, topo.features[0]
@@ -300,9 +309,10 @@ class UMambaEncoder(nn.Module):
         def mamba(s: int, kind: Mixer) -> nn.Module:
             if kind == "spatial":
                 return MambaLayer(topo.features[s], norm=True, residual=False, d_state=d_state, d_conv=d_conv,
-                                  expand=expand)  # fmt: skip
+                                  expand=expand, ssm_fp32=ssm_fp32)  # fmt: skip
             if kind == "channel":
-                return ChannelTokenMamba(feature_sizes[s], d_state=d_state, d_conv=d_conv, expand=expand)
+                return ChannelTokenMamba(feature_sizes[s], d_state=d_state, d_conv=d_conv, expand=expand,
+                                         ssm_fp32=ssm_fp32)  # fmt: skip
             return nn.Identity()
 
         if version == "2024.01":  # nnU-Net's ResidualEncoder stem: one conv-norm-act

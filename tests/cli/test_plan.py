@@ -82,8 +82,8 @@ def test_a_dataset_that_fails_verification_exits_2_and_writes_nothing(raw, tmp_p
         (["--network-kwargs", '{"segmamba": false}'], "expected an object of objects"),
         (["--networks", "umamba_bot", "--network-kwargs", '{"segmamba": {"ssm_fp32": false}}'], "not planned"),
         (
-            ["--networks", "umamba_bot", "--network-kwargs", '{"umamba_bot": {"ssm_fp32": false}}'],
-            "umamba_bot does not take ssm_fp32",
+            ["--networks", "umamba_bot", "--network-kwargs", '{"umamba_bot": {"embed_dim": 48}}'],
+            "umamba_bot does not take embed_dim",
         ),
     ],
     ids=["unknown-network", "zero-budget", "not-json", "not-objects", "unplanned-network", "unknown-argument"],

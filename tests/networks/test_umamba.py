@@ -398,3 +398,18 @@ def test_registry_builds_umamba_by_name(name, cls):
     extra = {"input_size": (16, 16)} if cls is UMambaEnc else {}
     net = networks.build(name, spatial_dims=2, in_channels=1, out_channels=2, **TINY[2], **extra)
     assert type(net) is cls
+
+
+@pytest.mark.parametrize("cls", [UMambaBot, UMambaEnc], ids=["bot", "enc"])
+def test_ssm_fp32_reaches_every_mamba_layer_and_changes_no_parameter(cls):
+    kwargs = {"features_per_stage": (4, 8, 16), "strides": (1, 2, 2)}
+    if cls is UMambaEnc:  # 2×2×2 at the bottleneck: its layer scans over the channels
+        kwargs["input_size"] = (8, 8, 8)
+    kept, half = (cls(3, 1, 2, ssm_fp32=flag, **kwargs) for flag in (True, False))
+    assert sum(p.numel() for p in kept.parameters()) == sum(p.numel() for p in half.parameters())
+    layers = [m for m in half.modules() if isinstance(m, MambaLayer)]
+    assert layers and not any(m.ssm_fp32 for m in layers)
+    assert all(m.ssm_fp32 for m in kept.modules() if isinstance(m, MambaLayer))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = half(torch.randn(1, 1, 8, 8, 8))
+    assert torch.isfinite(out.float()).all()

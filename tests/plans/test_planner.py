@@ -172,6 +172,11 @@ def test_network_kwargs_enter_the_plans_and_the_memory_model(planned, raw_datase
 
 
 def test_network_kwargs_for_an_unplanned_network_or_argument_are_plan_errors(raw_dataset, tmp_path):
+    from medmamba.plans.architectures import architecture
+
+    assert architecture("umamba_enc").with_kwargs({"ssm_fp32": False}).arch_kwargs["ssm_fp32"] is False
+    with pytest.raises(PlanError, match="does not take features_per_stage"):  # nnU-Net's planner decides the stages
+        architecture("umamba_bot").with_kwargs({"features_per_stage": [8, 16]})
     with nnunet_folders(raw_dataset.parent, tmp_path):
         with pytest.raises(PlanError, match="names segmamba, which is not planned"):
             MedmambaPlanner(raw_dataset.name, 8.0, networks=("umamba_bot",), network_kwargs={"segmamba": {}})
