@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from medmamba.errors import PlanError
 
-__all__ = ["ARCHITECTURES", "Architecture", "architecture", "available_networks", "configuration_name"]
+__all__ = ["ARCHITECTURES", "Architecture", "architecture", "available_networks", "chosen", "configuration_name"]
 
 _CONV = {2: "torch.nn.modules.conv.Conv2d", 3: "torch.nn.modules.conv.Conv3d"}
 
@@ -158,6 +158,24 @@ def architecture(name: str) -> Architecture:
             f"--networks: {name!r} cannot be planned for nnU-Net segmentation. {hint}Choose from "
             f"{', '.join(sorted(ARCHITECTURES))} (Vivim and MambaMorph use presets: medmamba.plans.load_preset)"
         ) from None
+
+
+def chosen(
+    networks: Sequence[str], network_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[Architecture, ...]:
+    """The entries of ``networks``, once each and in order, with their ``network_kwargs`` (``with_kwargs``).
+
+    Raises:
+        PlanError: an unknown network, ``network_kwargs`` for a network not among ``networks``, or an argument the
+            network does not take.
+    """
+    extra = dict(network_kwargs or {})
+    unplanned = sorted(set(extra) - set(networks))
+    if unplanned:
+        raise PlanError(
+            f"--network-kwargs names {', '.join(unplanned)}, which is not planned (--networks: {', '.join(networks)})"
+        )
+    return tuple(architecture(n).with_kwargs(extra.get(n, {})) for n in dict.fromkeys(networks))
 
 
 def available_networks() -> list[str]:

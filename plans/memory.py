@@ -391,9 +391,10 @@ def _scan_accounting(counter: _SavedCounter, *, enabled: bool) -> Iterator[None]
         counter.add(torch.empty(batch, K, channels, chunks, n_state, device=u.device))
         # and at each chunk's middle for the orders whose tokens are neighbours in memory (raster, reversed), which
         # the GPU's per-token main pass runs (PassConfig.mid_states); counted for all of them, an upper bound
-        neighbours = sum(1 for o in orders if o.axes is None or tuple(o.axes) == tuple(range(len(spatial))))
-        if not orders or neighbours:
-            counter.add(torch.empty(batch, max(neighbours, 1), channels, chunks, n_state, device=u.device))
+        identity = tuple(range(len(spatial)))
+        neighbours = sum(1 for o in orders if o.resolve(len(spatial)) == identity) if orders else 1
+        if neighbours:
+            counter.add(torch.empty(batch, neighbours, channels, chunks, n_state, device=u.device))
         pre_gate = torch.empty((batch, channels, *spatial), dtype=u.dtype, device=u.device)
         if z is not None:
             counter.add(pre_gate)  # the backward of the gate needs the pre-gate output

@@ -17,7 +17,7 @@ from typing import Any
 
 from medmamba.errors import DatasetError, PlanError, Problem
 
-from .architectures import architecture, available_networks
+from .architectures import architecture, available_networks, chosen
 from .fingerprint import NNUNET_FOREGROUND_SAMPLES
 from .memory import MemoryEstimate, Precision
 
@@ -116,10 +116,7 @@ def plan_and_preprocess(
                 f"--networks: {name} has no nnU-Net class ({architecture(name).nnunet_class}) in this installation. "
                 f"Choose from {', '.join(available_networks())}"
             )
-    for name, kwargs in (network_kwargs or {}).items():  # wrong names and arguments fail before anything is written
-        if name not in networks:
-            raise PlanError(f"--network-kwargs names {name}, which is not planned (--networks: {', '.join(networks)})")
-        architecture(name).with_kwargs(kwargs)
+    chosen(networks, network_kwargs)  # wrong network arguments fail before anything is written
     raw = open_dataset(dataset, raw_root)
     if not _NAME.match(raw.root.name):
         raise DatasetError(

@@ -37,7 +37,7 @@ from medmamba.errors import PlanError
 from medmamba.io.atomic import write_json
 
 from ._nnunet import stdout_to_log
-from .architectures import Architecture, architecture, configuration_name
+from .architectures import Architecture, chosen, configuration_name
 from .memory import CONTEXT_BYTES, MemoryEstimate, Precision, estimate
 
 __all__ = ["DEFAULT_NETWORKS", "PLANS_NAME", "MedmambaPlanner"]
@@ -86,15 +86,7 @@ class MedmambaPlanner(ExperimentPlanner):
         precision: Precision = "bf16",
         network_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        extra = dict(network_kwargs or {})
-        unplanned = sorted(set(extra) - set(networks))
-        if unplanned:
-            raise PlanError(
-                f"--network-kwargs names {', '.join(unplanned)}, which is not planned (--networks: "
-                f"{', '.join(networks)})"
-            )
-        # unknown names and arguments fail before any file is read
-        chosen = tuple(architecture(n).with_kwargs(extra.get(n, {})) for n in dict.fromkeys(networks))
+        planned = chosen(networks, network_kwargs)  # unknown names and arguments fail before any file is read
         super().__init__(
             dataset_name_or_id,
             gpu_memory_target_in_gb,
@@ -103,7 +95,7 @@ class MedmambaPlanner(ExperimentPlanner):
             overwrite_target_spacing,
             suppress_transpose,
         )
-        self.networks = chosen
+        self.networks = planned
         if self.budget_bytes <= CONTEXT_BYTES:
             raise PlanError(
                 f"{self.dataset_name}: {gpu_memory_target_in_gb:g} GB is less than a CUDA context alone "

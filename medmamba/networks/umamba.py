@@ -249,7 +249,7 @@ def _build(
     d_state: int,
     d_conv: int,
     expand: int,
-    ssm_fp32: bool = True,
+    ssm_fp32: bool,
 ) -> None:
     """The construction both U-Mamba variants share: encoder with the given mixers, decoder, He init."""
     if in_channels < 1 or out_channels < 1:
@@ -297,7 +297,7 @@ class UMambaEncoder(nn.Module):
         d_state: int,
         d_conv: int,
         expand: int,
-        ssm_fp32: bool = True,
+        ssm_fp32: bool,
     ) -> None:
         super().__init__()
         dims, c0 = topo.spatial_dims, topo.features[0]
