@@ -581,7 +581,9 @@ def host_us(fn, calls: int = 20) -> float:
 
 def launch_ab(rows, rounds: int = 2, reps=(30, 20)) -> list[dict]:
     """Each row with Triton's own launches (``jit``), the direct ones found by argument key (``keyed``) and by the
-    call sites' memos (``direct``, launch.Launcher.at), interleaved ``rounds`` times.
+    call sites' memos through Triton's C launchers (``direct-triton``) and through the native one (``direct``,
+    launch.Launcher.at, native_launch.c), interleaved ``rounds`` times; per call through ``selective_scan`` and as
+    the backend's ops alone (``op_calls``, as the spec timed upstream).
 
     The lent machines' host speed drifts within minutes, so the modes alternate on the same inputs.
     """
@@ -604,19 +606,29 @@ def row_calls(row):
 
 
 def _launch_row(row, rounds, reps) -> list[dict]:
-    name, *_, dtname, z = row
-    fwd, fwd_bwd = row_calls(row)
+    name, batch, d, spatial, orders, dtname, z = row
+    args = make_inputs(batch, d, spatial, orders, DTYPES[dtname], z)
+    grad_out = torch.randn((batch, d, *spatial), device=DEVICE, dtype=DTYPES[dtname])
+    fwd_bwd, _ = training_step(args, orders, grad_out)
+    ops_fwd, ops_fwd_bwd = op_calls(args, orders, grad_out)
+
+    def fwd():
+        return scan_call(args, orders, "triton")
+
     out = []
     for rnd in range(rounds):
-        for mode in ("jit", "keyed", "direct"):
+        for mode in ("jit", "keyed", "direct-triton", "direct"):
             with launch.use_mode(mode):
                 fwd_ms = cuda_time(fwd, reps[0], warmup=3)[0]
                 fb_ms = cuda_time(fwd_bwd, reps[1], warmup=3)[0]
+                ops_ms = cuda_time(ops_fwd, reps[0], warmup=3)[0]
+                ops_fb_ms = cuda_time(ops_fwd_bwd, reps[1], warmup=3)[0]
                 host = host_us(fwd)
             out.append({"shape": name, "dtype": dtname, "z": z, "mode": mode, "round": rnd, "fwd_ms": fwd_ms,
-                        "fwd_bwd_ms": fb_ms, "host_us": host})  # fmt: skip
-            print(f"launch {mode} {name} {dtname} z={z}: {fwd_ms:.3f} / {fb_ms:.3f} ms, host {host:.0f} us",
-                  flush=True)  # fmt: skip
+                        "fwd_bwd_ms": fb_ms, "ops_fwd_ms": ops_ms, "ops_fwd_bwd_ms": ops_fb_ms,
+                        "host_us": host})  # fmt: skip
+            print(f"launch {mode} {name} {dtname} z={z}: {fwd_ms:.3f} / {fb_ms:.3f} ms, ops alone {ops_ms:.3f} / "
+                  f"{ops_fb_ms:.3f} ms, host {host:.0f} us", flush=True)  # fmt: skip
     return out
 
 
@@ -1046,16 +1058,19 @@ def markdown(
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['config']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
                          f"|{replays} {r['rel_err_vs_torch']:.1e} | {grad_err:.1e} |")  # fmt: skip
     if launch_rows:
-        head = ("| launch A/B (medians over rounds) | dtype | z | Triton's launch: fwd / fwd+bwd ms, host µs | "
-                "direct, by argument key | direct, by the call sites' memos (default) |")  # fmt: skip
-        lines += ["", head, "|---|---|---|---|---|---|"]
+        head = ("| launch A/B (medians over rounds; per call fwd / fwd+bwd ms; ops alone fwd / fwd+bwd ms; host µs "
+                "of a no-grad call) | dtype | z | Triton's launch | direct, by argument key | direct, memos, Triton's "
+                "C launchers | direct, memos, native launcher (default) |")  # fmt: skip
+        lines += ["", head, "|---|---|---|---|---|---|---|"]
         keys = list(dict.fromkeys((r["shape"], r["dtype"], r["z"]) for r in launch_rows))
+        fields = ("fwd_ms", "fwd_bwd_ms", "ops_fwd_ms", "ops_fwd_bwd_ms", "host_us")
         for key in keys:
             cells = []
-            for mode in ("jit", "keyed", "direct"):
+            for mode in ("jit", "keyed", "direct-triton", "direct"):
                 got = [r for r in launch_rows if (r["shape"], r["dtype"], r["z"]) == key and r["mode"] == mode]
-                med = {f: statistics.median(r[f] for r in got) for f in ("fwd_ms", "fwd_bwd_ms", "host_us")}
-                cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}, {med['host_us']:.0f}")
+                med = {f: statistics.median(r[f] for r in got) for f in fields}
+                cells.append(f"{med['fwd_ms']:.3f} / {med['fwd_bwd_ms']:.3f}; {med['ops_fwd_ms']:.3f} / "
+                             f"{med['ops_fwd_bwd_ms']:.3f}; {med['host_us']:.0f}")  # fmt: skip
             lines.append(f"| {key[0]} | {key[1]} | {'z' if key[2] else '-'} | {' | '.join(cells)} |")
     if graph_rows:
         lines += [

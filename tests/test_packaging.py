@@ -70,15 +70,18 @@ def test_wheel_installs_and_imports_the_mapped_packages(tmp_path):
         "print(medmamba.kernels.__file__); print(medmamba.plans.__file__);"
         "import torch; from medmamba.kernels import selective_scan;"
         "u = torch.randn(1, 2, 5); A = -torch.ones(2, 3); B = torch.randn(1, 3, 5);"
-        "print(selective_scan(u, u, A, B, B).out.shape)"
+        "print(selective_scan(u, u, A, B, B).out.shape);"
+        "from medmamba.kernels.backends.triton_scan import native;"  # its C source ships and builds
+        "print(native._SOURCE.is_file(), native.load() is not None)"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
-    kernels_file, plans_file, shape = out.stdout.split("\n")[:3]
+    kernels_file, plans_file, shape, native_launcher = out.stdout.split("\n")[:4]
     assert Path(kernels_file).is_relative_to(site) and Path(plans_file).is_relative_to(site)
     assert shape == "torch.Size([1, 2, 5])"
+    assert native_launcher == "True True"
 
 
 def test_console_script_reports_version_and_help():

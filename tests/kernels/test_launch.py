@@ -207,7 +207,7 @@ def test_a_memo_hit_launches_without_reading_the_arguments(direct, monkeypatch):
     x, y = torch.zeros(64), torch.zeros(64)
     launcher.at(memo, "main", (2,))(*_args(x, x), SCALE=3)
     (compiled,) = jit.by_key.values()
-    assert memo["main"][0] is compiled and memo["main"][2] == 0  # the kernel, and the device it is for
+    assert memo["main"][0] is compiled and memo["main"][3] == 0  # the kernel, and the device it is for
     monkeypatch.setattr(launch, "argument_key", lambda args: pytest.fail("a memo hit must not build the key"))
     launcher.at(memo, "main", (4,))(*_args(y, y, 64), SCALE=3)
     assert len(jit.calls) == 1
@@ -218,10 +218,10 @@ def test_a_memo_hit_launches_without_reading_the_arguments(direct, monkeypatch):
 def test_a_memo_of_another_device_or_in_keyed_mode_is_not_used(direct):
     jit, launcher = direct
     x = torch.zeros(64)
-    memo = {"main": (object(), (), 1)}  # remembered on device 1; the current device is 0
+    memo = {"main": (object(), (), None, 1)}  # remembered on device 1; the current device is 0
     launcher.at(memo, "main", (1,))(*_args(x, x), SCALE=1)
     (compiled,) = jit.by_key.values()
-    assert memo["main"] == (compiled, (1, 64, False), 0)
+    assert memo["main"] == (compiled, (1, 64, False), None, 0)  # None: not a kernel the native launcher takes
     launcher.mode = "keyed"  # direct launches found by the argument key alone
     other = {}
     for _ in range(2):

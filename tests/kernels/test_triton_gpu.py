@@ -218,6 +218,8 @@ def test_gpu_direct_launches_run_the_kernels_triton_picks(spatial, orders, dtype
             flat = torch.empty(low[i].numel() + offset, device="cuda", dtype=dtype)
             low[i] = flat[offset:].view(low[i].shape).copy_(low[i].detach()).requires_grad_()
         assert low[0].data_ptr() % 16 != 0
+    for launcher in launch._LAUNCHERS:  # what earlier tests remembered (the fused carry's cooperative kernel)
+        launcher._kernels.clear()
     with launch.use_mode("jit"):
         want = _scan_conv_norm(low, orders, seed=14)
     with launch.use_mode("check"):
@@ -226,9 +228,14 @@ def test_gpu_direct_launches_run_the_kernels_triton_picks(spatial, orders, dtype
     with launch.use_mode("direct"):
         fresh = [a.detach().clone().requires_grad_() if a is not None else None for a in low]
         direct = [_scan_conv_norm(inputs, orders, seed=14) for inputs in (low, fresh if not offset else low)]
+    with launch.use_mode("direct-triton"):  # Triton's C launchers only
+        direct.append(_scan_conv_norm(low, orders, seed=14))
     for got in (checked, *direct):
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w)
+    # the native launcher (native_launch.c) took every remembered kernel: the direct launches above went through it
+    kept = [(launcher.fn.__name__, spec) for launcher in launch._LAUNCHERS for _, _, spec in launcher._kernels.values()]
+    assert kept and [name for name, spec in kept if spec is None] == []
 
 
 @pytest.mark.gpu

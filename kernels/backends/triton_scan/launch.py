@@ -17,9 +17,13 @@ key their launch settings on the inputs' shapes, strides, dtypes and alignment) 
 :meth:`Launcher.at` instead, with a memo kept beside those settings: its first launch finds the kernel by the
 argument key, later ones take it from the memo.
 
+A direct launch goes through ``native_launch.c`` (:mod:`.native`) where the kernel's parameter layout is certain,
+else through the kernel's own C launcher from Triton.
+
 ``MEDMAMBA_TRITON_LAUNCH=jit`` launches every call through Triton's own path; ``=check`` does too, and asserts that
 Triton picked the remembered kernel, the memos' included (the GPU tests run so); ``=keyed`` launches directly but
-ignores the memos (to time them).
+ignores the memos (to time them); ``=direct-triton`` launches directly through Triton's C launchers only (to time
+the native one).
 """
 
 from __future__ import annotations
@@ -32,16 +36,17 @@ from typing import Any
 
 import torch
 
+from . import native
 from .layout import interpreted
 
 __all__ = ["Launcher", "argument_key", "launch_mode", "launch_stream", "use_mode"]
 
-_MODES = ("direct", "keyed", "jit", "check")
+_MODES = ("direct", "direct-triton", "keyed", "jit", "check")
 _MAX_ENTRIES = 512  # remembered kernels per Launcher (one per argument key); cleared when full
 
 
 def launch_mode() -> str:
-    """The launch mode: ``direct`` (the default), ``keyed``, ``jit`` or ``check`` (``MEDMAMBA_TRITON_LAUNCH``).
+    """The launch mode (``MEDMAMBA_TRITON_LAUNCH``): direct (default), direct-triton, keyed, jit or check.
 
     Always ``jit`` under the interpreter.
     """
@@ -71,7 +76,7 @@ _LAUNCHERS: list[Launcher] = []
 def use_mode(mode: str) -> Iterator[None]:
     """Launch every kernel of the scan backend in ``mode`` inside the block.
 
-    ``mode``: ``direct``, ``keyed``, ``jit`` or ``check`` (the module's doc).
+    ``mode``: ``direct``, ``direct-triton``, ``keyed``, ``jit`` or ``check`` (the module's doc).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}, got {mode!r}")
@@ -102,7 +107,7 @@ class Launcher:
         self.fn = fn
         self.mode = mode  # None: from the environment at the first launch
         self._params = _parameters(fn)
-        self._kernels: dict[tuple, tuple[Any, tuple]] = {}
+        self._kernels: dict[tuple, tuple[Any, tuple, tuple | None]] = {}
         self._runtime: tuple[Callable, Callable, Any] | None = None
         _LAUNCHERS.append(self)
 
@@ -132,8 +137,8 @@ class Launcher:
         if self.mode == "keyed":
             memo = None
         hit = memo.get(slot) if memo is not None else None
-        if hit is not None and hit[2] == dev and self.mode == "direct":
-            compiled, tail, _ = hit
+        if hit is not None and hit[3] == dev and self.mode in ("direct", "direct-triton"):
+            compiled, tail, spec, _ = hit
         else:
             key = (argument_key(args), tuple(meta.items()), dev)
             kept = self._kernels.get(key)
@@ -143,7 +148,7 @@ class Launcher:
                     assert compiled is kept[0], (
                         f"{self.fn.__name__}: the remembered kernel is not the one Triton picked"
                     )
-                if hit is not None and hit[2] == dev:
+                if hit is not None and hit[3] == dev:
                     assert compiled is hit[0], (
                         f"{self.fn.__name__}: the kernel of memo slot {slot!r} is not the one Triton picked"
                     )
@@ -151,15 +156,19 @@ class Launcher:
                 if memo is not None and kept is not None:
                     memo[slot] = (*kept, dev)
                 return
-            compiled, tail = kept
+            compiled, tail, spec = kept
             if memo is not None:
-                memo[slot] = (compiled, tail, dev)
+                memo[slot] = (compiled, tail, spec, dev)
         stream = stream_of(dev)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         full = (*args, *tail)
-        metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
+        if spec is not None and enter is None and leave is None and self.mode != "direct-triton":
+            native_launch, function, threads, shared, kinds = spec
+            native_launch(function, grid[0], g1, g2, threads, shared, stream, dev, kinds, full)
+            return
+        metadata = compiled.launch_metadata(grid, stream, *full) if enter is not None else None
         compiled.run(
             grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *full
         )
@@ -171,11 +180,14 @@ class Launcher:
         self._runtime = (driver.active.get_current_device, driver.active.get_current_stream, knobs)
         return self._runtime
 
-    def _remember(self, key: tuple, compiled: Any, args: tuple, meta: dict[str, Any]) -> tuple[Any, tuple] | None:
+    def _remember(
+        self, key: tuple, compiled: Any, args: tuple, meta: dict[str, Any]
+    ) -> tuple[Any, tuple, tuple | None] | None:
         # The C launcher takes every parameter of the signature in order, compile-time ones included: the
         # positional arguments, then the rest from the keywords or their defaults. Anything else (an older
         # Triton, a kernel still compiling) is not remembered and keeps Triton's own path. Returns what a direct
-        # launch takes: the kernel and the parameters after the positional ones.
+        # launch takes: the kernel, the parameters after the positional ones, and the native launcher's
+        # (launch, function, threads, shared bytes, kinds) where it takes the kernel.
         if self._params is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
             return None
         if hasattr(compiled, "result") or compiled.function is None:
@@ -193,7 +205,9 @@ class Launcher:
                 return None
         if len(self._kernels) >= _MAX_ENTRIES:
             self._kernels.clear()
-        entry = self._kernels[key] = (compiled, tuple(tail))
+        spec = native.spec_of(compiled, len(args) + len(tail))
+        native_spec = (native.load().launch, *spec) if spec is not None else None
+        entry = self._kernels[key] = (compiled, tuple(tail), native_spec)
         return entry
 
 
