@@ -1238,6 +1238,7 @@ def main() -> int:
         save()
     if args.launch:
         picked = [r for r in shapes(False) if r[0] in LAUNCH_ROWS and (r[0] != "S1" or not r[6])]
+        picked = [r for r in picked if args.only in r[0]] if args.only else picked
         launch_rows.extend(launch_ab(picked))
         save()
     if args.profile:
