@@ -12,7 +12,7 @@ This package imports nothing else of medmamba (and only torch; triton lazily, on
 from __future__ import annotations
 
 from .conv import causal_conv
-from .dispatch import available_backends, use_backend
+from .dispatch import available_backends, triton_launcher, use_backend
 from .errors import BackendUnavailableError, ScanInputError
 from .norm import channel_layer_norm
 from .orders import RASTER, REVERSED, SLICE, TEMPORAL, ScanOrder, cross_scan, from_sequence, order_indices, to_sequence
@@ -35,5 +35,6 @@ __all__ = [
     "order_indices",
     "selective_scan",
     "to_sequence",
+    "triton_launcher",
     "use_backend",
 ]

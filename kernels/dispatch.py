@@ -18,7 +18,10 @@ import torch
 
 from .errors import BackendUnavailableError
 
-__all__ = ["BACKENDS", "OWN_AUTOGRAD", "BackendName", "available_backends", "resolve_backend", "use_backend"]
+__all__ = [
+    "BACKENDS", "OWN_AUTOGRAD", "BackendName", "available_backends", "resolve_backend", "triton_launcher",
+    "use_backend",
+]  # fmt: skip
 
 BackendName = Literal["auto", "reference", "torch", "triton"]
 
@@ -107,6 +110,16 @@ def _resolve(name: str, device: torch.device) -> tuple[str, Callable[..., object
         if reason is not None:
             raise BackendUnavailableError(reason)
     return name, _load(name).scan
+
+
+def triton_launcher() -> str | None:
+    """Why the triton backend keeps Triton's C launcher, or ``None`` when it launches through medmamba's native one.
+
+    For ``medmamba info``; builds the native launcher if it was not built yet.
+    """
+    from .backends.triton_scan import native
+
+    return native.status()
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:

@@ -12,8 +12,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
         help="print versions, devices and available scan backends",
-        description="Print the versions of medmamba and its libraries, the devices seen, and which "
-        "selective-scan backends can run on each device (and why not, where not). With --check-scan, also run a "
+        description="Print the versions of medmamba and its libraries, the devices seen, which "
+        "selective-scan backends can run on each device (and why not, where not), and, with a GPU, whether the "
+        "triton backend launches its kernels through medmamba's native C launcher. With --check-scan, also run a "
         "SegMamba-style three-order Mamba layer (raster, reversed, inter-slice) with each backend that can run, "
         "compare it with the float64 reference scan and time it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -51,9 +52,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"device {device} ({name})")
         for backend, reason in available_backends(device).items():
             print(f"  scan backend {backend}: {'ok' if reason is None else reason}")
+    if torch.cuda.device_count() and available_backends("cuda:0").get("triton") is None:
+        print(f"triton kernel launcher: {_launcher()}")
     if args.check_scan:
         _check_scan(args)
     return 0
+
+
+def _launcher() -> str:
+    """Which C launcher the Triton backend's direct launches use, and why Triton's where it is not ours."""
+    from medmamba.kernels import triton_launcher
+
+    reason = triton_launcher()
+    return "native (medmamba's)" if reason is None else f"Triton's: the native one is {reason}"
 
 
 def _check_scan(args: argparse.Namespace) -> None:

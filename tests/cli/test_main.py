@@ -71,3 +71,13 @@ def test_info_check_scan_compares_every_backend_with_the_reference(capsys):
     line = next(l for l in out.splitlines() if l.strip().startswith("backend torch"))
     error = float(line.split("reference")[1].split()[0])
     assert error < 1e-10
+
+
+def test_info_names_the_kernel_launcher(monkeypatch):
+    import medmamba.cli.info as info
+    import medmamba.kernels as kernels
+
+    assert kernels.triton_launcher() is None  # the native launcher builds here (gcc and Python's headers)
+    assert info._launcher() == "native (medmamba's)"
+    monkeypatch.setenv("MEDMAMBA_NATIVE_LAUNCH", "0")
+    assert info._launcher() == "Triton's: the native one is off (MEDMAMBA_NATIVE_LAUNCH=0)"

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["enabled", "kinds_of", "load", "spec_of"]
+__all__ = ["enabled", "kinds_of", "load", "spec_of", "status"]
 
 _SOURCE = Path(__file__).with_name("native_launch.c")
 _MODULE_NAME = "medmamba_native_launch"
@@ -30,7 +30,7 @@ _KINDS = {"i32": "i", "i64": "l", "fp32": "f", "f32": "f", "constexpr": "x"}
 _MAX_PARAMS = 254  # native_launch.c's MAX_PARAMS
 
 _module: ModuleType | None = None
-_failed = False
+_failed: str | None = None  # why the module could not be built
 
 
 def enabled() -> bool:
@@ -41,16 +41,28 @@ def enabled() -> bool:
 def load() -> ModuleType | None:
     """The compiled ``native_launch.c`` module, built on first use; None where it cannot be built."""
     global _module, _failed
-    if _module is not None or _failed:
+    if _module is not None or _failed is not None:
         return _module
     try:
         from triton.runtime.build import compile_module_from_src
 
         _module = compile_module_from_src(_SOURCE.read_text(), _MODULE_NAME)
     except Exception as exc:  # no compiler, no Python headers: Triton's launcher stays
-        _failed = True
+        _failed = f"{type(exc).__name__}: {exc}"
         logging.getLogger(__name__).warning("medmamba: native kernel launcher not built (%s); using Triton's", exc)
     return _module
+
+
+def status() -> str | None:
+    """None when direct launches go through the native launcher, else why they keep Triton's (for ``medmamba info``).
+
+    Builds the module if it was not built yet.
+    """
+    if not enabled():
+        return "off (MEDMAMBA_NATIVE_LAUNCH=0)"
+    if load() is None:
+        return f"not built ({_failed})"
+    return None
 
 
 def kinds_of(compiled: Any, n_args: int) -> bytes | None:
