@@ -662,6 +662,19 @@ def settings(u, delta, A, B, C, D, z, delta_bias, orders, delta_softplus, merge,
     return key, launch, cfg
 
 
+def _segment_pass(launch: _Launch, u, delta, A, B, C, Dv, bias, z_arg, common) -> tuple[torch.Tensor, torch.Tensor]:
+    # each segment's end state from zero and its Σ Δ, for the carry pass
+    p, nsplit, dev = launch.plan, launch.nsplit, u.device
+    seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
+    seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
+    _fwd_launch.at(launch.sites, "segments", launch.grid)(
+        u, delta, A, B, C, Dv, bias, z_arg, u, u, seg_state, seg_state, seg_dt, launch.table, seg_state, *common,
+        nsplit, nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
+        **launch.flags,
+    )  # fmt: skip
+    return seg_state, seg_dt
+
+
 def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=None) -> ForwardResult:
     """The launches of one ungrouped forward call with settings ``launch`` (:func:`settings`).
 
@@ -677,7 +690,12 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     if launch.line_vectors:
         return _line_vector_passes(launch, u, delta, A, B, C, Dv, bias, z, save, out)
     common = (p.L, p.channels, p.N, p.K, p.cpg, p.nchunks, launch.cps)
-    # what the first pass writes first: the GPU starts while the host allocates the rest
+    # The segment pass first, with only its own outputs allocated: at the short stages the GPU waits for the host,
+    # and it starts while the host allocates the rest. It writes nothing else (the output and the last state are
+    # stand-ins: u's address for y's, its end states' for the fp32 ones)
+    seg = None
+    if nsplit > 1 and not (launch.fused and "apart" not in launch.sites):
+        seg = _segment_pass(launch, u, delta, A, B, C, Dv, bias, z_arg, common)
     if out is None:
         y = torch.empty(launch.y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
     else:
@@ -692,14 +710,10 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     if fused is not None:
         states, mids = fused
     else:
+        if nsplit > 1 and seg is None:  # a fused launch that ran apart after all (a CUDA graph capture)
+            seg = _segment_pass(launch, u, delta, A, B, C, Dv, bias, z_arg, common)
         if nsplit > 1:
-            seg_state = torch.empty(p.batch, p.K, p.channels, nsplit, p.N, device=dev, dtype=torch.float32)
-            seg_dt = torch.empty(p.batch, p.K, p.channels, nsplit, device=dev, dtype=torch.float32)
-            _fwd_launch.at(launch.sites, "segments", launch.grid)(
-                u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, seg_state, last, seg_dt, launch.table, last, *common,
-                nsplit, nsplit, *launch.strides, GATE=False, STORE_PRE=False, SAVE_STATES=False, END_ONLY=True,
-                **launch.flags,
-            )  # fmt: skip
+            seg_state, seg_dt = seg
         states = torch.empty(p.batch, p.K, launch.n_state, p.N, p.channels, device=dev, dtype=torch.float32)
         if nsplit > 1:
             block_s, block_n = launch.carry_blocks
