@@ -1,6 +1,7 @@
 """Host time of the Triton scan's Python per call, on any machine, with the kernels stubbed out.
 
     python benchmarks/scan_host.py [--rows "SegMamba s3 16³,U-Mamba s3 16³"] [--modes keyed,direct] [--profile]
+                                   [--first-launch]
 
 At the 16³ and 32³ stages the GPU waits for the host (``benchmarks/RESULTS.md``): what a call costs there is the
 Python around the kernels. This script runs that Python on CPU tensors, with every launcher of the scan backend
@@ -14,7 +15,8 @@ prints the microseconds per call, median of ``--repeats`` runs of ``--calls`` ca
 (``scan_gpu.op_calls``). Modes alternate, as the machine's speed drifts. Caveats: CPU tensors are allocated by
 the CPU allocator, not CUDA's caching one, and the stand-in's C launcher costs nothing (Triton's is 7-16 µs on
 the lent hosts, whose Python also runs 4-5× slower than the CI machine's). ``--profile`` adds the functions
-with the most own time (cProfile) for the last mode.
+with the most own time (cProfile) for the last mode; ``--first-launch`` the Python before each call's first launch
+(the GPU idles that long at the short stages) and when each later launch is reached.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ def _scan_gpu():
     return module
 
 
+_LAUNCHED: list[float] | None = None  # when a list: each stub launch's perf_counter (--first-launch)
+
+
 class _Compiled:
     """What a compiled Triton kernel offers the direct launch; its C launcher does nothing."""
 
     function = packed_metadata = "stub"
 
     def run(self, *call):
-        pass
+        if _LAUNCHED is not None:
+            _LAUNCHED.append(time.perf_counter())
 
     def launch_metadata(self, *args):
         return None
@@ -115,6 +121,27 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def first_launch_us(fn, calls: int) -> tuple[float, list[float]]:
+    """``(µs from a call's start to its first launch, each launch's µs after the first)``, medians over ``calls``.
+
+    At the short stages the GPU idles until the first launch of a call and whenever the host falls behind.
+    """
+    global _LAUNCHED
+    for _ in range(max(2, calls // 10)):
+        fn()
+    firsts, offsets = [], []
+    try:
+        for _ in range(calls):
+            _LAUNCHED = []
+            start = time.perf_counter()
+            fn()
+            firsts.append((_LAUNCHED[0] - start) * 1e6)
+            offsets.append([(t - _LAUNCHED[0]) * 1e6 for t in _LAUNCHED])
+    finally:
+        _LAUNCHED = None
+    return statistics.median(firsts), [statistics.median(col) for col in zip(*offsets, strict=True)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", help="comma-separated scan_gpu.py row names; default: its host-bound rows")
@@ -122,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=100, help="calls per timed run")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per call and mode (the median is reported)")
     ap.add_argument("--profile", action="store_true", help="cProfile's top functions for the last mode")
+    ap.add_argument("--first-launch", action="store_true",
+                    help="also the µs from each call's start to its first launch, and every launch's µs after it "
+                         "(last mode)")  # fmt: skip
     args = ap.parse_args(argv)
 
     scan_gpu = _scan_gpu()
@@ -146,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(per_call_us(fn, args.calls, args.repeats))
             cells = " | ".join(f"{t:.0f}" for t in times)
             print(f"| {name} | {row[5]} | {'z' if row[6] else '-'} | {label} | {cells} |", flush=True)
+        if args.first_launch:
+            with launch.use_mode(modes[-1]):
+                for label, fn in calls.items():
+                    first, offsets = first_launch_us(fn, args.calls)
+                    print(f"| {name} | {label}: first launch after {first:.0f} µs ({modes[-1]}); launches at "
+                          f"{', '.join(f'{t:.0f}' for t in offsets)} µs after it |", flush=True)  # fmt: skip
         if args.profile:
             with launch.use_mode(modes[-1]):
                 for label in ("fwd", "fwd+bwd"):

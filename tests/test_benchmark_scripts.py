@@ -193,12 +193,19 @@ def test_scan_host_times_the_python_of_a_call_with_the_kernels_stubbed():
     # GPU): both launch modes run all four calls of a row; under the interpreter it refuses (its stubs would not run)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = str(ROOT / "benchmarks" / "scan_host.py")
-    cmd = [sys.executable, script, "--rows", "SegMamba s3 16³", "--calls", "3", "--repeats", "1"]
+    cmd = [sys.executable, script, "--rows", "SegMamba s3 16³", "--calls", "3", "--repeats", "1", "--first-launch"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| SegMamba")]
+    lines = run.stdout.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| SegMamba") and "first launch" not in line]
     assert [r[3].strip() for r in rows] == ["fwd", "fwd+bwd", "ops fwd", "ops fwd+bwd"]
     assert all(float(cell) > 0 for r in rows for cell in r[4:6])
+    # --first-launch: the Python before each call's first launch, then when each of its launches came (a forward
+    # launches its segment, carry and main passes; a backward five more)
+    firsts = [line for line in lines if "first launch after" in line]
+    assert [line.split("|")[2].split(":")[0].strip() for line in firsts] == ["fwd", "fwd+bwd", "ops fwd", "ops fwd+bwd"]
+    counts = [len(line.split("launches at ")[1].split(" µs")[0].split(", ")) for line in firsts]
+    assert counts == [3, 8, 3, 8], firsts
     refused = subprocess.run(
         [sys.executable, script], capture_output=True, text=True, env={**env, "TRITON_INTERPRET": "1"}, check=False
     )
