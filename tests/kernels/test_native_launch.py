@@ -94,7 +94,8 @@ def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("MEDMAMBA_NATIVE_LAUNCH", "0")
     assert native.spec_of(compiled, 1) is None
     monkeypatch.setenv("MEDMAMBA_NATIVE_LAUNCH", "1")
-    assert native.spec_of(compiled, 1) == (1234, 128, 0, b"p")
+    launch, *rest = native.spec_of(compiled, 1)
+    assert launch is native.load().launch and rest == [1234, 128, 0, b"p"]
 
 
 _PTX_SCRIPT = r"""

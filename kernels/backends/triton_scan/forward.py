@@ -693,8 +693,9 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     # The segment pass first, with only its own outputs allocated: at the short stages the GPU waits for the host,
     # and it starts while the host allocates the rest. It writes nothing else (the output and the last state are
     # stand-ins: u's address for y's, its end states' for the fp32 ones)
+    fusing = launch.fused and "apart" not in launch.sites
     seg = None
-    if nsplit > 1 and not (launch.fused and "apart" not in launch.sites):
+    if nsplit > 1 and not fusing:
         seg = _segment_pass(launch, u, delta, A, B, C, Dv, bias, z_arg, common)
     if out is None:
         y = torch.empty(launch.y_shape, device=dev, dtype=torch.float32 if launch.fused_merge else u.dtype)
@@ -705,7 +706,7 @@ def run(launch: _Launch, u, delta, A, B, C, D, z, delta_bias, save: bool, out=No
     last = torch.empty(p.batch, p.K, p.channels, p.N, device=dev, dtype=torch.float32)
     gate = (z is not None) and not launch.fused_merge  # else the merge gates
     fused = None
-    if launch.fused and "apart" not in launch.sites:
+    if fusing:
         fused = _fused_passes(launch, u, delta, A, B, C, Dv, bias, z_arg, y, pre_arg, last, save, gate, pre is not None)
     if fused is not None:
         states, mids = fused

@@ -205,9 +205,7 @@ class Launcher:
                 return None
         if len(self._kernels) >= _MAX_ENTRIES:
             self._kernels.clear()
-        spec = native.spec_of(compiled, len(args) + len(tail))
-        native_spec = (native.load().launch, *spec) if spec is not None else None
-        entry = self._kernels[key] = (compiled, tuple(tail), native_spec)
+        entry = self._kernels[key] = (compiled, tuple(tail), native.spec_of(compiled, len(args) + len(tail)))
         return entry
 
 

@@ -95,12 +95,18 @@ def kinds_of(compiled: Any, n_args: int) -> bytes | None:
     return "".join(kinds).encode()
 
 
-def spec_of(compiled: Any, n_args: int) -> tuple[int, int, int, bytes] | None:
-    """``(function, threads, shared bytes, kinds)`` for a native launch of ``compiled``, or None."""
+def spec_of(compiled: Any, n_args: int) -> tuple[Any, int, int, int, bytes] | None:
+    """``(launch, function, threads, shared bytes, kinds)`` for a native launch of ``compiled``, or None.
+
+    ``launch(function, gx, gy, gz, threads, shared, stream, device, kinds, args)`` is the built module's.
+    """
     if not enabled():
         return None
     kinds = kinds_of(compiled, n_args)
     function, meta = getattr(compiled, "function", None), getattr(compiled, "metadata", None)
-    if kinds is None or not isinstance(function, int) or not function or load() is None:
+    if kinds is None or not isinstance(function, int) or not function:
         return None
-    return function, 32 * meta.num_warps, meta.shared, kinds
+    module = load()
+    if module is None:
+        return None
+    return module.launch, function, 32 * meta.num_warps, meta.shared, kinds
